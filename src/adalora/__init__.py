@@ -1,0 +1,34 @@
+"""adalora: AdaLoRA (Zhang et al., ICLR 2023) for any PyTorch model.
+
+Data flow: ``inject(model, config)`` -> ``loss + allocator.regularization()`` -> ``backward`` ->
+``optimizer.step()`` -> ``allocator.step()`` (importance -> budget -> masks).
+"""
+
+from .allocator import Allocation, RankAllocator, StepReport, top_b_mask
+from .config import AdaLoRAConfig
+from .inject import inject, trainable_parameter_count
+from .layers import SVDAdapter, SVDConv1D, SVDLinear, disable_adapters, find_adapters
+from .regularizer import orthogonal_penalty
+from .schedule import BudgetDecision, budget_at, budget_curve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoRAConfig",
+    "Allocation",
+    "BudgetDecision",
+    "RankAllocator",
+    "SVDAdapter",
+    "SVDConv1D",
+    "SVDLinear",
+    "StepReport",
+    "__version__",
+    "budget_at",
+    "budget_curve",
+    "disable_adapters",
+    "find_adapters",
+    "inject",
+    "orthogonal_penalty",
+    "top_b_mask",
+    "trainable_parameter_count",
+]
