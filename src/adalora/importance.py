@@ -118,6 +118,7 @@ class ImportanceTracker:
         return self._params
 
     # ------------------------------------------------------------------ update (eq. 8-10)
+    @torch.no_grad()
     def update(self, grads: list[torch.Tensor]) -> None:
         """Fold one step's sensitivities into the statistics.
 
@@ -145,6 +146,7 @@ class ImportanceTracker:
         self.ubar.lerp_(deviation, keep * (1.0 - self.beta2))
 
     # ------------------------------------------------------------------ scores (eq. 7, 11)
+    @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
         """S for every triplet of every adapter, concatenated in adapter order: shape ``(sum of r,)``."""
         if self.metric == "magnitude":
