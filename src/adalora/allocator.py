@@ -228,8 +228,11 @@ class RankAllocator:
                 "optimizer.step() but before optimizer.zero_grad() (which sets gradients to None)."
             )
         if missing:
-            if "no_grad" not in self._warned:
-                owners = sorted({self.names[self._owner_index(params[i])] for i in missing})
+            # A frozen factor (the fixed lambda = 1 gate of a LoRA doublet, see baselines.py) has no
+            # sensitivity by design; only trainable factors without a gradient deserve a warning.
+            unexpected = [i for i in missing if params[i].requires_grad]
+            if unexpected and "no_grad" not in self._warned:
+                owners = sorted({self.names[self._owner_index(params[i])] for i in unexpected})
                 self._warn_once(
                     "no_grad",
                     f"AdaLoRA adapters received no gradient and count as unimportant (zero sensitivity): "
