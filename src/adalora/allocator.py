@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
 from .layers import SVDAdapter, find_adapters
@@ -81,8 +82,8 @@ class RankAllocator:
         config: the configuration used for ``inject``; ``total_steps`` must be set.
         optimizer: the optimizer that trains the adapters. Optional for the default settings, required for
             ``importance_timing="before_step"`` (importance is then measured in a hook just before the
-            optimizer updates the weights). When given, the allocator also checks that it is stepped exactly
-            once per optimizer step.
+            optimizer updates the weights) and for ``compact_at_final`` (its state is sliced with the adapters).
+            When given, the allocator also checks that it is stepped exactly once per optimizer step.
         on_misuse: ``"warn"`` (default) or ``"error"`` when the allocator is stepped more often or less often
             than the optimizer, or past ``total_steps``.
     """
@@ -110,7 +111,14 @@ class RankAllocator:
             )
         if on_misuse not in ("warn", "error"):
             raise ValueError(f"RankAllocator: on_misuse must be 'warn' or 'error', got {on_misuse!r}")
+        if config.compact_at_final and optimizer is None:
+            raise ValueError(
+                "RankAllocator: compact_at_final=True shrinks the adapters at the final allocation, and the "
+                "optimizer's state must shrink with them: pass it, RankAllocator(model, config, optimizer=opt)."
+            )
         self.config = config
+        self.model = model  # compact_at_final compacts it at the final allocation
+        self.optimizer = optimizer
         self.names = [n for n, _ in named]
         self.adapters: list[SVDAdapter] = [a for _, a in named]
         self.on_misuse = on_misuse
@@ -185,6 +193,10 @@ class RankAllocator:
             if t >= self.final_start:
                 self.final = True
                 self.tracker.free()
+                if self.config.compact_at_final:
+                    # The pattern is frozen: masked triplets can no longer come back, so drop them for good
+                    # (the final phase then trains (d_out, k)/(k, d_in) factors; outputs are unchanged).
+                    compact(self.model, self.optimizer)
         elif self.final:
             self._reapply_masks()
         if t >= self.config.total_steps:  # type: ignore[operator]

@@ -50,6 +50,7 @@ class AdaLoRAConfig:
     importance_timing: ImportanceTiming = "after_step"  # measure after optimizer.step (code) or before (Alg. 1)
     modules_to_save: tuple[str, ...] = ()  # modules trained fully and saved with the adapter (e.g. "classifier")
     init_std: float = 0.02  # std of the Gaussian init of P and Q; lambda starts at 0
+    compact_at_final: bool = False  # cut adapters to their kept rank at the final allocation (see compact.py)
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so the frozen config is hashable and JSON round-trips exactly.
@@ -135,6 +136,8 @@ class AdaLoRAConfig:
                 fail(name, f"unknown value {getattr(self, name)!r}", f"Choose one of {', '.join(allowed)}.")
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             fail("modules_to_save", f"must be module names, got {self.modules_to_save!r}", 'e.g. ["classifier"].')
+        if not isinstance(self.compact_at_final, bool):
+            fail("compact_at_final", f"must be True or False, got {self.compact_at_final!r}", "Pass a bool.")
 
     # ------------------------------------------------------------------ derived values
     @property
