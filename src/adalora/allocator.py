@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import distributed
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
@@ -86,6 +87,14 @@ class RankAllocator:
             When given, the allocator also checks that it is stepped exactly once per optimizer step.
         on_misuse: ``"warn"`` (default) or ``"error"`` when the allocator is stepped more often or less often
             than the optimizer, or past ``total_steps``.
+        check_consistency: under ``torch.distributed``, compare the allocation across all processes at every
+            allocation step and raise :class:`~adalora.distributed.ConsistencyError` if they differ (one small
+            all-reduce per allocation). None (default): on iff the environment variable
+            ``ADALORA_CHECK_CONSISTENCY=1``. Free when off; a no-op in a single process.
+
+    Data-parallel training (see ``adalora.distributed``): under DDP every process computes the same allocation
+    from the same all-reduced gradients; ``model`` may be the DDP-wrapped model or the model inside. Adapters
+    sharded by FSDP2 (``fully_shard``) keep sharded statistics and gather the triplet scores before the top-b.
     """
 
     def __init__(
@@ -95,7 +104,9 @@ class RankAllocator:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         on_misuse: OnMisuse = "warn",
+        check_consistency: bool | None = None,
     ) -> None:
+        model = distributed.unwrap_model(model)  # DDP's "module." prefix would change every module name
         named = find_adapters(model)
         if not named:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
@@ -130,7 +141,22 @@ class RankAllocator:
                 f"budget {self.init_budget} - 1 ({len(self.adapters)} adapters x init_r). "
                 "Lower target_total_rank/target_r or raise init_r."
             )
-        self.tracker = ImportanceTracker(self.adapters, config.importance, config.beta1, config.beta2)
+        self.tracker: ImportanceTracker = distributed.make_tracker(
+            self.adapters, config.importance, config.beta1, config.beta2
+        )
+        self._sharded = isinstance(self.tracker, distributed.ShardedImportanceTracker)  # FSDP2 DTensors
+        if config.compact_at_final and (self._sharded or distributed.is_distributed()):
+            raise ValueError(
+                "RankAllocator: compact_at_final=True is not supported with several processes: DDP and FSDP hold "
+                "on to the parameters that compaction replaces. Leave it off (save_adapter still saves the "
+                "adapters cut to their kept ranks)."
+            )
+        self.check_consistency = distributed.consistency_check_requested(check_consistency)
+        # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
+        self._owner = torch.repeat_interleave(
+            torch.arange(len(self.adapters), device=self.tracker.device),
+            torch.tensor(self.tracker.ranks, device=self.tracker.device),
+        )
         self.step_count = 0  # number of step() calls so far = the next step's t
         self.history: list[Allocation] = []
         self.final = False  # True once the pattern is frozen (t >= T - t_f)
@@ -212,13 +238,13 @@ class RankAllocator:
     def _allocate(self, step: int, budget: int) -> Allocation:
         scores = self.tracker.triplet_scores()
         keep = top_b_mask(scores, budget)
-        masks = keep.split(self.tracker.ranks)
+        if self.check_consistency:
+            distributed.check_allocation_consistency(step, budget, keep, scores, self.names, self.tracker.ranks)
         with torch.no_grad():
-            for adapter, mask in zip(self.adapters, masks, strict=True):
-                adapter.rank_mask.copy_(mask)
+            torch._foreach_copy_([a.rank_mask for a in self.adapters], list(keep.split(self.tracker.ranks)))
             self._reapply_masks()
-        ranks = tuple(int(n) for n in torch.stack([m.sum() for m in masks]).tolist())
-        allocation = Allocation(step, budget, ranks)
+        kept = torch.bincount(self._owner[keep], minlength=len(self.adapters))
+        allocation = Allocation(step, budget, tuple(kept.tolist()))  # the one host sync of an allocation step
         self.history.append(allocation)
         self._warn_skipped()
         return allocation
@@ -226,8 +252,10 @@ class RankAllocator:
     @torch.no_grad()
     def _reapply_masks(self) -> None:
         """Zero lambda of every masked triplet (P and Q are left alone, so a triplet can come back)."""
-        es = [a.E for a in self.adapters]
-        torch._foreach_mul_(es, [a.rank_mask.to(e.dtype) for a, e in zip(self.adapters, es, strict=True)])
+        if self._sharded:
+            distributed.reapply_sharded_masks(self.adapters)
+            return
+        torch._foreach_mul_([a.E for a in self.adapters], [a.rank_mask for a in self.adapters])
 
     # ------------------------------------------------------------------ importance
     def _gradients(self) -> list[torch.Tensor]:
@@ -298,7 +326,8 @@ class RankAllocator:
         if self._optimizer_steps == self._optimizer_steps_at_last_step and t > 0:
             # No optimizer step since the last call: either one call per micro-batch (misuse) or a step
             # that a GradScaler skipped after an overflow (legitimate; its gradients are non-finite).
-            grads = [p.grad for p in self.tracker.parameters() if p.grad is not None]
+            # Read from the adapters, not the tracker: compact() replaces the parameters in the final phase.
+            grads = [p.grad for a in self.adapters for p in a.adapter_parameters() if p.grad is not None]
             overflow = bool(grads) and not bool(torch.stack(torch._foreach_max(grads)).isfinite().all())
             if not overflow:
                 self._misuse(
@@ -323,7 +352,11 @@ class RankAllocator:
         """gamma * R(P, Q) over all adapters (section 2 of ALGORITHM.md); add it to any loss."""
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=self.adapters[0].E.device)
-        return self.config.orth_reg_weight * orthogonal_penalty(self.adapters, self.config.regularizer)
+        if self._sharded:
+            penalty = distributed.sharded_orthogonal_penalty(self.adapters, self.config.regularizer)
+        else:
+            penalty = orthogonal_penalty(self.adapters, self.config.regularizer)
+        return self.config.orth_reg_weight * penalty
 
     def rank_pattern(self) -> dict[str, int]:
         """{module name: kept rank} of the latest allocation (init rank before the first one)."""
