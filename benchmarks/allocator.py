@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, print_table, write_results  # noqa: E402
+from common import alternate, print_table, write_results
 
-import adalora  # noqa: E402
+import adalora
 
 HIDDEN, FFN, LAYERS, INIT_R, TARGET_R = 768, 3072, 12, 12, 8
 TARGETS = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
@@ -46,12 +46,23 @@ def build(device: str):
 
     base = deberta_shaped(device)
     config = adalora.AdaLoRAConfig(
-        target_modules=TARGETS, init_r=INIT_R, target_r=TARGET_R, warmup_steps=T_INIT, final_steps=T_FINAL,
-        mask_interval=DELTA_T, total_steps=T,
+        target_modules=TARGETS,
+        init_r=INIT_R,
+        target_r=TARGET_R,
+        warmup_steps=T_INIT,
+        final_steps=T_FINAL,
+        mask_interval=DELTA_T,
+        total_steps=T,
     )
     peft_config = peft.AdaLoraConfig(
-        target_modules=TARGETS, init_r=INIT_R, target_r=TARGET_R, tinit=T_INIT, tfinal=T_FINAL, deltaT=DELTA_T,
-        total_step=T, lora_alpha=16,
+        target_modules=TARGETS,
+        init_r=INIT_R,
+        target_r=TARGET_R,
+        tinit=T_INIT,
+        tfinal=T_FINAL,
+        deltaT=DELTA_T,
+        total_step=T,
+        lora_alpha=16,
     )
     theirs = peft.get_peft_model(copy.deepcopy(base), peft_config)
     ours = adalora.inject(base, config)
@@ -125,9 +136,11 @@ def main() -> None:
     for label, key in (("budgeting, no masking", "plain"), ("budgeting, masking", "mask"), ("final phase", "final")):
         o, p = times[f"ours_{key}"], times[f"peft_{key}"]
         rows.append([label, f"{o * 1e3:.2f}", f"{p * 1e3:.2f}", f"{o / p:.3f}", f"{o / times['floor']:.2f}"])
-    print(f"{len(allocator.adapters)} adapters, {numel / 1e6:.2f}M adapter parameters, device {args.device}, "
-          f"median of {args.repeats} calls; floor (in-place update of one {numel / 1e6:.2f}M buffer): "
-          f"{times['floor'] * 1e3:.2f} ms")
+    print(
+        f"{len(allocator.adapters)} adapters, {numel / 1e6:.2f}M adapter parameters, device {args.device}, "
+        f"median of {args.repeats} calls; floor (in-place update of one {numel / 1e6:.2f}M buffer): "
+        f"{times['floor'] * 1e3:.2f} ms"
+    )
     print_table(["step", "ours ms", "PEFT ms", "ours/PEFT", "ours/floor"], rows)
     path = write_results(
         f"allocator_{'cuda' if sync else 'cpu'}",
