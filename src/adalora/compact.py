@@ -6,11 +6,13 @@ final nothing can come back, so the final phase (and inference) can run with ``(
 ``(k, d_in)`` factors, k = kept rank. Compaction does not change the model's outputs: the dropped triplets
 have lambda = 0.
 
-The adapters are shrunk in place and keep their ``nn.Parameter`` objects (only ``.data`` and ``.grad`` are
-replaced), so every reference to them stays valid: the optimizer's ``param_groups``, the RankAllocator, hooks.
-What does change shape is the optimizer's per-parameter state (Adam's moments, SGD's momentum): pass the
-optimizer to :func:`compact` and that state is sliced the same way, so training continues exactly as it would
-have on the uncompacted model.
+The adapter modules are shrunk in place; their P, E and Q become new, smaller ``nn.Parameter`` objects (with
+their gradients sliced too). An optimizer built on the old ones must follow: pass it to :func:`compact` and its
+``param_groups`` are repointed and its per-parameter state (Adam's moments, SGD's momentum) is sliced the same
+way, so training continues exactly as it would have on the uncompacted model. Other references to the old
+parameter objects (a list of parameters kept aside, hooks registered on them) do not follow; re-read
+``model.parameters()`` after compacting. Not supported under DDP/FSDP/DeepSpeed, which flatten parameters:
+compact before wrapping the model, or not at all.
 
 The scale stays ``alpha / init_r`` (reference behaviour), not ``alpha / k``.
 """
@@ -97,19 +99,39 @@ def _select_triplets(adapter: SVDAdapter, keep: torch.Tensor, optimizer: torch.o
         return  # already minimal (e.g. compacted twice): nothing moves
     keep = keep.to(adapter.E.device)
     for attr, dim in _TRIPLET_DIMS:
-        param: nn.Parameter = getattr(adapter, attr)
-        old_shape = param.shape
-        # Assigning .data keeps the Parameter object (optimizer, allocator and hooks hold it) and its
-        # requires_grad; the gradient must follow, or the next optimizer step would see mismatched shapes.
-        param.data = param.data.index_select(dim, keep)
-        if param.grad is not None:
-            param.grad = param.grad.index_select(dim, keep)
+        old: nn.Parameter = getattr(adapter, attr)
+        # A new Parameter rather than ``old.data = ...``: autograd caches a parameter's gradient accumulator,
+        # with its shape, for as long as any graph that used it is alive (the ``loss`` of the step just taken
+        # still is when RankAllocator.step() calls us), and the next backward would then fail on the old shape.
+        new = nn.Parameter(old.index_select(dim, keep), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad.index_select(dim, keep)
+            old.grad = None
+        setattr(adapter, attr, new)
         if optimizer is not None:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == old_shape:
-                    state[key] = value.index_select(dim, keep.to(value.device))
+            _move_optimizer_state(optimizer, old, new, dim, keep)
     adapter.rank_mask = adapter.rank_mask[keep]  # all True now; assigning keeps it a registered buffer
+
+
+def _move_optimizer_state(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Tensor
+) -> None:
+    """Point the optimizer at ``new`` instead of ``old``, with ``old``'s per-parameter state sliced to ``keep``.
+
+    Everything is changed in place (the ``params`` lists and the ``state`` dict), so wrappers that forward to
+    the optimizer's ``param_groups``/``state`` (e.g. accelerate's ``AcceleratedOptimizer``) see the change.
+    """
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, param in enumerate(params):
+            if param is old:
+                params[i] = new
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == old.shape:
+                state[key] = value.index_select(dim, keep.to(value.device))
+        optimizer.state[new] = state
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, named: list[tuple[str, SVDAdapter]]) -> None:
