@@ -5,9 +5,13 @@ Data flow: ``inject(model, config)`` -> ``loss + allocator.regularization()`` ->
 """
 
 from .allocator import Allocation, RankAllocator, StepReport, top_b_mask
+from .compact import compact
 from .config import AdaLoRAConfig
 from .inject import inject, trainable_parameter_count
+from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import SVDAdapter, SVDConv1D, SVDLinear, disable_adapters, find_adapters
+from .merge import merge, unload
+from .peft_format import export_peft, import_peft
 from .regularizer import orthogonal_penalty
 from .schedule import BudgetDecision, budget_at, budget_curve
 
@@ -25,10 +29,18 @@ __all__ = [
     "__version__",
     "budget_at",
     "budget_curve",
+    "compact",
     "disable_adapters",
+    "export_peft",
     "find_adapters",
+    "import_peft",
     "inject",
+    "load_adapter",
+    "merge",
     "orthogonal_penalty",
+    "read_adapter_config",
+    "save_adapter",
     "top_b_mask",
     "trainable_parameter_count",
+    "unload",
 ]

@@ -1,0 +1,556 @@
+"""Adapter files: save a trained adapter compactly, load it onto a fresh base model, all-or-nothing.
+
+An adapter directory holds two files:
+
+- ``adalora_config.json``: the :class:`AdaLoRAConfig`, each adapted module's final rank, scale and type, a
+  manifest of the tensors (name, shape, dtype), the size and SHA-256 of the weights file, the library version,
+  a fingerprint of the base model (its parameter names and shapes) and the caller's free-form ``metadata``;
+- ``adalora_adapter.safetensors``: ``<module>.P`` ``(d_out, k)``, ``<module>.E`` ``(k,)``, ``<module>.Q``
+  ``(k, d_in)`` sliced to the k kept triplets of each module, plus the full state of ``modules_to_save``.
+
+The names differ from PEFT's (``adapter_config.json``) on purpose: a PEFT loader pointed at an AdaLoRA
+directory fails at once instead of misreading it. :func:`adalora.export_peft` writes PEFT's format.
+
+Writes are atomic: everything goes to a temporary directory beside the target, is fsync'ed, and then replaces
+the target in one rename (an atomic exchange on Linux), so a crash never leaves a half-written adapter where
+the previous one was. Loads check everything (files, sizes, checksum, manifest, base-model fingerprint,
+shapes) before they touch the model, so a failed load leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
+from torch import nn
+
+from .compact import resize_adapters
+from .config import AdaLoRAConfig
+from .inject import inject, name_matches
+from .layers import SVDAdapter, SVDConv1D, SVDLinear, adapter_class_for, find_adapters
+
+CONFIG_NAME = "adalora_config.json"
+WEIGHTS_NAME = "adalora_adapter.safetensors"
+FORMAT = "adalora-adapter"
+FORMAT_VERSION = 1
+
+_MODULE_TYPES: dict[type[SVDAdapter], str] = {SVDLinear: "linear", SVDConv1D: "conv1d"}
+
+
+# ---------------------------------------------------------------------- public API
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], config: AdaLoRAConfig, metadata: dict | None = None
+) -> Path:
+    """Write ``model``'s adapters, sliced to their kept triplets, and its ``modules_to_save`` to ``directory``.
+
+    Masked triplets (``rank_mask`` False) are left out, whether or not the model was compacted: an adapter
+    trained from ``init_r=12`` down to an average rank of 2 takes about a sixth of the space of the full one.
+    An existing adapter directory at ``directory`` is replaced atomically.
+
+    Args:
+        model: a model prepared by :func:`adalora.inject` (possibly trained, masked or compacted).
+        directory: the adapter directory to create or replace.
+        config: the configuration ``model`` was injected with.
+        metadata: free-form JSON-able information stored with the adapter (e.g. ``{"model": base model path,
+            "task": ...}``; the ``adalora merge`` command reads ``"model"`` to find the base model).
+
+    Returns:
+        The adapter directory.
+
+    Raises:
+        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``,
+            ``metadata`` is not JSON-serialisable, or ``directory`` exists and is not an adapter directory.
+    """
+    directory = Path(directory)
+    named = find_adapters(model)
+    if not named:
+        raise ValueError("save_adapter: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
+    _check_targets(model, [n for n, _ in named], config, "save_adapter")
+    try:
+        metadata_json = json.loads(json.dumps(metadata or {}))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts): {error}"
+        ) from error
+
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    masks = [a.rank_mask for _, a in named]
+    kept = torch.cat(masks).cpu().split([m.numel() for m in masks])  # one host sync for all adapters
+    for (name, adapter), mask in zip(named, kept, strict=True):
+        keep = mask.nonzero().squeeze(1).to(adapter.E.device)
+        # index_select copies, so the saved tensors never share storage (safetensors refuses shared tensors).
+        tensors[f"{name}.P"] = adapter.P.detach().index_select(1, keep).cpu()
+        tensors[f"{name}.E"] = adapter.E.detach().index_select(0, keep).cpu()
+        tensors[f"{name}.Q"] = adapter.Q.detach().index_select(0, keep).cpu()
+        modules[name] = {
+            "type": _MODULE_TYPES[type(adapter)],
+            "rank": int(keep.numel()),
+            "scale": adapter.scale,
+            "d_out": adapter.d_out,
+            "d_in": adapter.d_in,
+        }
+    extra = _modules_to_save_state(model, config)
+    tensors.update(extra)
+
+    info: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "config": config.to_dict(),
+        "modules": modules,
+        "modules_to_save_tensors": sorted(extra),
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "base_model": _describe_base_model(model),
+        "metadata": metadata_json,
+    }
+    with atomic_directory(directory, marker=CONFIG_NAME) as tmp:
+        weights = tmp / WEIGHTS_NAME
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        info["weights_file"] = {"name": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
+        (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adalora_config.json`` of an adapter directory (checked for format, not for the weights).
+
+    Raises:
+        FileNotFoundError: if the directory or its config file does not exist.
+        ValueError: if the config file is not valid JSON or not an AdaLoRA adapter config of a known version.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory '{directory}' does not exist (expected a save_adapter output).")
+    if not path.is_file():
+        hint = (
+            " It looks like a PEFT adapter: use adalora.import_peft for PEFT AdaLoRA checkpoints."
+            if (directory / "adapter_config.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"'{directory}' is not an AdaLoRA adapter directory: {CONFIG_NAME} is missing.{hint}")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"'{path}' is not valid JSON (truncated or corrupted?): {error}. Save the adapter again."
+        ) from error
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"'{path}' is not an AdaLoRA adapter config (its 'format' is not '{FORMAT}').")
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads versions up to "
+            f"{FORMAT_VERSION}. Upgrade adalora."
+        )
+    missing = [k for k in ("config", "modules", "tensors", "weights_file", "base_model") if k not in info]
+    if missing:
+        raise ValueError(f"'{path}' lacks the field(s) {missing} (truncated or edited?). Save the adapter again.")
+    return info
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Inject the saved adapters into ``base_model`` (with each module's saved rank) and load their values.
+
+    Everything is checked before ``base_model`` is touched: the files, the weights' size and checksum, the
+    tensor manifest, the base model's fingerprint (parameter names and shapes) and every tensor's shape and
+    dtype. A failed load raises and leaves ``base_model`` unchanged. Each adapter gets its saved scale, which
+    is ``alpha / init_r`` even when the adapter was saved at a lower rank.
+
+    Args:
+        base_model: a fresh copy of the base model the adapter was trained on (no adapters).
+        directory: a directory written by :func:`save_adapter`.
+
+    Returns:
+        ``base_model`` with adapters and ``modules_to_save`` loaded; adapters and ``modules_to_save`` are
+        trainable, everything else frozen (as after :func:`adalora.inject`).
+
+    Raises:
+        FileNotFoundError: if the directory or one of its files is missing.
+        ValueError: if a file is truncated or corrupted, or the base model or a tensor does not match.
+    """
+    directory = Path(directory)
+    info = read_adapter_config(directory)
+    config = AdaLoRAConfig.from_dict(info["config"])
+    if find_adapters(base_model):
+        raise ValueError("load_adapter: the base model already has AdaLoRA adapters. Load onto a fresh base model.")
+    check_fingerprint(base_model, info["base_model"].get("fingerprint"), source=str(directory))
+    tensors = _read_weights(directory, info)
+    _check_against_model(base_model, info, config, tensors, directory)
+
+    # From here on nothing can fail on bad input: everything above has been checked.
+    inject(base_model, config)
+    resize_adapters(base_model, {name: meta["rank"] for name, meta in info["modules"].items()})
+    with torch.no_grad():
+        for name, adapter in find_adapters(base_model):
+            adapter.scale = float(info["modules"][name]["scale"])
+            for attr in ("P", "E", "Q"):
+                getattr(adapter, attr).copy_(tensors[f"{name}.{attr}"])
+        for key in info.get("modules_to_save_tensors", []):
+            _get_tensor(base_model, key).copy_(tensors[key])
+    return base_model
+
+
+# ---------------------------------------------------------------------- fingerprint
+def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Parameter names and shapes of the base model (adapter factors excluded), with their SHA-256.
+
+    Equal for a fresh base model and the same model after :func:`adalora.inject`, since adapters keep the
+    base layers' ``weight``/``bias`` under their original names. Dtypes are left out on purpose: an adapter
+    trained on a float32 base loads onto a bfloat16 copy of it.
+    """
+    adapter_params = {id(p) for _, a in find_adapters(model) for p in a.adapter_parameters()}
+    shapes = {n: list(p.shape) for n, p in model.named_parameters() if id(p) not in adapter_params}
+    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    return {
+        "sha256": digest,
+        "num_parameters": sum(math.prod(s) for s in shapes.values()),
+        "parameters": shapes,
+    }
+
+
+def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any] | None, source: str) -> None:
+    """Raise a ValueError naming the differences if ``model`` is not the base model ``fingerprint`` describes."""
+    if not fingerprint:
+        return
+    current = base_model_fingerprint(model)
+    if current["sha256"] == fingerprint.get("sha256"):
+        return
+    saved: dict[str, list[int]] = fingerprint.get("parameters", {})
+    ours: dict[str, list[int]] = current["parameters"]
+    missing = [n for n in saved if n not in ours]
+    extra = [n for n in ours if n not in saved]
+    reshaped = [f"{n} (saved {saved[n]}, this model {ours[n]})" for n in saved if n in ours and saved[n] != ours[n]]
+    details = []
+    for label, items in (("missing here", missing), ("not in the saved base", extra), ("shape differs", reshaped)):
+        if items:
+            details.append(f"{label}: {', '.join(items[:4])}{f' ... ({len(items)} in all)' if len(items) > 4 else ''}")
+    raise ValueError(
+        f"The base model does not match the one the adapter in '{source}' was saved from "
+        f"({'; '.join(details) or 'parameter order differs'}). Load the same base model (same checkpoint, "
+        "architecture and head, e.g. the same num_labels)."
+    )
+
+
+# ---------------------------------------------------------------------- atomic directory writes
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``directory`` in one step, on error it is removed.
+
+    Files written into the temporary directory are fsync'ed before the swap. On Linux the swap is an atomic
+    exchange (``renameat2(RENAME_EXCHANGE)``); elsewhere the old directory is renamed aside first, so a crash at
+    that instant leaves it beside the target as ``.<name>.old-*`` rather than half-written in place.
+
+    Args:
+        directory: the directory to create or replace.
+        marker: a file name that an existing ``directory`` must contain to be replaced (e.g. ``adalora_config.json``);
+            a non-empty directory without it is never overwritten.
+
+    Raises:
+        ValueError: if ``directory`` is a file, or a non-empty directory that does not contain ``marker``.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"'{directory}' exists and is a file; choose a directory path.")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).exists():
+        raise ValueError(
+            f"'{directory}' exists, is not empty and has no {marker}: refusing to replace it. Choose a new or empty "
+            "directory."
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if directory.exists():
+            if not _exchange(tmp, directory):
+                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(directory, old)
+                try:
+                    os.replace(tmp, directory)
+                except BaseException:
+                    os.replace(old, directory)  # put the previous version back
+                    raise
+                tmp = old
+            # After the exchange or the renames, tmp holds the previous version; the new one is in place.
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- the CLI's inputs
+def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """The adapter directory of a training output directory (``<dir>/adapter``) or ``path`` itself.
+
+    Raises:
+        FileNotFoundError: if neither ``path`` nor ``path/adapter`` is an adapter directory.
+    """
+    path = Path(path)
+    for candidate in (path / "adapter", path):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist.")
+    raise FileNotFoundError(
+        f"no AdaLoRA adapter in '{path}': expected {CONFIG_NAME} in '{path / 'adapter'}' (a training output "
+        f"directory) or in '{path}' itself (an adapter directory written by save_adapter)."
+    )
+
+
+def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
+    """Rebuild the transformers base model an adapter was saved from, for ``adalora merge``.
+
+    Args:
+        info: :func:`read_adapter_config` output.
+        path: the base model's directory or hub name; default: ``metadata["model"]``, else the model's
+            ``name_or_path`` recorded at save time.
+
+    Raises:
+        ValueError: if no path is known, or the base model class is not a transformers model.
+        FileNotFoundError: if the base model cannot be loaded from ``path``.
+    """
+    base = info.get("base_model", {})
+    path = path or (info.get("metadata") or {}).get("model") or base.get("name_or_path")
+    if not path:
+        raise ValueError("the adapter does not record its base model's location: pass it with --base PATH.")
+    class_path = base.get("class") or ""
+    module_name, _, class_name = class_path.rpartition(".")
+    # Only classes from transformers are imported: a config file must not be able to import arbitrary code.
+    if not module_name.startswith("transformers."):
+        raise ValueError(
+            f"the adapter's base model class {class_path or '(unknown)'} is not a transformers model, so it cannot "
+            "be rebuilt from the adapter directory. Load the base model yourself and call adalora.load_adapter."
+        )
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    kwargs: dict[str, Any] = {}
+    if base.get("config") is not None:
+        # The saved config restores what the checkpoint alone does not say (e.g. num_labels of a new head).
+        kwargs["config"] = model_class.config_class.from_dict(base["config"])
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(f"could not load the base model from '{path}': {error}. Pass --base PATH.") from error
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_targets(model: nn.Module, adapter_names: list[str], config: AdaLoRAConfig, caller: str) -> None:
+    """The adapters must be exactly the modules ``config.target_modules`` selects, or a load would differ."""
+    targeted = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
+    if sorted(targeted) != sorted(adapter_names):
+        stray = sorted(set(adapter_names) - set(targeted))[:3]
+        unadapted = sorted(set(targeted) - set(adapter_names))[:3]
+        raise ValueError(
+            f"{caller}: the model's adapters do not match config.target_modules={config.target_modules!r} "
+            f"(adapters not targeted: {stray}; targeted but not adapted: {unadapted}). Pass the config the model "
+            "was injected with."
+        )
+
+
+def _modules_to_save_state(model: nn.Module, config: AdaLoRAConfig) -> dict[str, torch.Tensor]:
+    """Full state of every ``modules_to_save`` module, minus adapters inside it (saved as adapters)."""
+    state: dict[str, torch.Tensor] = {}
+    if not config.modules_to_save:
+        return state
+    for name, module in model.named_modules():
+        if not name or not name_matches(name, config.modules_to_save):
+            continue
+        adapter_prefixes = [f"{n}." for n, m in module.named_modules() if n and isinstance(m, SVDAdapter)]
+        for key, value in module.state_dict().items():
+            if any(key.startswith(p) for p in adapter_prefixes):
+                continue
+            state[f"{name}.{key}"] = value.detach().cpu().clone()
+    return state
+
+
+def _describe_base_model(model: nn.Module) -> dict[str, Any]:
+    model_type = type(model)
+    hf_config = getattr(model, "config", None)
+    config_dict = None
+    if hf_config is not None and hasattr(hf_config, "to_json_string"):
+        with contextlib.suppress(TypeError, ValueError):
+            config_dict = json.loads(hf_config.to_json_string())
+    return {
+        "class": f"{model_type.__module__}.{model_type.__qualname__}",
+        "name_or_path": getattr(hf_config, "_name_or_path", None) or None,
+        "config": config_dict,
+        "fingerprint": base_model_fingerprint(model),
+    }
+
+
+def _read_weights(directory: Path, info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Load the weights file after checking its size, format, manifest and checksum (in that order)."""
+    record = info["weights_file"]
+    path = directory / record.get("name", WEIGHTS_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter weights '{path}' are missing. Save the adapter again.")
+    data = path.read_bytes()
+    if len(data) != record["bytes"]:
+        what = "truncated" if len(data) < record["bytes"] else "longer than when it was saved"
+        raise ValueError(
+            f"adapter weights '{path}' are {what}: {len(data)} bytes, {CONFIG_NAME} records {record['bytes']}. "
+            "The copy or the save was interrupted; save or copy the adapter again."
+        )
+    try:
+        tensors = load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise ValueError(f"adapter weights '{path}' are not a valid safetensors file: {error}") from error
+    manifest: dict[str, dict[str, Any]] = info["tensors"]
+    missing = sorted(set(manifest) - set(tensors))
+    unexpected = sorted(set(tensors) - set(manifest))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter weights '{path}' do not match {CONFIG_NAME}: missing tensors {missing[:4]}, unexpected "
+            f"tensors {unexpected[:4]}. The two files come from different saves; save the adapter again."
+        )
+    for key, entry in manifest.items():
+        tensor = tensors[key]
+        if list(tensor.shape) != list(entry["shape"]):
+            raise ValueError(
+                f"tensor '{key}' in '{path}' has shape {list(tensor.shape)}, but {CONFIG_NAME} records "
+                f"{entry['shape']}."
+            )
+        if _dtype_name(tensor.dtype) != entry["dtype"] or not tensor.is_floating_point():
+            raise ValueError(
+                f"tensor '{key}' in '{path}' has dtype {_dtype_name(tensor.dtype)}, but {CONFIG_NAME} records "
+                f"{entry['dtype']} (adapter tensors are floating point)."
+            )
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ValueError(
+            f"adapter weights '{path}' fail their SHA-256 check: the file was modified or corrupted after saving. "
+            "Save or copy the adapter again."
+        )
+    return tensors
+
+
+def _check_against_model(
+    model: nn.Module, info: dict[str, Any], config: AdaLoRAConfig, tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """Every saved module exists in ``model`` with the saved type and shape, and the tensors fit it."""
+    modules: dict[str, dict[str, Any]] = info["modules"]
+    _check_targets_for_load(model, list(modules), config, directory)
+    for name, meta in modules.items():
+        module = model.get_submodule(name)
+        adapter_cls = adapter_class_for(module)
+        if adapter_cls is None or _MODULE_TYPES[adapter_cls] != meta["type"]:
+            raise ValueError(
+                f"module '{name}' of the base model is a {type(module).__name__}, but the adapter in '{directory}' "
+                f"was saved for a {meta['type']} layer."
+            )
+        rank, d_out, d_in = int(meta["rank"]), int(meta["d_out"]), int(meta["d_in"])
+        if not 0 <= rank <= config.init_r:
+            raise ValueError(f"module '{name}': saved rank {rank} is outside [0, init_r={config.init_r}].")
+        expected = {"P": [d_out, rank], "E": [rank], "Q": [rank, d_in]}
+        for attr, shape in expected.items():
+            key = f"{name}.{attr}"
+            if key not in tensors or list(tensors[key].shape) != shape:
+                got = list(tensors[key].shape) if key in tensors else "nothing"
+                raise ValueError(
+                    f"tensor '{key}' has shape {got}, but module '{name}' (d_out={d_out}, d_in={d_in}) at the saved "
+                    f"rank {rank} needs {shape}."
+                )
+        base_shape = [d_in, d_out] if meta["type"] == "conv1d" else [d_out, d_in]
+        if list(module.weight.shape) != base_shape:
+            raise ValueError(
+                f"module '{name}' has weight shape {list(module.weight.shape)}, the adapter expects {base_shape}."
+            )
+    for key in info.get("modules_to_save_tensors", []):
+        try:
+            target = _get_tensor(model, key)
+        except AttributeError:
+            raise ValueError(f"saved module-to-save tensor '{key}' has no counterpart in the base model.") from None
+        if target.shape != tensors[key].shape:
+            raise ValueError(
+                f"saved module-to-save tensor '{key}' has shape {list(tensors[key].shape)}, the base model's has "
+                f"{list(target.shape)}."
+            )
+
+
+def _check_targets_for_load(model: nn.Module, saved: list[str], config: AdaLoRAConfig, directory: Path) -> None:
+    targeted = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
+    if sorted(targeted) != sorted(saved):
+        raise ValueError(
+            f"the adapter in '{directory}' has modules {sorted(set(saved) - set(targeted))[:3]} that "
+            f"target_modules does not select in this model, or this model has targeted modules "
+            f"{sorted(set(targeted) - set(saved))[:3]} without saved weights. Load onto the same base model."
+        )
+
+
+def _get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    tensor = getattr(module, attr)
+    if not torch.is_tensor(tensor):
+        raise AttributeError(key)
+    return tensor
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__

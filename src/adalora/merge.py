@@ -1,0 +1,135 @@
+"""Fold adapters into the base weights (``merge``) or drop them (``unload``): back to the base architecture.
+
+``merge`` computes ``W = W0 + scale * P diag(lambda) Q`` (paper eq. 3) per adapted layer and puts a plain
+``nn.Linear`` (or GPT-2 ``Conv1D``) holding W where the adapter was, so the result needs no adapter code at
+inference and saves with ``save_pretrained`` like the original model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .inject import _set_submodule
+from .io import atomic_directory, find_adapter_dir, load_adapter, load_base_model, read_adapter_config
+from .layers import SVDAdapter, find_adapters
+
+
+def merge(model: nn.Module, safe: bool = True) -> nn.Module:
+    """Replace every adapter by its base layer type with the update folded in, in place.
+
+    The sum is formed in the adapter's dtype (float32 for half-precision bases) and rounded once to the base
+    weight's dtype. Dropout does not enter: the merged model computes what the adapted model computes in
+    ``eval()`` mode.
+
+    Args:
+        model: a model with AdaLoRA adapters (masked or compacted: masked triplets have lambda = 0).
+        safe: check every merged weight for NaN/inf before replacing anything, and refuse (raising, with the
+            model unchanged) if one is not finite. Costs one extra product per layer.
+
+    Returns:
+        ``model``, now without adapters. Parameters keep the ``requires_grad`` they had (merged weights are
+        frozen, as the base weights were after :func:`adalora.inject`).
+
+    Raises:
+        ValueError: if the model has no adapters, or (``safe``) a merged weight is not finite.
+    """
+    named = _adapters_or_raise(model, "merge")
+    if safe:
+        # A separate pass, so that nothing is replaced unless every layer merges cleanly, while holding only
+        # one merged weight in memory at a time.
+        for name, adapter in named:
+            weight = _merged_weight(adapter)
+            if not bool(torch.isfinite(weight).all()):
+                raise ValueError(
+                    f"merge: the merged weight of '{name}' contains NaN or inf (the adapter's P, E or Q diverged "
+                    "during training, or the base dtype overflowed); the model was left unchanged. Inspect the "
+                    "adapter, or call merge(model, safe=False) to merge anyway."
+                )
+            del weight
+    for name, adapter in named:
+        base = adapter.to_base(_merged_weight(adapter))
+        base.train(adapter.training)
+        _set_submodule(model, name, base)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop every adapter, putting back the base layers with their original (unmerged) weights, in place.
+
+    The restored layers hold the very ``weight``/``bias`` ``Parameter`` objects of the original model (inject
+    moved them into the adapters), so weight tying and references to them survive. Parameters stay frozen as
+    :func:`adalora.inject` left them; call ``model.requires_grad_(True)`` for full fine-tuning.
+
+    Returns:
+        ``model``, now without adapters.
+
+    Raises:
+        ValueError: if the model has no adapters.
+    """
+    for name, adapter in _adapters_or_raise(model, "unload"):
+        base = adapter.to_base(adapter.weight)
+        base.weight = adapter.weight  # the original Parameter object, not a new one sharing its storage
+        base.train(adapter.training)
+        _set_submodule(model, name, base)
+    return model
+
+
+@torch.no_grad()
+def _merged_weight(adapter: SVDAdapter) -> torch.Tensor:
+    """W0 + delta in the base layout and dtype; the sum is taken in the adapter's (at least float32) dtype."""
+    delta = adapter.delta_weight()
+    return (adapter.weight.to(delta.dtype) + delta).to(adapter.weight.dtype)
+
+
+def _adapters_or_raise(model: nn.Module, caller: str) -> list[tuple[str, SVDAdapter]]:
+    named = find_adapters(model)
+    if not named:
+        raise ValueError(f"{caller}: the model has no AdaLoRA adapters (already merged or unloaded?).")
+    return named
+
+
+# ---------------------------------------------------------------------- CLI: adalora merge
+def merge_output_dir(
+    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], base: str | None = None, safe: bool = True
+) -> Path:
+    """``adalora merge``: load the base model, apply the saved adapter, merge, ``save_pretrained`` to ``out_dir``.
+
+    The tokenizer of the base model is saved beside the merged weights when it can be loaded, so that
+    ``out_dir`` is a complete model directory for ``from_pretrained``. ``out_dir`` is written atomically.
+
+    Args:
+        output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
+        out_dir: the merged model directory to create or replace.
+        base: the base model's path or name; default: the ``"model"`` recorded in the adapter's metadata.
+        safe: refuse non-finite merged weights (see :func:`merge`).
+
+    Returns:
+        ``out_dir``.
+    """
+    adapter_dir = find_adapter_dir(output_dir)
+    info = read_adapter_config(adapter_dir)
+    model = load_base_model(info, base)
+    load_adapter(model, adapter_dir)
+    merge(model, safe=safe).eval()
+    tokenizer = _try_load_tokenizer(base or (info.get("metadata") or {}).get("model"))
+    with atomic_directory(out_dir, marker="config.json") as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
+    """The base model's tokenizer if it has one (models built from a config alone have none)."""
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # no tokenizer files, or a model type without a tokenizer: the weights alone are still useful
+        return None
