@@ -68,10 +68,10 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _build(mode: str, config: AdaLoRAConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model to train, model that holds the adapters); dropout off (eval mode) so that runs are comparable."""
     torch.manual_seed(0)
-    model = inject(tiny_bert(), CONFIG)  # eval(): no dropout, gradients still flow
+    model = inject(tiny_bert(), config)  # eval(): no dropout, gradients still flow
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model), model
     if mode == "fsdp":
@@ -87,12 +87,12 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
 
-def _train(mode: str, rows: slice, check: bool = True) -> dict:
+def _train(mode: str, rows: slice, check: bool = True, config: AdaLoRAConfig = CONFIG) -> dict:
     """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares."""
-    model, inner = _build(mode)
+    model, inner = _build(mode, config)
     # Adam moves every adapter entry by about lr per step: the adapters train visibly in 30 steps.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    allocator = RankAllocator(model, CONFIG, optimizer, on_misuse="error", check_consistency=check)
+    allocator = RankAllocator(model, config, optimizer, on_misuse="error", check_consistency=check)
     fingerprints = {}
     for step in range(STEPS):
         ids, labels = _batch(step)
@@ -123,10 +123,25 @@ def _worker(rank: int, store: str, out: str) -> None:
     half = GLOBAL_BATCH // WORLD
     rows = slice(rank * half, (rank + 1) * half)
     results: dict = {"main": is_main_process(), "time": {}}
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp", "fsdp-magnitude"):
         start = time.perf_counter()
-        results[mode] = _train(mode, rows)
+        config = CONFIG.replace(importance="magnitude") if mode.endswith("magnitude") else CONFIG
+        results[mode] = _train(mode.split("-")[0], rows, config=config)
         results["time"][mode] = time.perf_counter() - start
+
+    # An allocator built before fully_shard tracks the parameters FSDP replaces: a clear error, not silence.
+    model = inject(tiny_bert(), CONFIG)
+    allocator = RankAllocator(model, CONFIG)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)
+    ids, labels = _batch(0)
+    F.cross_entropy(model(ids[rows]).logits, labels[rows]).backward()
+    try:
+        allocator.step()
+        results["late_shard"] = None
+    except RuntimeError as error:
+        results["late_shard"] = str(error)
 
     # Crafted disagreements: rank 1 keeps triplet 4 of module b instead of 3, then is one step ahead.
     agreed = torch.tensor([True, False, True, True, False, True])
@@ -173,23 +188,24 @@ def runs(tmp_path_factory) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the single-process reference must run cleanly
         single = _train("single", slice(None), check=False)
-    return {"ranks": ranks, "single": single, "spawned": spawned}
+        magnitude = _train("single", slice(None), check=False, config=CONFIG.replace(importance="magnitude"))
+    return {"ranks": ranks, "single": single, "single-magnitude": magnitude, "spawned": spawned}
 
 
 # ---------------------------------------------------------------------- the tests
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-magnitude"])
 def test_masks_agree_across_ranks_and_with_one_process(runs, mode):
     rank0, rank1 = (r[mode] for r in runs["ranks"])
-    single = runs["single"]
+    single = runs["single-magnitude" if mode.endswith("magnitude") else "single"]
     assert rank0["names"] == single["names"]  # DDP's "module." prefix is unwrapped
     assert rank0["history"] == rank1["history"] == single["history"]
     assert len(single["fingerprints"]) == 10  # allocations at t = 6, 8, ..., 24 (= T - t_f)
     assert rank0["fingerprints"] == rank1["fingerprints"] == single["fingerprints"]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-magnitude"])
 def test_trained_adapters_match_one_process(runs, mode):
-    single = runs["single"]["tensors"]
+    single = runs["single-magnitude" if mode.endswith("magnitude") else "single"]["tensors"]
     # The comparison means something only if the adapters moved well beyond the tolerance.
     assert max(float(t.abs().max()) for k, t in single.items() if k.endswith(".E")) > 1e-2
     for rank in runs["ranks"]:
@@ -211,6 +227,11 @@ def test_training_without_ddp_is_caught(runs):
     messages = [rank["undetected"] for rank in runs["ranks"]]
     assert all(messages) and messages[0] == messages[1]
     assert "not wrapped in DistributedDataParallel" in messages[0]
+
+
+def test_allocator_built_before_fully_shard_is_an_error(runs):
+    for rank in runs["ranks"]:
+        assert "sharded with fully_shard after this allocator was built" in rank["late_shard"]
 
 
 def test_only_rank_zero_is_main(runs):

@@ -263,6 +263,12 @@ class RankAllocator:
         grads = [p.grad for p in params]
         missing = [i for i, g in enumerate(grads) if g is None]
         if len(missing) == len(grads):
+            if not self._sharded and distributed.is_sharded(self.adapters[0].E):
+                raise RuntimeError(
+                    "RankAllocator.step(): the model was sharded with fully_shard after this allocator was built, "
+                    "so it tracks parameters FSDP has replaced. Build the optimizer and the RankAllocator after "
+                    "fully_shard."
+                )
             raise RuntimeError(
                 "RankAllocator.step(): no adapter parameter has a gradient. Call it after loss.backward() and "
                 "optimizer.step() but before optimizer.zero_grad() (which sets gradients to None)."
