@@ -136,3 +136,16 @@ def test_merge_output_dir_writes_a_loadable_merged_model(tmp_path):
     assert not any(isinstance(m, SVDAdapter) for m in merged.modules())
     torch.testing.assert_close(logits(merged, x), logits(model, x), atol=1e-5, rtol=1e-4)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_merge_output_dir_explains_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        merge_output_dir(tmp_path / "nowhere", tmp_path / "merged")
+    (tmp_path / "full" / "model").mkdir(parents=True)
+    (tmp_path / "full" / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="fully fine-tuned model"):
+        merge_output_dir(tmp_path / "full", tmp_path / "merged")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no AdaLoRA adapter in"):
+        merge_output_dir(tmp_path / "empty", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

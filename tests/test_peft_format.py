@@ -86,6 +86,9 @@ def test_cli_export_from_a_saved_adapter_equals_export_peft(tmp_path):
     )
     with pytest.raises(ValueError, match="unknown export format"):
         export_output_dir(tmp_path / "run", tmp_path / "x", format="onnx")
+    assert export_output_dir(tmp_path / "run") == tmp_path / "run" / "peft"  # default: inside the run directory
+    assert export_output_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter-peft"
+    assert (tmp_path / "run" / "peft" / "adapter_model.safetensors").is_file()
 
 
 def test_export_with_every_rank_zero_is_an_error(tmp_path):

@@ -345,6 +345,11 @@ def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
             return candidate
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist.")
+    if (path / "model" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"'{path}' holds a fully fine-tuned model ('{path / 'model'}'), not an adapter: that directory is "
+            "already a plain model for from_pretrained, with nothing to merge or export."
+        )
     raise FileNotFoundError(
         f"no AdaLoRA adapter in '{path}': expected {CONFIG_NAME} in '{path / 'adapter'}' (a training output "
         f"directory) or in '{path}' itself (an adapter directory written by save_adapter)."

@@ -115,18 +115,25 @@ def export_peft(
 
 
 def export_output_dir(
-    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], format: str = "peft"
+    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, format: str = "peft"
 ) -> Path:
     """``adalora export``: convert a saved adapter (or a training output directory) without loading a model.
 
     Args:
         output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
-        out_dir: the directory to write.
+        out_dir: the directory to write; default: ``<output_dir>/peft`` for a training output directory,
+            ``<adapter dir>-peft`` beside an adapter directory.
         format: ``"peft"`` (a PEFT LoRA adapter directory), the only format so far.
+
+    Returns:
+        The directory written.
     """
     if format != "peft":
         raise ValueError(f"unknown export format {format!r}; supported: peft.")
     adapter_dir = find_adapter_dir(output_dir)
+    if out_dir is None:
+        in_run = adapter_dir != Path(output_dir)
+        out_dir = Path(output_dir) / "peft" if in_run else adapter_dir.with_name(adapter_dir.name + "-peft")
     info = read_adapter_config(adapter_dir)
     tensors = _read_weights(adapter_dir, info)
     config = AdaLoRAConfig.from_dict(info["config"])
