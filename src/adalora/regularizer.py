@@ -20,19 +20,21 @@ from .layers import SVDAdapter
 
 
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
-    """[P_1^T P_1 - I, Q_1 Q_1^T - I, P_2^T P_2 - I, ...], each ``(r, r)``, differentiable."""
-    mats = []
+    """P^T P - I and Q Q^T - I for every adapter, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
+
+    Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward
+    (72 DeBERTa-sized adapters: 12 groups' worth of kernels instead of 216 small ones).
+    """
+    groups: dict[tuple, list[SVDAdapter]] = {}
     for a in adapters:
-        mats.append(a.P.T)  # (r, d_out): P^T P = (P^T)(P^T)^T
-        mats.append(a.Q)  # (r, d_in)
-    grams = torch._foreach_mm(mats, [m.T for m in mats]) if mats else []
-    eyes = {}
+        groups.setdefault((a.P.shape, a.Q.shape, a.P.dtype, a.P.device), []).append(a)
     out = []
-    for gram in grams:
-        key = (gram.shape[0], gram.dtype, gram.device)
-        if key not in eyes:
-            eyes[key] = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        out.append(gram - eyes[key])
+    for (p_shape, _, dtype, device), members in groups.items():
+        eye = torch.eye(p_shape[1], dtype=dtype, device=device)
+        p = torch.stack([a.P for a in members])  # (g, d_out, r)
+        q = torch.stack([a.Q for a in members])  # (g, r, d_in)
+        out.append(p.mT @ p - eye)
+        out.append(q @ q.mT - eye)
     return out
 
 
@@ -45,9 +47,7 @@ def orthogonal_penalty(adapters: Sequence[SVDAdapter], form: RegularizerForm = "
     if not deviations:
         return torch.zeros(())
     if form == "paper":
-        squares = torch._foreach_mul(deviations, deviations)
-        return torch.stack([s.sum() for s in squares]).sum()
+        return torch.stack([d.square().sum() for d in deviations]).sum()
     if form == "reference":
-        norms = torch._foreach_norm(deviations)
-        return torch.stack(norms).mean()
+        return torch.cat([torch.linalg.matrix_norm(d) for d in deviations]).mean()
     raise ValueError(f"orthogonal_penalty: unknown form {form!r}; choose 'reference' or 'paper'")
