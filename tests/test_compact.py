@@ -181,3 +181,25 @@ def test_compact_at_final_needs_the_optimizer():
     model = inject(tiny_bert(), config)
     with pytest.raises(ValueError, match="optimizer=opt"):
         RankAllocator(model, config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_compact_at_final_on_cuda(fused):
+    config = CONFIG.replace(total_steps=12, warmup_steps=2, final_steps=4, mask_interval=2, compact_at_final=True)
+    model = inject(tiny_bert(), config).cuda()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=fused)
+    allocator = RankAllocator(model, config, optimizer)
+    x, y = token_batch().cuda(), torch.tensor([0, 1, 1, 0]).cuda()
+    for _ in range(12):
+        loss = F.cross_entropy(model(input_ids=x).logits, y) + allocator.regularization()
+        loss.backward()
+        optimizer.step()
+        allocator.step()
+        optimizer.zero_grad()
+    adapters = [a for _, a in find_adapters(model)]
+    assert sum(a.r for a in adapters) == allocator.target_budget
+    assert all(a.P.is_cuda and a.rank_mask.is_cuda for a in adapters)
+    for a in adapters:
+        for p in a.adapter_parameters():
+            assert optimizer.state[p]["exp_avg"].shape == p.shape

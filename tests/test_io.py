@@ -266,3 +266,36 @@ def test_load_onto_a_bfloat16_base(tmp_path):
     for name, adapter in find_adapters(loaded):
         assert adapter.E.dtype == torch.float32  # adapters stay float32 on half-precision bases
         assert torch.equal(adapter.E, model.get_submodule(name).E[model.get_submodule(name).rank_mask])
+
+
+def test_frozen_factors_stay_frozen_after_loading(tmp_path):
+    """E.g. the LoRA baseline: lambda is a frozen gate of ones."""
+    config = BERT_CONFIG.replace(modules_to_save=())
+    base = tiny_bert()
+    model = inject(copy.deepcopy(base), config)
+    fake_training(model, [4])
+    for _, adapter in find_adapters(model):
+        adapter.E.requires_grad_(False)
+    save_adapter(model, tmp_path / "lora", config)
+    loaded = load_adapter(base, tmp_path / "lora")
+    for _, adapter in find_adapters(loaded):
+        assert (adapter.P.requires_grad, adapter.E.requires_grad, adapter.Q.requires_grad) == (True, False, True)
+    x = token_batch()
+    torch.testing.assert_close(logits(loaded, x), logits(model, x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_trip_and_merge(tmp_path):
+    base, model, _ = _trained()
+    model.cuda()
+    x = token_batch()
+    expected = logits(model, x.cuda()).cpu()
+    save_adapter(model, tmp_path / "a", BERT_CONFIG)
+    on_cpu = load_adapter(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(logits(on_cpu, x), expected, atol=1e-4, rtol=1e-3)
+    on_gpu = load_adapter(base.cuda(), tmp_path / "a")
+    assert all(a.P.is_cuda for _, a in find_adapters(on_gpu))
+    torch.testing.assert_close(logits(on_gpu, x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-3)
+    from adalora import merge
+
+    torch.testing.assert_close(logits(merge(on_gpu), x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-3)

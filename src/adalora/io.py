@@ -105,6 +105,8 @@ def save_adapter(
             "scale": adapter.scale,
             "d_out": adapter.d_out,
             "d_in": adapter.d_in,
+            # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
+            "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
         }
     extra = _modules_to_save_state(model, config)
     tensors.update(extra)
@@ -180,7 +182,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
 
     Returns:
         ``base_model`` with adapters and ``modules_to_save`` loaded; adapters and ``modules_to_save`` are
-        trainable, everything else frozen (as after :func:`adalora.inject`).
+        trainable, everything else frozen (as after :func:`adalora.inject`), except adapter factors that were
+        frozen when saved (e.g. the LoRA baseline's lambda), which stay frozen.
 
     Raises:
         FileNotFoundError: if the directory or one of its files is missing.
@@ -200,9 +203,12 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
     resize_adapters(base_model, {name: meta["rank"] for name, meta in info["modules"].items()})
     with torch.no_grad():
         for name, adapter in find_adapters(base_model):
-            adapter.scale = float(info["modules"][name]["scale"])
+            meta = info["modules"][name]
+            adapter.scale = float(meta["scale"])
             for attr in ("P", "E", "Q"):
-                getattr(adapter, attr).copy_(tensors[f"{name}.{attr}"])
+                param = getattr(adapter, attr)
+                param.copy_(tensors[f"{name}.{attr}"])
+                param.requires_grad_(attr not in meta.get("frozen", ()))
         for key in info.get("modules_to_save_tensors", []):
             _get_tensor(base_model, key).copy_(tensors[key])
     return base_model
