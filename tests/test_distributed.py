@@ -28,12 +28,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_bert
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject
+from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, read_adapter_config
 from adalora.distributed import (
     ConsistencyError,
     check_allocation_consistency,
     is_main_process,
     mask_fingerprint,
+    save_adapter,
     unwrap_model,
 )
 
@@ -87,8 +88,13 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
 
 
-def _train(mode: str, rows: slice, check: bool = True, config: AdaLoRAConfig = CONFIG) -> dict:
-    """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares."""
+def _train(
+    mode: str, rows: slice, check: bool = True, config: AdaLoRAConfig = CONFIG, save_to: Path | None = None
+) -> dict:
+    """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares.
+
+    With ``save_to``, every process then calls the rank-aware ``adalora.distributed.save_adapter``.
+    """
     model, inner = _build(mode, config)
     # Adam moves every adapter entry by about lr per step: the adapters train visibly in 30 steps.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -108,6 +114,9 @@ def _train(mode: str, rows: slice, check: bool = True, config: AdaLoRAConfig = C
         for attr in ("P", "E", "Q", "rank_mask"):
             tensors[f"{name}.{attr}"] = _full(getattr(adapter, attr))
     tensors["classifier.weight"] = _full(inner.classifier.weight)
+    if save_to is not None:
+        returned = save_adapter(model, save_to, config)
+        assert (returned is not None) == is_main_process()
     return {
         "names": allocator.names,
         "fingerprints": fingerprints,
@@ -126,7 +135,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     for mode in ("ddp", "fsdp", "fsdp-magnitude"):
         start = time.perf_counter()
         config = CONFIG.replace(importance="magnitude") if mode.endswith("magnitude") else CONFIG
-        results[mode] = _train(mode.split("-")[0], rows, config=config)
+        results[mode] = _train(mode.split("-")[0], rows, config=config, save_to=Path(out) / f"{mode}-adapter")
         results["time"][mode] = time.perf_counter() - start
 
     # An allocator built before fully_shard tracks the parameters FSDP replaces: a clear error, not silence.
@@ -187,9 +196,9 @@ def runs(tmp_path_factory) -> dict:
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the single-process reference must run cleanly
-        single = _train("single", slice(None), check=False)
+        single = _train("single", slice(None), check=False, save_to=tmp / "single-adapter")
         magnitude = _train("single", slice(None), check=False, config=CONFIG.replace(importance="magnitude"))
-    return {"ranks": ranks, "single": single, "single-magnitude": magnitude, "spawned": spawned}
+    return {"ranks": ranks, "single": single, "single-magnitude": magnitude, "spawned": spawned, "dir": tmp}
 
 
 # ---------------------------------------------------------------------- the tests
@@ -213,6 +222,21 @@ def test_trained_adapters_match_one_process(runs, mode):
         assert tensors.keys() == single.keys()
         for key, expected in single.items():
             torch.testing.assert_close(tensors[key], expected, atol=ATOL, rtol=RTOL, msg=f"{mode} {key}")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_saved_adapter_matches_one_process(runs, mode):
+    from safetensors.torch import load_file
+
+    reference, saved = runs["dir"] / "single-adapter", runs["dir"] / f"{mode}-adapter"
+    assert read_adapter_config(saved)["modules"] == read_adapter_config(reference)["modules"]  # ranks, names
+    expected, actual = (
+        load_file(reference / "adalora_adapter.safetensors"),
+        load_file(saved / "adalora_adapter.safetensors"),
+    )
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=ATOL, rtol=RTOL, msg=f"{mode} {key}")
 
 
 def test_consistency_check_raises_on_every_rank(runs):
