@@ -162,6 +162,7 @@ def _key(model, attr="P"):
         ("tampered_values", ValueError, "fail their SHA-256 check"),
         ("rank_edited", ValueError, r"needs \[32, 2\]"),
         ("newer_format", ValueError, "Upgrade adalora"),
+        ("malformed_config", ValueError, r"is malformed \(KeyError: 'rank'\)"),
     ],
 )
 def test_damaged_adapters_fail_clearly_and_load_nothing(tmp_path, damage, error, message):
@@ -191,6 +192,8 @@ def test_damaged_adapters_fail_clearly_and_load_nothing(tmp_path, damage, error,
         _corrupt(directory, lambda t: t[key].add_(1.0))
     elif damage == "rank_edited":  # a consistent file whose recorded rank does not fit the tensors
         _corrupt(directory, edit_info=lambda i: i["modules"][key.rpartition(".")[0]].update(rank=2))
+    elif damage == "malformed_config":
+        _corrupt(directory, edit_info=lambda i: i["modules"][key.rpartition(".")[0]].pop("rank"))
     elif damage == "newer_format":
         _corrupt(directory, edit_info=lambda i: i.update(format_version=99))
     state = _state(base)

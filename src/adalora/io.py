@@ -191,12 +191,17 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
     """
     directory = Path(directory)
     info = read_adapter_config(directory)
-    config = AdaLoRAConfig.from_dict(info["config"])
     if find_adapters(base_model):
         raise ValueError("load_adapter: the base model already has AdaLoRA adapters. Load onto a fresh base model.")
-    check_fingerprint(base_model, info["base_model"].get("fingerprint"), source=str(directory))
-    tensors = _read_weights(directory, info)
-    _check_against_model(base_model, info, config, tensors, directory)
+    try:
+        config = AdaLoRAConfig.from_dict(info["config"])
+        check_fingerprint(base_model, info["base_model"].get("fingerprint"), source=str(directory))
+        tensors = _read_weights(directory, info)
+        _check_against_model(base_model, info, config, tensors, directory)
+    except (KeyError, TypeError, AttributeError) as error:  # a hand-edited config with fields missing or mistyped
+        raise ValueError(
+            f"'{directory / CONFIG_NAME}' is malformed ({type(error).__name__}: {error}). Save the adapter again."
+        ) from error
 
     # From here on nothing can fail on bad input: everything above has been checked.
     inject(base_model, config)
