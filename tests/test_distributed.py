@@ -55,6 +55,7 @@ CONFIG = AdaLoRAConfig(
 # Summation order differs (two half-batch means averaged vs one mean; sharded score sums): float noise only
 # (measured: at most 1e-7 on entries of size 1e-2 to 1e-1).
 ATOL, RTOL = 1e-6, 1e-4
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -69,40 +70,53 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 
-def _build(mode: str, config: AdaLoRAConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _build(
+    mode: str, config: AdaLoRAConfig, device: torch.device, mesh=None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model to train, model that holds the adapters); dropout off (eval mode) so that runs are comparable."""
     torch.manual_seed(0)
-    model = inject(tiny_bert(), config)  # eval(): no dropout, gradients still flow
+    model = inject(tiny_bert(), config).to(device)  # eval(): no dropout, gradients still flow
     if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model), model
+        device_ids = None if device.type == "cpu" else [device]
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        if mesh is None:  # explicit: without a mesh FSDP2 picks CUDA whenever the machine has a GPU
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for layer in model.bert.encoder.layer:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     return model, model
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+    return full.detach().cpu()
 
 
 def _train(
-    mode: str, rows: slice, check: bool = True, config: AdaLoRAConfig = CONFIG, save_to: Path | None = None
+    mode: str,
+    rows: slice,
+    check: bool = True,
+    config: AdaLoRAConfig = CONFIG,
+    save_to: Path | None = None,
+    device: torch.device = CPU,
+    mesh=None,
 ) -> dict:
     """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares.
 
     With ``save_to``, every process then calls the rank-aware ``adalora.distributed.save_adapter``.
     """
-    model, inner = _build(mode, config)
+    model, inner = _build(mode, config, device, mesh)
     # Adam moves every adapter entry by about lr per step: the adapters train visibly in 30 steps.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     allocator = RankAllocator(model, config, optimizer, on_misuse="error", check_consistency=check)
     fingerprints = {}
     for step in range(STEPS):
-        ids, labels = _batch(step)
-        loss = F.cross_entropy(model(ids[rows]).logits, labels[rows]) + allocator.regularization()
+        ids, labels = (t[rows].to(device) for t in _batch(step))
+        loss = F.cross_entropy(model(ids).logits, labels) + allocator.regularization()
         loss.backward()
         optimizer.step()
         report = allocator.step()
@@ -141,9 +155,10 @@ def _worker(rank: int, store: str, out: str) -> None:
     # An allocator built before fully_shard tracks the parameters FSDP replaces: a clear error, not silence.
     model = inject(tiny_bert(), CONFIG)
     allocator = RankAllocator(model, CONFIG)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
     ids, labels = _batch(0)
     F.cross_entropy(model(ids[rows]).logits, labels[rows]).backward()
     try:
@@ -176,23 +191,28 @@ def _worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("distributed")
+def _spawn(worker, tmp: Path) -> float:
+    """Run ``worker(rank, store, out)`` in WORLD fresh processes; return the seconds it took."""
     # Loopback only, one thread per process: the machine is shared.
     env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo" if sys.platform == "linux" else "lo0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     start = time.perf_counter()
     try:
-        mp.start_processes(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, start_method="spawn")
+        mp.start_processes(worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, start_method="spawn")
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    spawned = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("distributed")
+    spawned = _spawn(_worker, tmp)
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the single-process reference must run cleanly
@@ -291,3 +311,44 @@ def test_unwrap_model_strips_wrappers():
     model = torch.nn.Linear(2, 2)
     assert unwrap_model(torch.nn.DataParallel(model)) is model
     assert unwrap_model(model) is model
+
+
+# ---------------------------------------------------------------------- CUDA (skipped without a GPU)
+def _cuda_worker(rank: int, store: str, out: str) -> None:
+    """DDP on CUDA (nccl with 2 GPUs; gloo with both processes on one GPU), FSDP2 on CUDA over nccl.
+
+    With one GPU, NCCL cannot put two ranks of one communicator on the same device, so FSDP2 runs on a
+    one-process mesh per rank: no sharding, but the sharded-statistics code runs on CUDA tensors with nccl.
+    """
+    gpus = torch.cuda.device_count()
+    device = torch.device("cuda", rank % gpus)
+    torch.cuda.set_device(device)
+    backend = "nccl" if gpus >= WORLD else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(60))
+    half = GLOBAL_BATCH // WORLD
+    rows = slice(rank * half, (rank + 1) * half)
+    results: dict = {"backend": backend, "ddp": _train("ddp", rows, device=device)}
+    if gpus >= WORLD:
+        results["fsdp"] = _train("fsdp", rows, device=device)
+    else:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        singles = [dist.new_group([r], backend="nccl") for r in range(WORLD)]  # every rank creates every group
+        mesh = DeviceMesh.from_group(singles[rank], "cuda")
+        results["fsdp-1"] = _train("fsdp", slice(None), device=device, mesh=mesh)
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_ddp_and_fsdp_match_one_process(tmp_path):
+    _spawn(_cuda_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    single = _train("single", slice(None), check=False, device=torch.device("cuda", 0))
+    for rank in ranks:
+        for mode in ("ddp", "fsdp", "fsdp-1"):
+            if mode not in rank:
+                continue
+            assert rank[mode]["fingerprints"] == single["fingerprints"], f"{rank['backend']} {mode}"
+            for key, expected in single["tensors"].items():
+                torch.testing.assert_close(rank[mode]["tensors"][key], expected, atol=ATOL, rtol=RTOL, msg=key)
