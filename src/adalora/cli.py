@@ -3,18 +3,235 @@
 Each subcommand is a ``register_<name>(subparsers)`` function that adds its parser and sets ``func`` to the
 function that runs it: adding a subcommand is one new function and one line in :data:`SUBCOMMANDS`.
 Expected user errors (bad files, unknown columns, impossible schedules) print one line
-``adalora: error: ...`` and exit with status 2, never a traceback.
+``adalora: error: ...`` and exit with status 2, never a traceback (set ``ADALORA_DEBUG=1`` to see one).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .data import BUILTIN_TASKS
+
+SubParsers = Any  # argparse's private _SubParsersAction
 
 
 class UsageError(ValueError):
     """A problem with the user's input that the CLI reports in one line (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _count_or_all(text: str) -> int | None:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got '{text}'")
+    return value
+
+
+def register_train(subparsers: SubParsers) -> None:
+    from .experiment import METHODS, RunSettings
+
+    d = RunSettings()
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model (default: all-MiniLM-L6-v2 on Rotten Tomatoes sentences, offline, a few minutes)",
+        description="Fine-tune a sequence classifier with AdaLoRA or a baseline and write metrics, adapter, rank "
+        "pattern, allocation history and figures to the output directory. With no options: the packaged "
+        "all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--task", default=d.task, choices=sorted(BUILTIN_TASKS), help="built-in task")
+    data.add_argument("--train", dest="train_file", metavar="FILE", help="your training file (.csv/.tsv/.jsonl)")
+    data.add_argument("--eval", dest="eval_file", metavar="FILE", help="your evaluation file (same columns)")
+    data.add_argument("--text-column", default=d.text_column, metavar="NAME")
+    data.add_argument("--text-pair-column", default=d.text_pair_column, metavar="NAME", help="second text (pairs)")
+    data.add_argument("--label-column", default=d.label_column, metavar="NAME")
+    data.add_argument("--max-train", type=_count_or_all, default=d.max_train, metavar="N", help="N or 'all'")
+    data.add_argument("--max-eval", type=_count_or_all, default=d.max_eval, metavar="N", help="N or 'all'")
+    data.add_argument("--max-length", type=int, default=d.max_length, metavar="TOKENS", help="pad/truncate to")
+
+    model = p.add_argument_group("model and method")
+    model.add_argument("--model", default=d.model, metavar="PATH", help="local HF model dir (default: MiniLM)")
+    model.add_argument("--method", default=d.method, choices=METHODS)
+    model.add_argument("--target-modules", nargs="+", default=d.target_modules, metavar="NAME")
+    model.add_argument("--modules-to-save", nargs="+", default=d.modules_to_save, metavar="NAME", help="default: head")
+    model.add_argument("--init-r", type=int, default=d.init_r, help="initial rank of every matrix")
+    model.add_argument("--target-r", type=int, default=d.target_r, help="average final rank")
+    model.add_argument("--target-budget", type=int, default=d.target_budget, help="final total rank (replaces -r)")
+    model.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default: --target-r)")
+    model.add_argument("--alpha", type=float, default=d.alpha)
+    model.add_argument("--dropout", type=float, default=d.dropout, help="adapter input dropout")
+
+    schedule = p.add_argument_group("budget schedule (optimizer steps)")
+    schedule.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="t_i (default: fraction)")
+    schedule.add_argument("--final-steps", type=int, default=d.final_steps, help="t_f (default: fraction)")
+    schedule.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    schedule.add_argument("--final-fraction", type=float, default=d.final_fraction)
+    schedule.add_argument("--mask-interval", type=int, default=d.mask_interval, help="DeltaT")
+    schedule.add_argument("--importance", default=d.importance, choices=("smoothed", "sensitivity", "magnitude"))
+    schedule.add_argument("--orth-reg-weight", type=float, default=d.orth_reg_weight, help="gamma")
+    schedule.add_argument("--beta1", type=float, default=d.beta1)
+    schedule.add_argument("--beta2", type=float, default=d.beta2)
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=d.epochs)
+    optim.add_argument("--batch-size", type=int, default=d.batch_size)
+    optim.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    optim.add_argument("--lr", type=float, default=d.lr, help="learning rate (adapter methods)")
+    optim.add_argument("--full-lr", type=float, default=d.full_lr, help="learning rate of --method full")
+    optim.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    optim.add_argument("--lr-warmup-fraction", type=float, default=d.lr_warmup_fraction)
+    optim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")
+    optim.add_argument("--seed", type=int, default=d.seed)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", metavar="DIR", help="default: runs/<task>-<method>")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
+    run.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS", help="checkpoint interval")
+    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    run.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: available cores)")
+    run.add_argument("--tensorboard", action="store_true", help="log to DIR/tensorboard (needs tensorboard)")
+    run.add_argument("--on-misuse", default=d.on_misuse, choices=("warn", "error"), help="allocator misuse")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _settings_from_args(args: argparse.Namespace) -> Any:
+    from .experiment import RunSettings
+
+    values = {}
+    for field in dataclasses.fields(RunSettings):
+        value = getattr(args, field.name)
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    if values["max_grad_norm"] == 0:
+        values["max_grad_norm"] = None
+    return RunSettings(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import RunSettings, run
+
+    settings = _settings_from_args(args)
+    if args.resume is not None:
+        defaults = RunSettings()
+        given = [f.name for f in dataclasses.fields(defaults) if getattr(settings, f.name) != getattr(defaults, f.name)]
+        if given or args.output_dir is not None or args.overwrite:
+            options = ", ".join("--" + name.replace("_", "-") for name in given) or "--output-dir/--overwrite"
+            raise UsageError(f"--resume continues a run with the settings saved in it; drop {options}")
+        output_dir, resume = Path(args.resume), True
+    else:
+        name = Path(settings.train_file).stem if settings.train_file else settings.task
+        output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
+    try:
+        run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nadalora: interrupted; continue with: adalora train --resume {output_dir}", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect / plot
+def _run_dir(path: str) -> Path:
+    from .experiment import RUN_FILE
+
+    directory = Path(path)
+    if not (directory / RUN_FILE).is_file():
+        raise UsageError(f"{directory} is not an adalora run directory ({RUN_FILE} is missing)")
+    return directory
+
+
+def format_rank_table(ranks: dict[str, int]) -> str:
+    """Ranks as text: one row per matrix type, one column per layer (1-based), as the heatmap."""
+    from .plots import rank_grid
+
+    types, layers, grid = rank_grid(ranks)
+    header = ["", *("-" if layer is None else str(layer + 1) for layer in layers), "total"]
+    rows = [header]
+    for kind, row in zip(types, grid, strict=True):
+        cells = ["." if v is None else str(v) for v in row]
+        rows.append([kind, *cells, str(sum(v for v in row if v is not None))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import read_json
+    from .experiment import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE
+
+    directory = _run_dir(args.output_dir)
+    run = read_json(directory / "run.json")
+    settings, derived = run["settings"], run["derived"]
+    print(
+        f"run: {settings['method']} on {derived['task']} ({derived['train_examples']} train / "
+        f"{derived['eval_examples']} eval examples), model {derived['model_path']}"
+    )
+    print(f"     {derived['total_steps']} optimizer steps, {derived['trainable_parameters']:,} trainable parameters")
+    if not (directory / METRICS_FILE).is_file():
+        where = "not started"
+        if (directory / CHECKPOINT_FILE).is_file():
+            import torch
+
+            state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)
+            where = f"stopped at step {state['extra']['step']}/{derived['total_steps']}"
+        print(f"status: incomplete ({where}); continue with: adalora train --resume {directory}")
+        return 0
+    metrics = read_json(directory / METRICS_FILE)
+    print(f"{'epoch':>5}  {'step':>6}  {'train loss':>10}  {'eval loss':>9}  {'eval accuracy':>13}")
+    for e in metrics["epochs"]:
+        print(
+            f"{e['epoch']:>5}  {e['step']:>6}  {e['train_loss']:>10.4f}  {e['eval_loss']:>9.4f}  "
+            f"{e['eval_accuracy']:>13.4f}"
+        )
+    print(
+        f"final eval accuracy {metrics['eval_accuracy']:.4f} (best {metrics['best_eval_accuracy']:.4f}), "
+        f"training time {metrics['train_seconds']:.0f} s, weights in {directory / metrics['weights']}"
+    )
+    if (directory / RANKS_FILE).is_file():
+        ranks = read_json(directory / RANKS_FILE)
+        budget = f" of {derived['init_budget']} at the start" if "init_budget" in derived else ""
+        print(f"\nfinal ranks (rows: matrix types, columns: layers), total {sum(ranks.values())}{budget}:")
+        print(format_rank_table(ranks))
+    return 0
+
+
+def register_inspect(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("inspect", help="print a run's metrics and final rank table")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .experiment import draw_figures
+
+    directory = _run_dir(args.output_dir)
+    drawn = draw_figures(directory)
+    if not drawn:
+        print(f"nothing to plot in {directory}: no rank pattern (full fine-tuning, or the run is incomplete)")
+    for path in drawn:
+        print(path)
+    return 0
+
+
+def register_plot(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("plot", help="redraw a run's rank heatmap and budget curve (PNG)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR")
+    p.set_defaults(func=cmd_plot)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+SUBCOMMANDS: list[Callable[[SubParsers], None]] = [register_train, register_inspect, register_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,9 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adalora`` console script; returns the process exit status."""
     parser = build_parser()
@@ -35,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as error:
+        if os.environ.get("ADALORA_DEBUG"):
+            raise
         print(f"adalora: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,171 @@
+"""Figures of a run: the final rank of every adapted matrix (layers x matrix types, as the paper's figure of
+the rank distribution) and the budget b(t) over the optimizer steps.
+
+matplotlib is imported only inside the drawing functions, with the non-interactive Agg backend, so that
+``import adalora`` stays light and plots work on machines without a display.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# Paper symbols for the matrix types of common architectures (BERT/DeBERTa, Llama, GPT-2); others keep
+# their module name.
+MATRIX_SYMBOLS = {
+    "attention.self.query": "Wq",
+    "attention.self.key": "Wk",
+    "attention.self.value": "Wv",
+    "attention.output.dense": "Wo",
+    "intermediate.dense": "Wf1",
+    "output.dense": "Wf2",
+    "attention.self.query_proj": "Wq",
+    "attention.self.key_proj": "Wk",
+    "attention.self.value_proj": "Wv",
+    "self_attn.q_proj": "Wq",
+    "self_attn.k_proj": "Wk",
+    "self_attn.v_proj": "Wv",
+    "self_attn.o_proj": "Wo",
+    "mlp.gate_proj": "Wg",
+    "mlp.up_proj": "Wf1",
+    "mlp.down_proj": "Wf2",
+    "attn.c_attn": "Wqkv",
+    "attn.c_proj": "Wo",
+    "mlp.c_fc": "Wf1",
+    "mlp.c_proj": "Wf2",
+}
+
+_LAYER = re.compile(r"^(?:.*\.)?(\d+)\.(.+)$")
+
+
+def split_name(name: str) -> tuple[int | None, str]:
+    """(layer index, matrix type) of a module name: ``bert.encoder.layer.3.attention.self.query`` -> (3, Wq).
+
+    The layer is the last integer component followed by more components; names without one get None.
+    """
+    match = _LAYER.match(name)
+    if match is None:
+        return None, MATRIX_SYMBOLS.get(name, name)
+    kind = match.group(2)
+    return int(match.group(1)), MATRIX_SYMBOLS.get(kind, kind)
+
+
+def rank_grid(rank_pattern: Mapping[str, int]) -> tuple[list[str], list[int | None], list[list[int | None]]]:
+    """Arrange ``{module name: rank}`` as a table.
+
+    Returns:
+        ``(types, layers, grid)``: matrix types in order of first appearance, sorted layer indices (None for
+        modules outside numbered layers), and ``grid[i][j]`` = rank of type i in layer j (None if absent).
+    """
+    cells: dict[tuple[str, int | None], int] = {}
+    types: list[str] = []
+    layers: set[int | None] = set()
+    for name, rank in rank_pattern.items():
+        layer, kind = split_name(name)
+        if kind not in types:
+            types.append(kind)
+        layers.add(layer)
+        cells[(kind, layer)] = cells.get((kind, layer), 0) + int(rank)
+    ordered = sorted(layers, key=lambda layer: (layer is None, layer or 0))
+    return types, ordered, [[cells.get((kind, layer)) for layer in ordered] for kind in types]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_heatmap(
+    rank_pattern: Mapping[str, int], path: str | Path, *, init_r: int | None = None, title: str | None = None
+) -> Path:
+    """Save a heatmap of final ranks: one row per matrix type, one column per layer, the rank in each cell.
+
+    Args:
+        rank_pattern: ``{module name: kept rank}`` (e.g. ``RankAllocator.rank_pattern()``).
+        path: PNG file to write.
+        init_r: upper end of the colour scale (the initial rank); default the largest rank.
+        title: figure title.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    types, layers, grid = rank_grid(rank_pattern)
+    values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
+    vmax = init_r if init_r is not None else max(1.0, float(np.nanmax(values)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * max(len(layers), 4), 1.0 + 0.45 * max(len(types), 3)))
+    image = ax.imshow(values, cmap="YlGnBu", vmin=0, vmax=vmax, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value is not None:
+                dark = value > 0.6 * vmax
+                ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black", fontsize=8)
+    ax.set_xticks(range(len(layers)), ["-" if layer is None else str(layer + 1) for layer in layers])
+    ax.set_yticks(range(len(types)), types)
+    ax.set_xlabel("layer")
+    fig.colorbar(image, ax=ax, label="final rank")
+    ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_budget_curve(
+    budgets: Sequence[int],
+    path: str | Path,
+    *,
+    allocations: Sequence[Mapping[str, Any]] = (),
+    phases: Mapping[str, int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Save the budget b(t) over optimizer steps, with the kept total at each allocation as points.
+
+    Args:
+        budgets: b(t) for t = 0, 1, ... (one value per optimizer step).
+        path: PNG file to write.
+        allocations: allocation records with ``step`` and ``ranks`` (kept ranks; a list or a dict).
+        phases: optional ``{"warmup_steps": t_i, "final_start": T - t_f}`` drawn as vertical lines.
+        title: figure title.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(range(1, len(budgets) + 1), budgets, label="budget b(t)", color="tab:blue")
+    if allocations:
+        steps = [record["step"] + 1 for record in allocations]
+        kept = [
+            sum(record["ranks"].values() if isinstance(record["ranks"], Mapping) else record["ranks"])
+            for record in allocations
+        ]
+        ax.scatter(steps, kept, s=8, color="tab:orange", label="kept at allocation", zorder=3)
+    if phases:
+        for key, label in (("warmup_steps", "end of warm-up"), ("final_start", "final phase")):
+            if key in phases:
+                ax.axvline(phases[key], color="grey", linestyle="--", linewidth=0.8)
+                # x in data units, y in axes units: the label sits at the bottom of the line, whatever the scale.
+                transform = ax.get_xaxis_transform()
+                ax.text(
+                    phases[key],
+                    0.03,
+                    f" {label}",
+                    rotation=90,
+                    va="bottom",
+                    fontsize=7,
+                    color="grey",
+                    transform=transform,
+                )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("total rank (singular values kept)")
+    ax.set_title(title or "Budget schedule")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,163 @@
+"""A plain PyTorch training loop with AdaLoRA wired in correctly, for users without the HF Trainer.
+
+The loop owns the three things that are easy to get wrong by hand:
+
+- the orthogonality regulariser is added to *whatever* loss the batch gives (eq. 4);
+- the allocator steps once per *optimizer* step, after ``optimizer.step()`` and before ``zero_grad()``,
+  however many micro-batches are accumulated;
+- ``start_step`` continues mid-epoch after a restart, skipping the micro-batches already consumed.
+
+Typical use::
+
+    model = adalora.inject(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    steps = total_steps(len(loader), epochs=3, accumulation_steps=2)
+    allocator = RankAllocator(model, config.replace(total_steps=steps), optimizer=optimizer)
+    fit(model, loader, optimizer, allocator, epochs=3, accumulation_steps=2)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .allocator import RankAllocator, StepReport
+
+Batch = Any  # whatever the loader yields; by default a mapping of model keyword arguments including labels
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step of :func:`fit` did.
+
+    Attributes:
+        step: optimizer steps completed, this one included (1-based; the allocator's t is ``step - 1``).
+        epoch: 0-based epoch of this step.
+        loss: task loss averaged over the step's micro-batches (without the regulariser).
+        regularization: gamma * R(P, Q) added to the loss (0.0 without an allocator).
+        learning_rate: learning rate of the first parameter group for this step.
+        report: the allocator's :class:`~adalora.StepReport`, or None without an allocator.
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    regularization: float
+    learning_rate: float
+    report: StepReport | None
+
+
+def steps_per_epoch(num_batches: int, accumulation_steps: int = 1) -> int:
+    """Optimizer steps in one pass over ``num_batches`` micro-batches (a short last group still steps)."""
+    return math.ceil(num_batches / accumulation_steps)
+
+
+def total_steps(num_batches: int, epochs: int, accumulation_steps: int = 1) -> int:
+    """T for the budget schedule: optimizer steps, not micro-batches (``config.replace(total_steps=T)``)."""
+    return epochs * steps_per_epoch(num_batches, accumulation_steps)
+
+
+def model_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Default loss: ``model(**batch).loss`` (Hugging Face models given ``labels``)."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"fit: batches are {type(batch).__name__}, not mappings of model inputs; pass "
+            "loss_fn=lambda model, batch: ... that returns the loss of one batch."
+        )
+    outputs = model(**batch)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "fit: the model returned no loss; put 'labels' in the batch or pass loss_fn=lambda model, batch: ..."
+        )
+    return loss
+
+
+def fit(
+    model: nn.Module,
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    optimizer: torch.optim.Optimizer,
+    allocator: RankAllocator | None = None,
+    *,
+    epochs: int = 1,
+    accumulation_steps: int = 1,
+    scheduler: Any | None = None,
+    max_grad_norm: float | None = None,
+    loss_fn: LossFn = model_loss,
+    start_step: int = 0,
+    on_step: Callable[[StepResult], None] | None = None,
+    on_epoch_end: Callable[[int, int], None] | None = None,
+) -> int:
+    """Train ``model`` for ``epochs`` epochs with AdaLoRA's regulariser and allocator.
+
+    Per micro-batch: ``(loss_fn(model, batch) + allocator.regularization()) / group size`` is backpropagated.
+    Per optimizer step: gradient clipping, ``optimizer.step()``, ``allocator.step()``, ``scheduler.step()``,
+    ``optimizer.zero_grad()``, then ``on_step``.
+
+    Args:
+        model: the model (put into train mode at the start of every epoch).
+        batches: a sized re-iterable of micro-batches (e.g. a ``DataLoader``), or ``epoch -> micro-batches``
+            for full control of the order; resuming exactly needs the same order for the same epoch.
+        optimizer: optimizer over the trainable parameters.
+        allocator: the :class:`~adalora.RankAllocator` built for ``optimizer``, or None (plain training).
+        epochs: passes over the data.
+        accumulation_steps: micro-batches per optimizer step.
+        scheduler: an LR scheduler stepped once per optimizer step, or None.
+        max_grad_norm: clip the gradient norm of the trainable parameters to this value, or None.
+        loss_fn: ``(model, batch) -> scalar loss``; default :func:`model_loss`.
+        start_step: optimizer steps already done (to continue after restoring a checkpoint).
+        on_step: called after every optimizer step with a :class:`StepResult`.
+        on_epoch_end: called as ``on_epoch_end(epoch, step)`` after the last step of each epoch.
+
+    Returns:
+        The number of optimizer steps done in all (``start_step`` included).
+    """
+    if accumulation_steps < 1 or epochs < 0 or start_step < 0:
+        raise ValueError("fit: accumulation_steps must be >= 1, epochs and start_step >= 0")
+    epoch_batches = batches if callable(batches) else (lambda epoch: batches)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    step = start_step
+    for epoch in range(epochs):
+        micro_batches = epoch_batches(epoch)
+        num_batches = len(micro_batches)  # type: ignore[arg-type]
+        per_epoch = steps_per_epoch(num_batches, accumulation_steps)
+        done_in_epoch = step - epoch * per_epoch
+        if done_in_epoch >= per_epoch:  # this epoch was finished before the restart
+            continue
+        model.train()
+        skip = done_in_epoch * accumulation_steps
+        losses: list[torch.Tensor] = []
+        for index, batch in enumerate(itertools.islice(iter(micro_batches), skip, None), start=skip):
+            group_start = index - index % accumulation_steps
+            group_size = min(accumulation_steps, num_batches - group_start)
+            loss = loss_fn(model, batch)
+            # The regulariser is added to every micro-batch and divided like the task loss, so that one
+            # optimizer step carries exactly gamma * R whatever the accumulation.
+            reg = allocator.regularization() if allocator is not None else torch.zeros((), device=loss.device)
+            ((loss + reg) / group_size).backward()
+            losses.append(loss.detach())
+            if index + 1 - group_start < group_size:
+                continue
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+            report = allocator.step() if allocator is not None else None
+            learning_rate = float(optimizer.param_groups[0]["lr"])
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if on_step is not None:
+                mean_loss = float(torch.stack(losses).mean())
+                on_step(StepResult(step, epoch, mean_loss, float(reg.detach()), learning_rate, report))
+            losses.clear()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, step)
+    return step
