@@ -145,6 +145,7 @@ def main() -> None:
     path = write_results(
         f"allocator_{'cuda' if sync else 'cpu'}",
         {
+            "device": args.device,
             "adapters": len(allocator.adapters),
             "adapter_parameters": numel,
             "repeats": args.repeats,
