@@ -222,6 +222,7 @@ def main() -> None:
         f"train_step_{'cuda' if sync else 'cpu'}",
         {
             "model": source,
+            "device": args.device,
             "batch": BATCH,
             "length": LENGTH,
             "init_r": args.init_r,
