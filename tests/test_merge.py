@@ -149,3 +149,28 @@ def test_merge_output_dir_explains_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no AdaLoRA adapter in"):
         merge_output_dir(tmp_path / "empty", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_cli_merge_and_export(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from adalora.cli import main
+
+    base = tiny_bert()
+    base.save_pretrained(tmp_path / "base")
+    config = AdaLoRAConfig(target_modules=["query", "value"], init_r=4, target_r=2, modules_to_save=("classifier",))
+    model = inject(copy.deepcopy(base), config)
+    fake_training(model, [1, 3])
+    save_adapter(model, tmp_path / "run" / "adapter", config, metadata={"model": str(tmp_path / "base")})
+    x = token_batch()
+
+    assert main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(merged, x), logits(model, x), atol=1e-5, rtol=1e-4)
+
+    assert main(["export", str(tmp_path / "run"), "--format", "peft"]) == 0
+    assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
+    assert "peft adapter written to" in capsys.readouterr().out
+
+    assert main(["merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2
+    assert "adalora: error: " in capsys.readouterr().err

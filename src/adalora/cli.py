@@ -1,4 +1,4 @@
-"""The ``adalora`` command line: ``train``, ``inspect`` and ``plot`` (more subcommands plug in the same way).
+"""The ``adalora`` command line: ``train``, ``inspect``, ``plot``, ``merge`` and ``export``.
 
 Each subcommand is a ``register_<name>(subparsers)`` function that adds its parser and sets ``func`` to the
 function that runs it: adding a subcommand is one new function and one line in :data:`SUBCOMMANDS`.
@@ -230,8 +230,48 @@ def register_plot(subparsers: SubParsers) -> None:
     p.set_defaults(func=cmd_plot)
 
 
+# ---------------------------------------------------------------------------------------------- merge / export
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_output_dir
+
+    out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
+    print(f"merged model written to {out} (load it with from_pretrained; no adalora needed)")
+    return 0
+
+
+def register_merge(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("merge", help="fold a trained adapter into its base model and save a plain model")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (save_pretrained)")
+    p.add_argument("--base", metavar="PATH", help="the base model (default: the one recorded at training time)")
+    p.add_argument("--unsafe", action="store_true", help="merge even if a merged weight is NaN or inf")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .peft_format import export_output_dir
+
+    out = export_output_dir(args.output_dir, args.out, format=args.format)
+    print(f"{args.format} adapter written to {out}")
+    return 0
+
+
+def register_export(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("export", help="convert a trained adapter for other tools (a PEFT LoRA adapter)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
+    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
+    p.add_argument("--out", metavar="DIR", help="where to write it (default: OUTPUT_DIR/peft)")
+    p.set_defaults(func=cmd_export)
+
+
 # ---------------------------------------------------------------------------------------------- entry point
-SUBCOMMANDS: list[Callable[[SubParsers], None]] = [register_train, register_inspect, register_plot]
+SUBCOMMANDS: list[Callable[[SubParsers], None]] = [
+    register_train,
+    register_inspect,
+    register_plot,
+    register_merge,
+    register_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

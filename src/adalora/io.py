@@ -396,10 +396,19 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
     if base.get("config") is not None:
         # The saved config restores what the checkpoint alone does not say (e.g. num_labels of a new head).
         kwargs["config"] = model_class.config_class.from_dict(base["config"])
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    if info.get("modules_to_save_tensors"):
+        # transformers reports the task head as "newly initialized"; the adapter's modules_to_save restore it
+        # right after, so that report would only mislead.
+        hf_logging.set_verbosity_error()
     try:
         return model_class.from_pretrained(path, **kwargs)
     except OSError as error:
         raise FileNotFoundError(f"could not load the base model from '{path}': {error}. Pass --base PATH.") from error
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 # ---------------------------------------------------------------------- helpers
