@@ -42,3 +42,23 @@ def test_allocator_step_synchronises_only_when_it_allocates():
     assert synced_steps == [3, 6, 9, 12]
     assert sum(allocator.rank_pattern().values()) == 3 * len(allocator.adapters)
     assert allocator.tracker.ibar is None  # freed at the final allocation
+
+
+def test_non_finite_update_is_skipped_on_the_gpu_without_a_sync():
+    from adalora import SVDLinear
+    from adalora.importance import ImportanceTracker
+
+    adapters = [SVDLinear.from_base(torch.nn.Linear(6, 4).cuda(), r=3, scale=1.0) for _ in range(2)]
+    tracker = ImportanceTracker(adapters, "smoothed", 0.85, 0.85)
+    grads = [torch.randn_like(p) for p in tracker.parameters()]
+    tracker.update(grads)
+    ibar, ubar = tracker.ibar.clone(), tracker.ubar.clone()
+    grads[1][0] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tracker.update(grads)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(tracker.ibar, ibar) and torch.equal(tracker.ubar, ubar)
+    assert int(tracker.skipped) == 1

@@ -150,15 +150,24 @@ class ImportanceTracker:
         torch._foreach_copy_(self._workspace_views, self._params)
         torch._foreach_mul_(self._workspace_views, grads)
         sensitivity.abs_()
-        # The sum of |w g| is finite iff every entry is (or it overflows float32, equally unusable). A skipped
-        # update uses weight 0 and a zeroed I, so lerp leaves the statistics bit-identical, with no host sync.
+        # The sum of |w g| is finite iff every entry is (or it overflows float32, equally unusable).
         finite = torch.isfinite(sensitivity.sum())
-        self.skipped += ~finite
-        sensitivity.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        if self.ubar is None:  # plain sensitivity: keep the latest I
-            torch.where(finite, sensitivity, self.ibar, out=self.ibar)
+        keep: float | torch.Tensor  # EMA weight multiplier: 1 for a good step, 0 for a skipped one
+        if sensitivity.device.type == "cpu":
+            # Reading a CPU scalar synchronises nothing: skip a bad step outright and save two passes.
+            if not bool(finite):
+                self.skipped += 1
+                return
+            keep = 1.0
+        else:
+            # No host sync on an accelerator: a bad step gets weight 0 and a zeroed I, so lerp leaves the
+            # statistics bit-identical without anyone reading the flag.
+            self.skipped += ~finite
+            sensitivity.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            keep = finite.to(torch.float32)
+        if self.ubar is None:  # plain sensitivity: keep the latest I (lerp with weight 1 is an exact copy)
+            self.ibar.lerp_(sensitivity, keep)
             return
-        keep = finite.to(torch.float32)
         self.ibar.lerp_(sensitivity, keep * (1.0 - self.beta1))
         deviation = sensitivity.sub_(self.ibar).abs_()  # |I - Ibar| with the updated Ibar (eq. 10)
         self.ubar.lerp_(deviation, keep * (1.0 - self.beta2))
