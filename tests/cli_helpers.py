@@ -56,3 +56,30 @@ def write_csv(path: Path, rows: list[tuple[str, int]], delimiter: str = ",") -> 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def tiny_train_args(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """``adalora train`` on the tiny model and files: 48 examples, batches of 8, 2 epochs = 12 steps."""
+    return [
+        "train",
+        "--model", str(model),
+        "--train", str(data / "train.csv"),
+        "--eval", str(data / "eval.csv"),
+        "--output-dir", str(output_dir),
+        "--epochs", "2",
+        "--batch-size", "8",
+        "--max-length", "16",
+        "--init-r", "4",
+        "--target-r", "2",
+        "--mask-interval", "1",
+        "--threads", "1",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+def write_tiny_data(directory: Path, n_train: int = 48, n_eval: int = 16) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_csv(directory / "train.csv", sentences(n_train, seed=0))
+    write_csv(directory / "eval.csv", sentences(n_eval, seed=1))
+    return directory

@@ -594,6 +594,8 @@ def run(
     state: dict[str, Any] = {"step": 0, "epochs": [], "budgets": [], "seconds": 0.0, "loss_sum": 0.0, "loss_n": 0}
     checkpoint_path = output_dir / CHECKPOINT_FILE
     objects = {"model": setup.model, "optimizer": setup.optimizer, "scheduler": setup.scheduler}
+    for torn in output_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a process killed while writing
+        torn.unlink()
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, **objects, allocator=setup.allocator)
         log(f"resuming {output_dir} at step {state['step']}/{setup.total_steps}")

@@ -1,0 +1,146 @@
+"""Crash safety of ``adalora train``: a run killed with SIGKILL (mid budgeting phase, or in the middle of writing
+a checkpoint) and resumed with ``--resume`` ends exactly as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
+from safetensors.torch import load_file
+
+from adalora.checkpoint import atomic_write, rng_state, set_rng_state
+from adalora.cli import main
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+# 48 examples / batches of 4 = 12 steps per epoch, 24 in all: warm-up 5 steps, budgeting up to step 17, final 7.
+# Checkpoints every 4 steps (and after each epoch's evaluation, at step 12).
+SETTINGS = ("--batch-size", "4", "--save-every", "4", "--dropout", "0.1")
+
+# Runs the CLI in a child process that SIGKILLs itself: after allocator step N ("step N"), or while writing its
+# N-th checkpoint, half-way through the file ("save N").
+KILLER = """
+import os, signal, sys
+import torch
+mode, at = sys.argv[1], int(sys.argv[2])
+if mode == "step":
+    from adalora.allocator import RankAllocator
+    original_step = RankAllocator.step
+    def step(self):
+        report = original_step(self)
+        if self.step_count == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return report
+    RankAllocator.step = step
+else:
+    original_save, calls = torch.save, [0]
+    def save(obj, file, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            file.write(b"half a checkpoint")
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original_save(obj, file, *args, **kwargs)
+    torch.save = save
+from adalora.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    return write_tiny_model(root / "model"), write_tiny_data(root / "data")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(tiny_train_args(*assets, out, *SETTINGS)) == 0
+    return out
+
+
+def killed_then_resumed(assets, out: Path, mode: str, at: int, capsys) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", KILLER, mode, str(at), *tiny_train_args(*assets, out, *SETTINGS)]
+    child = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 0
+    assert not list(out.glob(".*.tmp"))  # the torn temporary file of a killed write is cleaned up
+    return capsys.readouterr().out
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    read = lambda path: json.loads(path.read_text())  # noqa: E731
+    assert read(out / "rank_pattern.json") == read(reference / "rank_pattern.json")
+    assert read(out / "allocation_history.json") == read(reference / "allocation_history.json")
+    got = load_file(out / "adapter" / "adalora_adapter.safetensors")
+    expected = load_file(reference / "adapter" / "adalora_adapter.safetensors")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value)
+    metrics, reference_metrics = read(out / "metrics.json"), read(reference / "metrics.json")
+    for mine, theirs in zip(metrics["epochs"], reference_metrics["epochs"], strict=True):
+        assert mine["eval_accuracy"] == theirs["eval_accuracy"]
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+def test_sigkill_mid_budgeting_then_resume_matches_an_uninterrupted_run(assets, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    log = killed_then_resumed(assets, out, "step", 10, capsys)  # killed at step 10; the last checkpoint is step 8
+    assert "at step 8/24" in log
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(assets, uninterrupted, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    log = killed_then_resumed(assets, out, "save", 4, capsys)  # dies writing the step-16 checkpoint
+    assert "at step 12/24" in log
+    assert_same_run(out, uninterrupted)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(assets, uninterrupted, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-c", KILLER, "step", "2", *tiny_train_args(*assets, out, *SETTINGS)]
+    assert subprocess.run(args, env=env, capture_output=True, timeout=300).returncode == -signal.SIGKILL
+    assert main(["train", "--resume", str(out)]) == 0
+    assert "starting again from step 0" in capsys.readouterr().out
+    assert_same_run(out, uninterrupted)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path) -> None:
+    path = tmp_path / "state.bin"
+    atomic_write(path, lambda file: file.write(b"old"))
+
+    def fail(file) -> None:
+        file.write(b"new but incomplete")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_rng_state_round_trip() -> None:
+    state = rng_state()
+    first = torch.rand(3)
+    set_rng_state(state)
+    torch.testing.assert_close(torch.rand(3), first)
