@@ -14,11 +14,26 @@ from .merge import merge, unload
 from .peft_format import export_peft, import_peft
 from .regularizer import orthogonal_penalty
 from .schedule import BudgetDecision, budget_at, budget_curve
+from .training import StepResult, fit, total_steps
 
 __version__ = "0.1.0"
 
+# The Trainer integration imports transformers; load it on first use so that `import adalora` stays light.
+_LAZY = {"AdaLoRACallback": "integrations.trainer", "AdaLoRATrainer": "integrations.trainer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AdaLoRACallback",
     "AdaLoRAConfig",
+    "AdaLoRATrainer",
     "Allocation",
     "BudgetDecision",
     "RankAllocator",
@@ -26,6 +41,7 @@ __all__ = [
     "SVDConv1D",
     "SVDLinear",
     "StepReport",
+    "StepResult",
     "__version__",
     "budget_at",
     "budget_curve",
@@ -33,6 +49,7 @@ __all__ = [
     "disable_adapters",
     "export_peft",
     "find_adapters",
+    "fit",
     "import_peft",
     "inject",
     "load_adapter",
@@ -41,6 +58,7 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "top_b_mask",
+    "total_steps",
     "trainable_parameter_count",
     "unload",
 ]
