@@ -183,3 +183,26 @@ def test_python_dash_m_entry_point(tmp_path) -> None:
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("adalora: error:")
+
+
+def test_tensorboard_logs_loss_budget_and_accuracy(model_dir, data_dir, tmp_path, monkeypatch) -> None:
+    """With a stand-in for torch.utils.tensorboard (the package is optional), the run logs its scalars."""
+    import types
+
+    logged: dict[str, list] = {}
+
+    class Writer:
+        def __init__(self, log_dir: str, purge_step=None) -> None:
+            assert log_dir == str(tmp_path / "tb" / "tensorboard")
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            logged.setdefault(tag, []).append((step, value))
+
+        def close(self) -> None:
+            logged["closed"] = []
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    assert main(tiny_train_args(model_dir, data_dir, tmp_path / "tb", "--tensorboard")) == 0
+    assert [step for step, _ in logged["train/loss"]] == list(range(1, 13))
+    assert logged["adalora/budget"][0] == (1, 48) and logged["adalora/budget"][-1] == (12, 24)
+    assert [step for step, _ in logged["eval/accuracy"]] == [6, 12] and "closed" in logged
