@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_bert, token_batch
 from torch import nn
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, top_b_mask
+from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, resize_adapters, top_b_mask
 
 LABELS = torch.tensor([0, 1, 1, 0])
 
@@ -278,3 +278,36 @@ def test_rank_mask_travels_in_the_model_state_dict():
     fresh = inject(tiny_bert(), _config())
     fresh.load_state_dict(state)
     assert {n: a.kept_rank() for n, a in find_adapters(fresh)} == allocator.rank_pattern()
+
+
+def test_resume_after_compaction_at_the_final_allocation():
+    config = _config(compact_at_final=True, orth_reg_weight=0.0)
+    model, optimizer, allocator = _setup(config)
+    _train(model, optimizer, allocator, 20)
+
+    model_a, optimizer_a, allocator_a = _setup(config)
+    _train(model_a, optimizer_a, allocator_a, 18)  # past the final allocation (t = 16): adapters compacted
+    assert [a.r for a in allocator_a.adapters] != [4] * len(allocator_a.adapters)
+    saved = {
+        "model": {k: v.clone() for k, v in model_a.state_dict().items()},
+        "optimizer": optimizer_a.state_dict(),
+        "allocator": allocator_a.state_dict(),
+        "ranks": {n: a.r for n, a in zip(allocator_a.names, allocator_a.adapters, strict=True)},
+        "rng": torch.get_rng_state(),
+    }
+    model_b = inject(tiny_bert(), config).train()
+    resize_adapters(model_b, saved["ranks"])
+    model_b.load_state_dict(saved["model"])
+    optimizer_b = torch.optim.AdamW([p for p in model_b.parameters() if p.requires_grad], lr=1e-2)
+    optimizer_b.load_state_dict(saved["optimizer"])
+    allocator_b = RankAllocator(model_b, config, optimizer_b)
+    allocator_b.load_state_dict(saved["allocator"])
+    torch.set_rng_state(saved["rng"])
+    _train(model_b, optimizer_b, allocator_b, 2)
+    assert allocator_b.rank_pattern() == allocator.rank_pattern()
+    for (name, a), b in zip(model.state_dict().items(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    unresized = RankAllocator(inject(tiny_bert(), config), config, torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    with pytest.raises(ValueError, match="resize_adapters"):
+        unresized.load_state_dict(saved["allocator"])

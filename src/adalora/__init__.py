@@ -5,7 +5,7 @@ Data flow: ``inject(model, config)`` -> ``loss + allocator.regularization()`` ->
 """
 
 from .allocator import Allocation, RankAllocator, StepReport, top_b_mask
-from .compact import compact
+from .compact import compact, resize_adapters
 from .config import AdaLoRAConfig
 from .inject import inject, trainable_parameter_count
 from .io import load_adapter, read_adapter_config, save_adapter
@@ -56,6 +56,7 @@ __all__ = [
     "merge",
     "orthogonal_penalty",
     "read_adapter_config",
+    "resize_adapters",
     "save_adapter",
     "top_b_mask",
     "total_steps",

@@ -133,7 +133,9 @@ class RankAllocator:
         self.names = [n for n, _ in named]
         self.adapters: list[SVDAdapter] = [a for _, a in named]
         self.on_misuse = on_misuse
-        self.init_budget = sum(a.r for a in self.adapters)
+        # b(0) = init_r x n by construction of inject; not the current sum of ranks, which is smaller once a
+        # checkpoint taken after compaction is resumed.
+        self.init_budget = config.init_r * len(self.adapters)
         self.target_budget = config.target_budget(len(self.adapters))
         if not 0 < self.target_budget < self.init_budget:
             raise ValueError(
@@ -387,7 +389,7 @@ class RankAllocator:
             "step_count": self.step_count,
             "final": self.final,
             "module_names": list(self.names),
-            "ranks": list(self.tracker.ranks),
+            "ranks": [a.r for a in self.adapters],  # current sizes: smaller than init_r after compaction
             "masks": [a.rank_mask.detach().clone() for a in self.adapters],
             "importance": {
                 k: (None if v is None else v.detach().clone()) for k, v in self.tracker.state_dict().items()
@@ -399,12 +401,19 @@ class RankAllocator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output onto an allocator for the same adapter layout."""
-        if list(state["module_names"]) != self.names or list(state["ranks"]) != self.tracker.ranks:
+        current = [a.r for a in self.adapters]
+        if list(state["module_names"]) != self.names:
             raise ValueError(
-                "RankAllocator.load_state_dict: the checkpoint was saved for adapters "
-                f"{len(state['module_names'])} modules with ranks {state['ranks'][:4]}..., but this model has "
-                f"{len(self.names)} with ranks {self.tracker.ranks[:4]}...; rebuild the model with the same "
-                "target_modules and init_r."
+                "RankAllocator.load_state_dict: the checkpoint was saved for adapters on "
+                f"{len(state['module_names'])} modules ({state['module_names'][:2]}...), but this model has "
+                f"{len(self.names)} ({self.names[:2]}...); rebuild the model with the same target_modules and init_r."
+            )
+        if list(state["ranks"]) != current:
+            raise ValueError(
+                f"RankAllocator.load_state_dict: the checkpoint's adapters have ranks {state['ranks'][:6]}... but "
+                f"this model's have {current[:6]}...: rebuild the model with the same target_modules and init_r, "
+                "and for a checkpoint taken after compaction call adalora.resize_adapters(model, saved ranks) "
+                "before loading the model's state and building the allocator."
             )
         saved = AdaLoRAConfig.from_dict(state["config"])
         if saved != self.config:
