@@ -14,7 +14,9 @@ the tests below check it:
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -352,3 +354,62 @@ def test_cuda_ddp_and_fsdp_match_one_process(tmp_path):
             assert rank[mode]["fingerprints"] == single["fingerprints"], f"{rank['backend']} {mode}"
             for key, expected in single["tensors"].items():
                 torch.testing.assert_close(rank[mode]["tensors"][key], expected, atol=ATOL, rtol=RTOL, msg=key)
+
+
+# ---------------------------------------------------------------------- `adalora train` under torchrun
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> Path:
+    """The tiny CLI run once in this process and once as ``torchrun --nproc_per_node 2 -m adalora train``."""
+    from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
+
+    from adalora.cli import main
+
+    tmp = tmp_path_factory.mktemp("cli")
+    model = write_tiny_model(tmp / "model")
+    config = json.loads((model / "config.json").read_text())
+    # Dropout draws different masks for a batch and for its halves: without it the runs must agree.
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    data = write_tiny_data(tmp / "data")
+    threads = torch.get_num_threads()
+    try:
+        assert main(tiny_train_args(model, data, tmp / "single", "--save-every", "5")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo" if sys.platform == "linux" else "lo0",
+        "ADALORA_CHECK_CONSISTENCY": "1",
+    }
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    command = [*launcher, "-m", "adalora", *tiny_train_args(model, data, tmp / "ddp", "--save-every", "5")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp / "ddp.log").write_text(done.stdout)
+    return tmp
+
+
+def test_cli_under_torchrun_matches_one_process(cli_runs):
+    from safetensors.torch import load_file
+
+    single, ddp = cli_runs / "single", cli_runs / "ddp"
+    for name in ("rank_pattern.json", "allocation_history.json"):
+        assert json.loads((ddp / name).read_text()) == json.loads((single / name).read_text()), name
+    expected = load_file(single / "adapter" / "adalora_adapter.safetensors")
+    actual = load_file(ddp / "adapter" / "adalora_adapter.safetensors")
+    assert actual.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, atol=ATOL, rtol=RTOL, msg=key)
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (single, ddp)]
+    for ours, reference in zip(metrics[1]["epochs"], metrics[0]["epochs"], strict=True):
+        assert ours["eval_accuracy"] == reference["eval_accuracy"]
+        assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)  # the global batch's loss
+
+
+def test_cli_under_torchrun_reports_once(cli_runs):
+    log = (cli_runs / "ddp.log").read_text()
+    assert log.count("epoch 1/2:") == 1 and log.count("outputs in") == 1  # rank 0 alone reports
+    assert "x 2 processes" in log

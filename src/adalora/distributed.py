@@ -71,6 +71,11 @@ def get_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def get_local_world_size() -> int:
+    """Processes on this machine, from the launcher's ``LOCAL_WORLD_SIZE`` (1 without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """True on global rank 0 (and in a single process): the one process that writes files, logs and plots."""
     return get_rank() == 0
@@ -80,6 +85,17 @@ def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+def mean_over_processes(value: float) -> float:
+    """The mean of ``value`` over all processes (e.g. each one's loss on its share of the batch); one all-reduce."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
 
 
 def init_from_env(backend: str | None = None) -> bool:

@@ -30,13 +30,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from . import distributed
 from .allocator import RankAllocator
 from .baselines import inject_lora, lora_config, pruned_lora_config
 from .checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
 from .config import AdaLoRAConfig
 from .data import Task, builtin_task, encode, file_task, packaged_file
 from .inject import inject
-from .io import save_adapter
 from .training import StepResult, fit, total_steps
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
@@ -255,13 +255,21 @@ def resolve_schedule(settings: RunSettings, steps: int, batches: int) -> tuple[i
 
 class TensorBatches(Sequence):
     """Shuffled fixed-size batches of pre-tokenised tensors for one epoch (the last partial batch is
-    dropped so that every step has the same shape); the order depends only on (seed, epoch)."""
+    dropped so that every step has the same shape); the order depends only on (seed, epoch).
 
-    def __init__(self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int) -> None:
+    With several processes, ``batch_size`` is the global batch and process ``rank`` of ``world`` gets rows
+    ``rank * batch_size / world`` up to the next process's share of every batch: the same global batches, the
+    same number of steps and (DDP averaging the equal-sized shares) the same gradients as one process.
+    """
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+    ) -> None:
         n = len(tensors["labels"])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(n, generator=generator)
         self.tensors, self.batch_size = tensors, batch_size
+        self.share = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     def __len__(self) -> int:
         return len(self.order) // self.batch_size
@@ -269,7 +277,7 @@ class TensorBatches(Sequence):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
         if not 0 <= index < len(self):
             raise IndexError(index)
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size][self.share]
         return {key: value[rows] for key, value in self.tensors.items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -333,7 +341,8 @@ def prepare(settings: RunSettings) -> Setup:
     for name in ("epochs", "batch_size", "grad_accum", "max_length", "eval_batch_size", "save_every"):
         if getattr(settings, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
-    torch.set_num_threads(settings.threads or available_cores())
+    # Processes started together on this machine (torchrun, accelerate launch) share its cores.
+    torch.set_num_threads(settings.threads or max(1, available_cores() // distributed.get_local_world_size()))
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
@@ -436,8 +445,9 @@ def _save_weights(setup: Setup, output_dir: Path) -> Path:
     """``adapter/`` (adapter methods, via :func:`adalora.io.save_adapter`) or ``model/`` (full fine-tuning)."""
     if setup.config is None:
         target = output_dir / "model"
-        setup.model.save_pretrained(target)
-        setup.tokenizer.save_pretrained(target)
+        if distributed.is_main_process():
+            setup.model.save_pretrained(target)
+            setup.tokenizer.save_pretrained(target)
         return target
     metadata = {
         "model": str(setup.model_path),
@@ -448,7 +458,8 @@ def _save_weights(setup: Setup, output_dir: Path) -> Path:
         "max_length": setup.settings.max_length,
     }
     target = output_dir / "adapter"
-    return save_adapter(setup.model, target, setup.config, metadata)
+    distributed.save_adapter(setup.model, target, setup.config, metadata)  # every process calls it; rank 0 writes
+    return target
 
 
 def draw_figures(output_dir: str | Path) -> list[Path]:
@@ -485,10 +496,15 @@ def draw_figures(output_dir: str | Path) -> list[Path]:
 
 
 def _finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Write weights, rank pattern, allocation history, figures and (last, as the completion mark) metrics."""
+    """Write weights, rank pattern, allocation history, figures and (last, as the completion mark) metrics.
+
+    Every process calls it (saving the adapter is collective); only rank 0 writes.
+    """
     settings, derived = setup.settings, setup.derived
     weights = _save_weights(setup, output_dir)
     ranks = rank_pattern(setup)
+    if not distributed.is_main_process():
+        return {}
     if ranks:
         write_json(output_dir / RANKS_FILE, ranks)
     if setup.allocator is not None:
@@ -554,6 +570,11 @@ def run(
 ) -> dict[str, Any]:
     """Train as ``settings`` say and write the outputs (module docstring); returns the metrics.
 
+    Under ``torchrun`` or ``accelerate launch`` the processes train one model together (DDP over gloo: the run
+    is on the CPU): ``--batch-size`` is the global batch, split evenly over the processes, so the result is the
+    single-process one up to float rounding (without dropout). Only rank 0 writes files, logs and the
+    progress bar; the other processes return an empty dict.
+
     Args:
         settings: the run's settings (ignored when resuming: ``run.json`` in ``output_dir`` is used).
         output_dir: where everything goes.
@@ -565,8 +586,23 @@ def run(
     Raises:
         RunError, DataError: on anything the user can fix (message in one line).
     """
+    # A launcher's environment starts the process group here, unless the caller already has one.
+    owns_group = not distributed.is_distributed() and distributed.init_from_env("gloo")
+    try:
+        return _run(settings, output_dir, resume=resume, overwrite=overwrite, progress=progress, log=log)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(
+    settings: RunSettings, output_dir: str | Path, *, resume: bool, overwrite: bool, progress: bool, log: Any
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    main, rank, world = distributed.is_main_process(), distributed.get_rank(), distributed.get_world_size()
+    if not main:  # one process reports for all
+        progress, log = False, lambda *args, **kwargs: None
     output_dir = Path(output_dir)
     if resume:
         if not (output_dir / RUN_FILE).is_file():
@@ -579,8 +615,15 @@ def run(
             f"{output_dir} already holds a run: continue it with `adalora train --resume {output_dir}`, "
             "start over with --overwrite, or choose another --output-dir"
         )
-    elif overwrite:
+    elif overwrite and main:
         _clear_outputs(output_dir)
+    if settings.batch_size % world:
+        raise RunError(
+            f"--batch-size {settings.batch_size} (the global batch) does not split evenly over {world} processes; "
+            f"use a multiple of {world}"
+        )
+    distributed.barrier()  # every process has checked the directory before rank 0 writes into it
+    log(f"loading {settings.model or 'the packaged all-MiniLM-L6-v2'} and the {settings.train_file or settings.task} data")
     setup = prepare(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -588,13 +631,13 @@ def run(
         if saved != setup.derived:
             changed = sorted(k for k in set(saved) | set(setup.derived) if saved.get(k) != setup.derived.get(k))
             raise RunError(f"cannot resume {output_dir}: the data or model changed since it started ({changed})")
-    else:
+    elif main:
         write_json(output_dir / RUN_FILE, {"settings": settings.to_dict(), "derived": setup.derived})
 
     state: dict[str, Any] = {"step": 0, "epochs": [], "budgets": [], "seconds": 0.0, "loss_sum": 0.0, "loss_n": 0}
     checkpoint_path = output_dir / CHECKPOINT_FILE
     objects = {"model": setup.model, "optimizer": setup.optimizer, "scheduler": setup.scheduler}
-    for torn in output_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a process killed while writing
+    for torn in output_dir.glob(f".{CHECKPOINT_FILE}.*.tmp") if main else ():  # left by a killed process
         torn.unlink()
     if resume and checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, **objects, allocator=setup.allocator)
@@ -606,9 +649,9 @@ def run(
     log(
         f"{settings.method} on {derived['task']}: {derived['train_examples']} train / {derived['eval_examples']} eval "
         f"examples, {setup.total_steps} steps, {derived['trainable_parameters']:,} trainable parameters, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads{f' x {world} processes' if world > 1 else ''}"
     )
-    writer = _tensorboard(output_dir, state["step"]) if settings.tensorboard else None
+    writer = _tensorboard(output_dir, state["step"]) if settings.tensorboard and main else None
     per_epoch = setup.total_steps // settings.epochs
     started, seconds_before = time.perf_counter(), state["seconds"]
     bar = tqdm(total=setup.total_steps, initial=state["step"], desc=settings.method, unit="step", disable=not progress)
@@ -618,10 +661,13 @@ def run(
 
     def checkpoint() -> None:
         state["seconds"] = seconds()
+        if not main:  # every process holds the same state under DDP; rank 0 saves it
+            return
         save_checkpoint(checkpoint_path, **objects, allocator=setup.allocator, extra=state)
 
     def on_step(result: StepResult) -> None:
         state["step"] = result.step
+        result = dataclasses.replace(result, loss=distributed.mean_over_processes(result.loss))  # the global batch
         state["loss_sum"] += result.loss
         state["loss_n"] += 1
         postfix = {"loss": f"{result.loss:.3f}", "lr": f"{result.learning_rate:.1e}"}
@@ -652,10 +698,11 @@ def run(
         }
         state["epochs"].append(record)
         state["loss_sum"], state["loss_n"] = 0.0, 0
-        bar.write(
-            f"epoch {epoch + 1}/{settings.epochs}: eval accuracy {scores['accuracy']:.4f}, eval loss "
-            f"{scores['loss']:.4f}, train loss {record['train_loss']:.4f} [{record['seconds']:.0f} s]"
-        )
+        if main:  # tqdm.write prints even when the bar is disabled
+            bar.write(
+                f"epoch {epoch + 1}/{settings.epochs}: eval accuracy {scores['accuracy']:.4f}, eval loss "
+                f"{scores['loss']:.4f}, train loss {record['train_loss']:.4f} [{record['seconds']:.0f} s]"
+            )
         if writer is not None:
             writer.add_scalar("eval/accuracy", scores["accuracy"], step)
             writer.add_scalar("eval/loss", scores["loss"], step)
@@ -664,8 +711,9 @@ def run(
     with warnings.catch_warnings():
         warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
         fit(
-            setup.model,
-            lambda epoch: TensorBatches(setup.train, settings.batch_size, settings.seed, epoch),
+            # DDP averages the gradients of the processes' shares of every batch (allocator: same masks everywhere)
+            torch.nn.parallel.DistributedDataParallel(setup.model) if world > 1 else setup.model,
+            lambda epoch: TensorBatches(setup.train, settings.batch_size, settings.seed, epoch, rank, world),
             setup.optimizer,
             setup.allocator,
             epochs=settings.epochs,
@@ -680,6 +728,8 @@ def run(
     if writer is not None:
         writer.close()
     metrics = _finish(setup, output_dir, state, seconds())
+    if not main:
+        return metrics
     log(
         f"eval accuracy {metrics['eval_accuracy']:.4f} after {settings.epochs} epochs "
         f"({metrics['train_seconds']:.0f} s); outputs in {output_dir}"

@@ -21,11 +21,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .allocator import RankAllocator, StepReport
 
@@ -102,7 +104,8 @@ def fit(
     ``optimizer.zero_grad()``, then ``on_step``.
 
     Args:
-        model: the model (put into train mode at the start of every epoch).
+        model: the model (put into train mode at the start of every epoch); a ``DistributedDataParallel``-wrapped
+            model synchronises gradients once per optimizer step, not per micro-batch.
         batches: a sized re-iterable of micro-batches (e.g. a ``DataLoader``), or ``epoch -> micro-batches``
             for full control of the order; resuming exactly needs the same order for the same epoch.
         optimizer: optimizer over the trainable parameters.
@@ -137,13 +140,18 @@ def fit(
         for index, batch in enumerate(itertools.islice(iter(micro_batches), skip, None), start=skip):
             group_start = index - index % accumulation_steps
             group_size = min(accumulation_steps, num_batches - group_start)
-            loss = loss_fn(model, batch)
-            # The regulariser is added to every micro-batch and divided like the task loss, so that one
-            # optimizer step carries exactly gamma * R whatever the accumulation.
-            reg = allocator.regularization() if allocator is not None else torch.zeros((), device=loss.device)
-            ((loss + reg) / group_size).backward()
+            last = index + 1 - group_start >= group_size
+            # Under DDP only the last micro-batch of a step all-reduces: DDP then averages the accumulated
+            # gradients once, before the optimizer and the allocator read them.
+            sync = model.no_sync() if not last and isinstance(model, DistributedDataParallel) else nullcontext()
+            with sync:
+                loss = loss_fn(model, batch)
+                # The regulariser is added to every micro-batch and divided like the task loss, so that one
+                # optimizer step carries exactly gamma * R whatever the accumulation.
+                reg = allocator.regularization() if allocator is not None else torch.zeros((), device=loss.device)
+                ((loss + reg) / group_size).backward()
             losses.append(loss.detach())
-            if index + 1 - group_start < group_size:
+            if not last:
                 continue
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
