@@ -623,7 +623,7 @@ def _run(
             f"use a multiple of {world}"
         )
     distributed.barrier()  # every process has checked the directory before rank 0 writes into it
-    log(f"loading {settings.model or 'the packaged all-MiniLM-L6-v2'} and the {settings.train_file or settings.task} data")
+    log(f"loading {settings.model or 'the packaged all-MiniLM-L6-v2'} and {settings.train_file or settings.task}")
     setup = prepare(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
