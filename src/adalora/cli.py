@@ -38,6 +38,15 @@ def _count_or_all(text: str) -> int | None:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one and the help text does not already explain it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register_train(subparsers: SubParsers) -> None:
     from .experiment import METHODS, RunSettings
 
@@ -48,60 +57,60 @@ def register_train(subparsers: SubParsers) -> None:
         description="Fine-tune a sequence classifier with AdaLoRA or a baseline and write metrics, adapter, rank "
         "pattern, allocation history and figures to the output directory. With no options: the packaged "
         "all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--task", default=d.task, choices=sorted(BUILTIN_TASKS), help="built-in task")
-    data.add_argument("--train", dest="train_file", metavar="FILE", help="your training file (.csv/.tsv/.jsonl)")
+    data.add_argument("--train", dest="train_file", metavar="FILE", help="your training file (.csv, .tsv or .jsonl)")
     data.add_argument("--eval", dest="eval_file", metavar="FILE", help="your evaluation file (same columns)")
-    data.add_argument("--text-column", default=d.text_column, metavar="NAME")
-    data.add_argument("--text-pair-column", default=d.text_pair_column, metavar="NAME", help="second text (pairs)")
-    data.add_argument("--label-column", default=d.label_column, metavar="NAME")
+    data.add_argument("--text-column", default=d.text_column, metavar="NAME", help="column of the text")
+    data.add_argument("--text-pair-column", metavar="NAME", help="column of the second text (sentence pairs)")
+    data.add_argument("--label-column", default=d.label_column, metavar="NAME", help="integers 0..k-1 or names")
     data.add_argument("--max-train", type=_count_or_all, default=d.max_train, metavar="N", help="N or 'all'")
     data.add_argument("--max-eval", type=_count_or_all, default=d.max_eval, metavar="N", help="N or 'all'")
     data.add_argument("--max-length", type=int, default=d.max_length, metavar="TOKENS", help="pad/truncate to")
 
     model = p.add_argument_group("model and method")
-    model.add_argument("--model", default=d.model, metavar="PATH", help="local HF model dir (default: MiniLM)")
-    model.add_argument("--method", default=d.method, choices=METHODS)
-    model.add_argument("--target-modules", nargs="+", default=d.target_modules, metavar="NAME")
-    model.add_argument("--modules-to-save", nargs="+", default=d.modules_to_save, metavar="NAME", help="default: head")
-    model.add_argument("--init-r", type=int, default=d.init_r, help="initial rank of every matrix")
-    model.add_argument("--target-r", type=int, default=d.target_r, help="average final rank")
-    model.add_argument("--target-budget", type=int, default=d.target_budget, help="final total rank (replaces -r)")
-    model.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default: --target-r)")
-    model.add_argument("--alpha", type=float, default=d.alpha)
-    model.add_argument("--dropout", type=float, default=d.dropout, help="adapter input dropout")
+    model.add_argument("--model", metavar="PATH", help="local HF model dir (default: the packaged MiniLM)")
+    model.add_argument("--method", default=d.method, choices=METHODS, help="AdaLoRA or a baseline")
+    model.add_argument("--target-modules", nargs="+", metavar="NAME", help="default: all attention and FFN matrices")
+    model.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="default: the classification head")
+    model.add_argument("--init-r", type=int, default=d.init_r, metavar="R", help="initial rank of every matrix")
+    model.add_argument("--target-r", type=int, default=d.target_r, metavar="R", help="average final rank")
+    model.add_argument("--target-budget", type=int, metavar="B", help="final total rank, instead of --target-r")
+    model.add_argument("--lora-r", type=int, metavar="R", help="rank of --method lora (default: --target-r)")
+    model.add_argument("--alpha", type=float, default=d.alpha, help="adapter scale = alpha / initial rank")
+    model.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input")
 
-    schedule = p.add_argument_group("budget schedule (optimizer steps)")
-    schedule.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="t_i (default: fraction)")
-    schedule.add_argument("--final-steps", type=int, default=d.final_steps, help="t_f (default: fraction)")
-    schedule.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
-    schedule.add_argument("--final-fraction", type=float, default=d.final_fraction)
-    schedule.add_argument("--mask-interval", type=int, default=d.mask_interval, help="DeltaT")
+    schedule = p.add_argument_group("budget schedule (in optimizer steps)")
+    schedule.add_argument("--warmup-steps", type=int, metavar="T_I", help="default: --warmup-fraction x T")
+    schedule.add_argument("--final-steps", type=int, metavar="T_F", help="default: --final-fraction x T")
+    schedule.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="t_i / T")
+    schedule.add_argument("--final-fraction", type=float, default=d.final_fraction, help="t_f / T")
+    schedule.add_argument("--mask-interval", type=int, default=d.mask_interval, help="DeltaT between allocations")
     schedule.add_argument("--importance", default=d.importance, choices=("smoothed", "sensitivity", "magnitude"))
     schedule.add_argument("--orth-reg-weight", type=float, default=d.orth_reg_weight, help="gamma")
-    schedule.add_argument("--beta1", type=float, default=d.beta1)
-    schedule.add_argument("--beta2", type=float, default=d.beta2)
+    schedule.add_argument("--beta1", type=float, default=d.beta1, help="EMA of the sensitivity")
+    schedule.add_argument("--beta2", type=float, default=d.beta2, help="EMA of the uncertainty")
 
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=d.epochs)
-    optim.add_argument("--batch-size", type=int, default=d.batch_size)
+    optim.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    optim.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step")
     optim.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    optim.add_argument("--lr", type=float, default=d.lr, help="learning rate (adapter methods)")
+    optim.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate of the adapter methods")
     optim.add_argument("--full-lr", type=float, default=d.full_lr, help="learning rate of --method full")
-    optim.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    optim.add_argument("--lr-warmup-fraction", type=float, default=d.lr_warmup_fraction)
+    optim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    optim.add_argument("--lr-warmup-fraction", type=float, default=d.lr_warmup_fraction, help="then linear decay")
     optim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")
-    optim.add_argument("--seed", type=int, default=d.seed)
+    optim.add_argument("--seed", type=int, default=d.seed, help="initialisation, data order and dropout")
 
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", metavar="DIR", help="default: runs/<task>-<method>")
     run.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="start over in a directory that holds a run")
     run.add_argument("--save-every", type=int, default=d.save_every, metavar="STEPS", help="checkpoint interval")
-    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    run.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: available cores)")
+    run.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per eval batch")
+    run.add_argument("--threads", type=int, help="torch threads (default: the available cores)")
     run.add_argument("--tensorboard", action="store_true", help="log to DIR/tensorboard (needs tensorboard)")
     run.add_argument("--on-misuse", default=d.on_misuse, choices=("warn", "error"), help="allocator misuse")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
