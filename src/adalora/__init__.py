@@ -9,7 +9,7 @@ from .compact import compact, resize_adapters
 from .config import AdaLoRAConfig
 from .inject import inject, trainable_parameter_count
 from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import SVDAdapter, SVDConv1D, SVDLinear, disable_adapters, find_adapters
+from .layers import SVDAdapter, SVDConv, SVDConv1D, SVDEmbedding, SVDLinear, disable_adapters, find_adapters
 from .merge import merge, unload
 from .peft_format import export_peft, import_peft
 from .regularizer import orthogonal_penalty
@@ -38,7 +38,9 @@ __all__ = [
     "BudgetDecision",
     "RankAllocator",
     "SVDAdapter",
+    "SVDConv",
     "SVDConv1D",
+    "SVDEmbedding",
     "SVDLinear",
     "StepReport",
     "StepResult",

@@ -10,6 +10,8 @@ from torch import nn
 from .config import AdaLoRAConfig
 from .layers import SVDAdapter, adapter_class_for, find_adapters
 
+SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or transformers' GPT-2 Conv1D"
+
 
 def name_matches(name: str, targets: tuple[str, ...] | str) -> bool:
     """Whether module ``name`` is targeted: suffix match on ``.``-separated names, or a full regex match."""
@@ -28,7 +30,7 @@ def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
     """A few names of replaceable modules, to help the user fix a target list that matched nothing."""
     names = [n for n, m in model.named_modules() if n and adapter_class_for(m) is not None]
     shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return shown or "none (the model has no nn.Linear or GPT-2 Conv1D layers)"
+    return shown or f"none (the model has no {SUPPORTED_LAYERS} layers)"
 
 
 def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
@@ -46,7 +48,8 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: if the model already has adapters, no module matches ``config.target_modules``, a matched
-            module's type is unsupported, or a ``modules_to_save`` entry matches nothing.
+            module's type or settings are unsupported (see ``adalora.layers``), or a ``modules_to_save`` entry
+            matches nothing. Everything is checked before the model is changed.
     """
     if find_adapters(model):
         raise ValueError(
@@ -65,8 +68,18 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
         listed = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
         raise ValueError(
             f"inject: target_modules={config.target_modules!r} matches modules of unsupported type: {listed}. "
-            "AdaLoRA adapts nn.Linear and transformers' GPT-2 Conv1D; narrow the targets to those layers "
+            f"AdaLoRA adapts {SUPPORTED_LAYERS}; narrow the targets to those layers "
             "(e.g. 'attention.self.query' instead of 'attention')."
+        )
+    refused = []
+    for name, module in matched:
+        reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
+        if reason is not None:
+            refused.append(f"{name} ({type(module).__name__}): {reason}")
+    if refused:
+        raise ValueError(
+            f"inject: cannot adapt {'; '.join(refused[:4])}{' ...' if len(refused) > 4 else ''}. Leave "
+            f"{'this module' if len(refused) == 1 else 'these modules'} out of target_modules."
         )
     for param in model.parameters():
         param.requires_grad_(False)

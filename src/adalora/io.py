@@ -2,7 +2,8 @@
 
 An adapter directory holds two files:
 
-- ``adalora_config.json``: the :class:`AdaLoRAConfig`, each adapted module's final rank, scale and type, a
+- ``adalora_config.json``: the :class:`AdaLoRAConfig`, each adapted module's final rank, scale, layer type,
+  base weight shape and layer settings (kernel, stride, ... of a convolution; padding index of an embedding), a
   manifest of the tensors (name, shape, dtype), the size and SHA-256 of the weights file, the library version,
   a fingerprint of the base model (its parameter names and shapes) and the caller's free-form ``metadata``;
 - ``adalora_adapter.safetensors``: ``<module>.P`` ``(d_out, k)``, ``<module>.E`` ``(k,)``, ``<module>.Q``
@@ -43,14 +44,12 @@ from torch import nn
 from .compact import resize_adapters
 from .config import AdaLoRAConfig
 from .inject import inject, name_matches
-from .layers import SVDAdapter, SVDConv1D, SVDLinear, adapter_class_for, find_adapters
+from .layers import SVDAdapter, adapter_class_for, find_adapters
 
 CONFIG_NAME = "adalora_config.json"
 WEIGHTS_NAME = "adalora_adapter.safetensors"
 FORMAT = "adalora-adapter"
 FORMAT_VERSION = 1
-
-_MODULE_TYPES: dict[type[SVDAdapter], str] = {SVDLinear: "linear", SVDConv1D: "conv1d"}
 
 
 # ---------------------------------------------------------------------- public API
@@ -100,11 +99,14 @@ def save_adapter(
         tensors[f"{name}.E"] = adapter.E.detach().index_select(0, keep).cpu()
         tensors[f"{name}.Q"] = adapter.Q.detach().index_select(0, keep).cpu()
         modules[name] = {
-            "type": _MODULE_TYPES[type(adapter)],
+            "type": adapter.layer_type_for(adapter),
             "rank": int(keep.numel()),
             "scale": adapter.scale,
             "d_out": adapter.d_out,
             "d_in": adapter.d_in,
+            # P and Q are 2-D whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
+            "weight_shape": list(adapter.weight.shape),
+            "layer": adapter.layer_options(),
             # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
             "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
         }
@@ -510,11 +512,14 @@ def _check_against_model(
     for name, meta in modules.items():
         module = model.get_submodule(name)
         adapter_cls = adapter_class_for(module)
-        if adapter_cls is None or _MODULE_TYPES[adapter_cls] != meta["type"]:
+        if adapter_cls is None or adapter_cls.layer_type_for(module) != meta["type"]:
             raise ValueError(
                 f"module '{name}' of the base model is a {type(module).__name__}, but the adapter in '{directory}' "
                 f"was saved for a {meta['type']} layer."
             )
+        reason = adapter_cls.unsupported_reason(module)
+        if reason is not None:
+            raise ValueError(f"module '{name}' of the base model cannot be adapted: {reason}.")
         rank, d_out, d_in = int(meta["rank"]), int(meta["d_out"]), int(meta["d_in"])
         if not 0 <= rank <= config.init_r:
             raise ValueError(f"module '{name}': saved rank {rank} is outside [0, init_r={config.init_r}].")
@@ -527,10 +532,10 @@ def _check_against_model(
                     f"tensor '{key}' has shape {got}, but module '{name}' (d_out={d_out}, d_in={d_in}) at the saved "
                     f"rank {rank} needs {shape}."
                 )
-        base_shape = [d_in, d_out] if meta["type"] == "conv1d" else [d_out, d_in]
-        if list(module.weight.shape) != base_shape:
+        if adapter_cls.dims(module) != (d_out, d_in):
             raise ValueError(
-                f"module '{name}' has weight shape {list(module.weight.shape)}, the adapter expects {base_shape}."
+                f"module '{name}' has weight shape {list(module.weight.shape)} (an update of {adapter_cls.dims(module)}"
+                f" as (d_out, d_in)), the adapter expects ({d_out}, {d_in})."
             )
     for key in info.get("modules_to_save_tensors", []):
         try:

@@ -1,13 +1,15 @@
 """Fold adapters into the base weights (``merge``) or drop them (``unload``): back to the base architecture.
 
-``merge`` computes ``W = W0 + scale * P diag(lambda) Q`` (paper eq. 3) per adapted layer and puts a plain
-``nn.Linear`` (or GPT-2 ``Conv1D``) holding W where the adapter was, so the result needs no adapter code at
-inference and saves with ``save_pretrained`` like the original model.
+``merge`` computes ``W = W0 + scale * P diag(lambda) Q`` (paper eq. 3) per adapted layer, in the base layer's
+layout (a transposed matrix for GPT-2 ``Conv1D`` and ``nn.Embedding``, a kernel for ``nn.Conv*d``), and puts a
+plain layer of the base type holding W where the adapter was, so the result needs no adapter code at inference
+and saves with ``save_pretrained`` like the original model.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,6 +32,11 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
         safe: check every merged weight for NaN/inf before replacing anything, and refuse (raising, with the
             model unchanged) if one is not finite. Costs one extra product per layer.
 
+    A merged layer whose base weight was shared with another module (an input embedding tied to the output
+    projection, as in GPT-2 or SmolLM2) gets its own merged weight, while the other module keeps the original:
+    that is what the adapted model computed. A transformers config's ``tie_word_embeddings`` is then set to
+    False, so that ``save_pretrained``/``from_pretrained`` keep the two apart.
+
     Returns:
         ``model``, now without adapters. Parameters keep the ``requires_grad`` they had (merged weights are
         frozen, as the base weights were after :func:`adalora.inject`).
@@ -50,10 +57,16 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
                     "adapter, or call merge(model, safe=False) to merge anyway."
                 )
             del weight
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    untied = False
     for name, adapter in named:
+        untied |= uses[id(adapter.weight)] > 1  # another module (a tied output layer) keeps using the original
         base = adapter.to_base(_merged_weight(adapter))
         base.train(adapter.training)
         _set_submodule(model, name, base)
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # type: ignore[union-attr]
     return model
 
 

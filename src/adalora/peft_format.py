@@ -9,6 +9,16 @@ triplets. Per-module ranks go into ``rank_pattern`` and the matching alphas into
 full module names, as PEFT itself writes them); modules whose rank went to 0 are left out. No ``peft`` import
 is needed to write the files. Any tool that loads PEFT LoRA adapters with ``rank_pattern`` can use the result.
 
+Layouts per layer type (PEFT's names and shapes):
+
+- ``nn.Linear``, GPT-2 ``Conv1D``: ``lora_A.weight (k, d_in)``, ``lora_B.weight (d_out, k)``;
+- ``nn.Conv{1,2,3}d``: ``lora_A.weight (k, in, *kernel_size)`` (a convolution with the base's kernel, stride and
+  padding), ``lora_B.weight (out, k, 1, ...)`` (a 1 x 1 convolution): Q viewed as kernels, P as a 1 x 1 kernel.
+  PEFT's convolution LoRA ignores ``dilation`` and ``padding_mode`` and factorises grouped convolutions
+  differently, so layers with ``groups > 1``, a dilation or a non-zero padding mode are refused;
+- ``nn.Embedding``: ``lora_embedding_A (k, num_embeddings)``, ``lora_embedding_B (embedding_dim, k)`` (no
+  ``.weight``); the column of ``padding_idx`` is written as zeros (our update leaves that row alone).
+
 Import (``import_peft``): PEFT's AdaLoRA layers compute ``(x (A * E)^T B^T) * lora_alpha / (ranknum + 1e-5)``
 with ``ranknum = init_r``, while ours use ``alpha / init_r``. The factor ``init_r / (init_r + 1e-5)`` (a relative
 1e-5 / init_r) is folded into lambda on import, so the imported model computes what the PEFT model computed.
@@ -16,6 +26,7 @@ with ``ranknum = init_r``, while ours use ``alpha / init_r``. The factor ``init_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -38,7 +49,7 @@ from .io import (
     find_adapter_dir,
     read_adapter_config,
 )
-from .layers import SVDConv1D, adapter_class_for, find_adapters
+from .layers import adapter_class_for, find_adapters
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,14 +59,16 @@ PEFT_ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 
 @dataclass(frozen=True)
 class _Factors:
-    """One module's kept triplets: P ``(d_out, k)``, E ``(k,)``, Q ``(k, d_in)`` and its scale."""
+    """One module's kept triplets: P ``(d_out, k)``, E ``(k,)``, Q ``(k, d_in)``, its scale and base layer."""
 
     name: str
-    conv1d: bool
+    layer_type: str  # SVDAdapter.layer_type_for: "linear", "conv1d" (GPT-2), "nn_conv2d", "embedding", ...
     P: torch.Tensor
     E: torch.Tensor
     Q: torch.Tensor
     scale: float
+    weight_shape: tuple[int, ...] = ()  # the base weight's shape (the kernel layout of a convolution)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # SVDAdapter.layer_options()
 
     @property
     def rank(self) -> int:
@@ -99,11 +112,13 @@ def export_peft(
             factors.append(
                 _Factors(
                     name,
-                    isinstance(adapter, SVDConv1D),
+                    adapter.layer_type_for(adapter),
                     adapter.P.index_select(1, keep).cpu(),
                     adapter.E.index_select(0, keep).cpu(),
                     adapter.Q.index_select(0, keep).cpu(),
                     adapter.scale,
+                    tuple(adapter.weight.shape),
+                    adapter.layer_options(),
                 )
             )
     extra = _modules_to_save_state(model, config)
@@ -140,17 +155,54 @@ def export_output_dir(
     factors = [
         _Factors(
             name,
-            meta["type"] == "conv1d",
+            meta["type"],
             tensors[f"{name}.P"],
             tensors[f"{name}.E"],
             tensors[f"{name}.Q"],
             float(meta["scale"]),
+            tuple(meta.get("weight_shape", ())),
+            meta.get("layer", {}),
         )
         for name, meta in info["modules"].items()
     ]
     extra = {key: tensors[key] for key in info.get("modules_to_save_tensors", [])}
     base = (info.get("metadata") or {}).get("model") or info["base_model"].get("name_or_path")
     return _write_peft(out_dir, factors, extra, config.modules_to_save, config.dropout, None, base)
+
+
+def _lora_tensors(f: _Factors) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors of one module (keys with the ``base_model.model.`` prefix), lambda folded into A."""
+    a = (f.E.unsqueeze(1) * f.Q).contiguous()  # diag(lambda) Q, (k, d_in)
+    b = f.P.contiguous().clone()  # (d_out, k)
+    prefix = f"{PEFT_PREFIX}{f.name}"
+    if f.layer_type in ("linear", "conv1d"):
+        return {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+    if f.layer_type == "embedding":
+        padding_idx = f.options.get("padding_idx")
+        if padding_idx is not None:
+            a[:, padding_idx] = 0.0  # our update leaves the padding row alone; PEFT's would not
+        return {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
+    if f.layer_type.startswith("nn_conv"):
+        problems = []
+        if f.options.get("groups", 1) != 1:
+            problems.append(f"groups={f.options['groups']} (PEFT factorises grouped convolutions differently)")
+        if any(d != 1 for d in f.options.get("dilation", ())):
+            problems.append(f"dilation={tuple(f.options['dilation'])} (PEFT's lora_A ignores it)")
+        if f.options.get("padding_mode", "zeros") != "zeros":
+            problems.append(f"padding_mode='{f.options['padding_mode']}' (PEFT's lora_A pads with zeros)")
+        if problems:
+            raise ValueError(
+                f"export_peft: module '{f.name}' has {', '.join(problems)}, so no PEFT LoRA layer computes its "
+                "update. Merge the adapter instead (adalora.merge / adalora merge), or leave this layer out of "
+                "target_modules."
+            )
+        out_channels, *kernel = f.weight_shape  # kernel = [in, *kernel_size]
+        ones = [1] * (len(kernel) - 1)
+        return {
+            f"{prefix}.lora_A.weight": a.view(f.rank, *kernel),  # Q as k kernels of the base's size
+            f"{prefix}.lora_B.weight": b.view(out_channels, f.rank, *ones),  # P as a 1 x 1 convolution
+        }
+    raise ValueError(f"export_peft: module '{f.name}' has layer type '{f.layer_type}', unknown to this version.")
 
 
 def _write_peft(
@@ -167,8 +219,7 @@ def _write_peft(
         raise ValueError("export_peft: every adapter has rank 0, so there is nothing to export as LoRA.")
     tensors: dict[str, torch.Tensor] = {}
     for f in kept:
-        tensors[f"{PEFT_PREFIX}{f.name}.lora_A.weight"] = (f.E.unsqueeze(1) * f.Q).contiguous()  # diag(E) Q
-        tensors[f"{PEFT_PREFIX}{f.name}.lora_B.weight"] = f.P.contiguous().clone()
+        tensors.update(_lora_tensors(f))
     for key, value in extra.items():
         tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().clone()
     ranks = {f.name: f.rank for f in kept}
@@ -185,7 +236,7 @@ def _write_peft(
         "alpha_pattern": alphas,
         "lora_dropout": dropout,
         # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
-        "fan_in_fan_out": any(f.conv1d for f in kept),
+        "fan_in_fan_out": any(f.layer_type == "conv1d" for f in kept),
         "bias": "none",
         "modules_to_save": list(modules_to_save) or None,
         "use_rslora": False,  # rslora would scale by alpha / sqrt(r) and break the alpha_pattern above
@@ -372,8 +423,7 @@ def _check_peft_fits(
         adapter_cls = adapter_class_for(module)
         if adapter_cls is None:
             raise ValueError(f"'{directory}': module '{name}' is a {type(module).__name__}, not a supported layer.")
-        weight_shape = tuple(module.weight.shape)
-        d_out, d_in = weight_shape[::-1] if adapter_cls is SVDConv1D else weight_shape
+        d_out, d_in = adapter_cls.dims(module)
         if (p.shape[0], q.shape[1]) != (d_out, d_in):
             raise ValueError(
                 f"'{directory}': module '{name}' has lora_B {list(p.shape)} and lora_A {list(q.shape)}, but the base "
