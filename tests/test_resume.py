@@ -81,6 +81,8 @@ def killed_then_resumed(assets, out: Path, mode: str, at: int, capsys) -> str:
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
     capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "status: incomplete (stopped at step" in capsys.readouterr().out
     assert main(["train", "--resume", str(out)]) == 0
     assert not list(out.glob(".*.tmp"))  # the torn temporary file of a killed write is cleaned up
     return capsys.readouterr().out
