@@ -118,7 +118,7 @@ class RunSettings:
     epochs: int = 2
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-3  # AdamW learning rate (the full method uses full_lr)
+    lr: float = 5e-3  # AdamW learning rate of the adapter methods (lambda starts at 0: AdaLoRA needs a high one)
     full_lr: float = 5e-5  # learning rate of full fine-tuning
     weight_decay: float = 0.0
     lr_warmup_fraction: float = 0.06  # linear LR warm-up, then linear decay to 0
