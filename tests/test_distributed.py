@@ -356,15 +356,19 @@ def test_cuda_ddp_and_fsdp_match_one_process(tmp_path):
                 torch.testing.assert_close(rank[mode]["tensors"][key], expected, atol=ATOL, rtol=RTOL, msg=key)
 
 
-# ---------------------------------------------------------------------- `adalora train` under torchrun
+# ---------------------------------------------------------------------- the CLI and the Trainer under torchrun
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory) -> Path:
-    """The tiny CLI run once in this process and once as ``torchrun --nproc_per_node 2 -m adalora train``."""
-    from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
+def launched(tmp_path_factory) -> Path:
+    """``adalora train`` and an AdaLoRATrainer run, once in this process and once under ``torchrun`` (2 processes).
+
+    Both run from tests/distributed_script.py in one launch (starting processes is the slow part).
+    """
+    import distributed_script
+    from cli_helpers import write_tiny_data, write_tiny_model
 
     from adalora.cli import main
 
-    tmp = tmp_path_factory.mktemp("cli")
+    tmp = tmp_path_factory.mktemp("launched")
     model = write_tiny_model(tmp / "model")
     config = json.loads((model / "config.json").read_text())
     # Dropout draws different masks for a batch and for its halves: without it the runs must agree.
@@ -373,29 +377,34 @@ def cli_runs(tmp_path_factory) -> Path:
     data = write_tiny_data(tmp / "data")
     threads = torch.get_num_threads()
     try:
-        assert main(tiny_train_args(model, data, tmp / "single", "--save-every", "5")) == 0
+        assert main(distributed_script.cli_args(model, data, tmp / "single" / "cli")) == 0
     finally:
         torch.set_num_threads(threads)
+    torch.save(distributed_script.run_trainer(tmp / "single" / "trainer", world=1), tmp / "single" / "trainer.pt")
+
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "GLOO_SOCKET_IFNAME": "lo" if sys.platform == "linux" else "lo0",
         "ADALORA_CHECK_CONSISTENCY": "1",
     }
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
-    command = [*launcher, "-m", "adalora", *tiny_train_args(model, data, tmp / "ddp", "--save-every", "5")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = Path(distributed_script.__file__)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    command += [str(script), str(tmp / "ddp"), str(model), str(data)]
+    (tmp / "ddp").mkdir()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp / "ddp.log").write_text(done.stdout)
+    assert json.loads((tmp / "ddp" / "world.json").read_text()) == WORLD
     return tmp
 
 
-def test_cli_under_torchrun_matches_one_process(cli_runs):
+def test_cli_under_torchrun_matches_one_process(launched):
     from safetensors.torch import load_file
 
-    single, ddp = cli_runs / "single", cli_runs / "ddp"
+    single, ddp = launched / "single" / "cli", launched / "ddp" / "cli"
     for name in ("rank_pattern.json", "allocation_history.json"):
         assert json.loads((ddp / name).read_text()) == json.loads((single / name).read_text()), name
     expected = load_file(single / "adapter" / "adalora_adapter.safetensors")
@@ -409,7 +418,20 @@ def test_cli_under_torchrun_matches_one_process(cli_runs):
         assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)  # the global batch's loss
 
 
-def test_cli_under_torchrun_reports_once(cli_runs):
-    log = (cli_runs / "ddp.log").read_text()
+def test_cli_under_torchrun_reports_once(launched):
+    log = (launched / "ddp.log").read_text()
     assert log.count("epoch 1/2:") == 1 and log.count("outputs in") == 1  # rank 0 alone reports
     assert "x 2 processes" in log
+
+
+def test_trainer_under_torchrun_matches_one_process(launched):
+    single = torch.load(launched / "single" / "trainer.pt", weights_only=False)
+    ddp = torch.load(launched / "ddp" / "trainer.pt", weights_only=False)
+    assert ddp["ranks"] == single["ranks"]
+    assert ddp["state"].keys() == single["state"].keys()
+    for key, value in single["state"].items():
+        torch.testing.assert_close(ddp["state"][key], value, atol=ATOL, rtol=RTOL, msg=key)
+    # One allocator file per checkpoint, written by rank 0 alone (identical state on every process).
+    for step in (6, 12):
+        files = sorted(p.name for p in (launched / "ddp" / "trainer" / f"checkpoint-{step}").glob("adalora_*"))
+        assert files == ["adalora_allocator.pt"]

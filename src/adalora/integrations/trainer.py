@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..allocator import OnMisuse, RankAllocator, StepReport
 from ..checkpoint import atomic_write
 from ..config import AdaLoRAConfig
+from ..distributed import ShardedImportanceTracker, get_rank
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 
@@ -115,16 +116,27 @@ class AdaLoRACallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.allocator is None:
             return
+        # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
+        # it. Under FSDP2 each process holds its own shard of the importance statistics and saves that.
+        sharded = isinstance(self.allocator.tracker, ShardedImportanceTracker)
+        if not (sharded or args.should_save):
+            return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
             allocator_state = self.allocator.state_dict()
-            atomic_write(directory / ALLOCATOR_FILE, lambda file: torch.save(allocator_state, file))
+            atomic_write(directory / self._state_file(), lambda file: torch.save(allocator_state, file))
 
     # ------------------------------------------------------------------ helpers
+    def _state_file(self) -> str:
+        """``adalora_allocator.pt``, or one file per process when FSDP2 shards the statistics."""
+        if isinstance(self.allocator.tracker, ShardedImportanceTracker):
+            return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
+        return ALLOCATOR_FILE
+
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
         assert self.allocator is not None
         directory = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        path = Path(directory) / ALLOCATOR_FILE
+        path = Path(directory) / self._state_file()
         if not path.is_file():
             raise FileNotFoundError(
                 f"AdaLoRACallback: resuming at step {state.global_step}, but {path} does not exist: the checkpoint was "
