@@ -1,15 +1,19 @@
 """Data-parallel training: 2 processes (gloo, loopback) against the single-process run on the same global batch.
 
-One spawn of two worker processes runs every multi-process scenario (starting a process that imports torch and
+One spawn of two worker processes runs every allocator-level scenario (starting a process that imports torch and
 transformers costs seconds on a busy machine); the module-scoped fixture collects what each rank recorded and
 the tests below check it:
 
 - DDP: the masks agree across ranks at every allocation (the built-in consistency check is on and the mask
-  fingerprints are compared here too), equal the single-process masks, and the trained adapters are allclose
-  to the single-process ones;
+  fingerprints are compared here too), equal the single-process masks, and the trained and saved adapters are
+  allclose to the single-process ones;
 - FSDP2 (``fully_shard``, sharded P/E/Q and sharded importance statistics): the same, on CPU with gloo;
 - the consistency check raises on every rank (no hang) when ranks disagree: crafted masks and steps, and two
   processes training without DDP.
+
+One ``torchrun --standalone --nproc_per_node 2`` launch of tests/distributed_script.py then runs ``adalora train``
+and an ``AdaLoRATrainer`` unchanged, compared with the same runs in this process. A CUDA variant runs only where
+a GPU is present.
 """
 
 from __future__ import annotations
