@@ -58,7 +58,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 
 def test_trainer_steps_the_allocator_once_per_optimizer_step(tmp_path: Path) -> None:
     trainer = AdaLoRATrainer(
-        model=adapted_model(), args=arguments(tmp_path), train_dataset=dataset(), adalora_config=CONFIG
+        model=adapted_model(), args=arguments(tmp_path, logging_steps=4), train_dataset=dataset(), adalora_config=CONFIG
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no misuse with gradient accumulation
@@ -68,6 +68,10 @@ def test_trainer_steps_the_allocator_once_per_optimizer_step(tmp_path: Path) -> 
     assert allocator.step_count == 12
     assert trainer.adalora.last_report.step == 11 and trainer.adalora.last_report.phase == "final"
     assert sum(allocator.rank_pattern().values()) == allocator.target_budget == 8
+    logged = [(entry["step"], entry["adalora_budget"]) for entry in trainer.state.log_history if "loss" in entry]
+    # The Trainer's logs show b(t) of the step just taken (t = global_step - 1).
+    assert logged == [(step, allocator.decision(step - 1).budget) for step in (4, 8, 12)]
+    assert logged[0][1] < allocator.init_budget
 
 
 def test_total_steps_come_from_epochs_and_accumulation(tmp_path: Path) -> None:
@@ -95,12 +99,12 @@ def test_regulariser_is_in_the_loss_and_scaled_for_accumulation(tmp_path: Path) 
     assert penalty > 0
     trainer.current_gradient_accumulation_steps = 2
     # The Trainer divides a per-micro-batch loss by the accumulation itself ...
-    torch.testing.assert_close(float(regularised - plain), penalty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((regularised - plain).detach()), penalty, rtol=1e-5, atol=1e-6)
     # ... but not a loss already normalised over the accumulated batch: then the regulariser is divided here.
     trainer.loss_is_scaled_for_ga = True
     scaled = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=8)
     plain_scaled = Trainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=8)
-    torch.testing.assert_close(float(scaled - plain_scaled), penalty / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((scaled - plain_scaled).detach()), penalty / 2, rtol=1e-5, atol=1e-6)
 
 
 class Crash(Exception):

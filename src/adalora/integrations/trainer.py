@@ -178,6 +178,13 @@ class AdaLoRATrainer(Trainer):
             self.adalora.resume_from = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Training logs (console, TensorBoard, W&B ...) also show the current budget b(t).
+        report = self.adalora.last_report
+        if report is not None and "loss" in logs:
+            logs = {**logs, "adalora_budget": report.budget}
+        super().log(logs, *args, **kwargs)
+
     def compute_loss(
         self,
         model: nn.Module,
