@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import distributed
+from . import causal_lm, distributed
 from .allocator import RankAllocator
 from .baselines import inject_lora, lora_config, pruned_lora_config
 from .checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
@@ -84,7 +84,8 @@ class RunSettings:
     """
 
     # data
-    task: str = "rotten-tomatoes"  # built-in task, used when no --train/--eval files are given
+    task: str = "rotten-tomatoes"  # built-in task, used when no --train/--eval files are given; "causal-lm":
+    # next-token training of a decoder on --train (prompt/completion or text) or built-in text (causal_lm.py)
     train_file: str | None = None  # the user's CSV/TSV/JSONL training file
     eval_file: str | None = None  # the user's evaluation file (same columns)
     text_column: str = "text"
@@ -306,6 +307,11 @@ def warmup_then_decay(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def primary_metric(task: str) -> str:
+    """The eval metric a run reports: perplexity (lower is better) for causal-lm, accuracy otherwise."""
+    return "perplexity" if task == causal_lm.CAUSAL_LM else "accuracy"
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -346,14 +352,19 @@ def prepare(settings: RunSettings) -> Setup:
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
-    task = load_task(settings)
-    model_path = resolve_model_path(settings.model)
-    tokenizer, model, fresh = load_model(model_path, task.label_names)
-    train = encode(tokenizer, task.train, settings.max_length)
-    held_out = encode(tokenizer, task.eval, settings.max_length)
-    batches = len(task.train) // settings.batch_size
+    fresh: set[str] = set()
+    if settings.task == causal_lm.CAUSAL_LM:  # rows are packed text or padded prompt/completion examples
+        task, model_path, tokenizer, model, train, held_out = causal_lm.run_inputs(settings)
+    else:
+        task = load_task(settings)
+        model_path = resolve_model_path(settings.model)
+        tokenizer, model, fresh = load_model(model_path, task.label_names)
+        train = encode(tokenizer, task.train, settings.max_length)
+        held_out = encode(tokenizer, task.eval, settings.max_length)
+    rows = len(train["labels"])
+    batches = rows // settings.batch_size
     if batches == 0:
-        raise RunError(f"--batch-size {settings.batch_size} is larger than the {len(task.train)} training examples")
+        raise RunError(f"--batch-size {settings.batch_size} is larger than the {rows} training rows")
     steps = total_steps(batches, settings.epochs, settings.grad_accum)
 
     heads = settings.modules_to_save if settings.modules_to_save is not None else head_modules(model, fresh)
@@ -366,6 +377,8 @@ def prepare(settings: RunSettings) -> Setup:
         "total_steps": steps,
         "modules_to_save": list(heads),
     }
+    if settings.task == causal_lm.CAUSAL_LM:
+        derived.update(train_rows=rows, eval_rows=len(held_out["labels"]))
     config, allocator = None, None
     lr = settings.lr
     if settings.method == "full":
@@ -528,13 +541,15 @@ def _finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: floa
         write_json(output_dir / HISTORY_FILE, history)
     figures = draw_figures(output_dir)
     final = state["epochs"][-1] if state["epochs"] else {}
+    metric = primary_metric(settings.task)
+    best = min if metric == "perplexity" else max
     metrics = {
         "task": setup.task.name,
         "method": settings.method,
         "model": str(setup.model_path),
-        "eval_accuracy": final.get("eval_accuracy"),
+        f"eval_{metric}": final.get(f"eval_{metric}"),
         "eval_loss": final.get("eval_loss"),
-        "best_eval_accuracy": max((e["eval_accuracy"] for e in state["epochs"]), default=None),
+        f"best_eval_{metric}": best((e[f"eval_{metric}"] for e in state["epochs"]), default=None),
         "epochs": state["epochs"],
         "train_examples": derived["train_examples"],
         "eval_examples": derived["eval_examples"],
@@ -546,6 +561,8 @@ def _finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: floa
         "figures": [f.name for f in figures],
         "completed": True,
     }
+    if "eval_before" in state:  # causal-lm: the held-out split measured before training
+        metrics.update({f"eval_{k}_before": v for k, v in state["eval_before"].items()})
     write_json(output_dir / METRICS_FILE, metrics)
     (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return metrics
@@ -651,6 +668,11 @@ def _run(
         f"examples, {setup.total_steps} steps, {derived['trainable_parameters']:,} trainable parameters, "
         f"{torch.get_num_threads()} threads{f' x {world} processes' if world > 1 else ''}"
     )
+    metric = primary_metric(settings.task)
+    evaluate_fn = causal_lm.evaluate_perplexity if settings.task == causal_lm.CAUSAL_LM else evaluate
+    if settings.task == causal_lm.CAUSAL_LM and "eval_before" not in state:
+        state["eval_before"] = evaluate_fn(setup.model, setup.eval, settings.eval_batch_size)
+        log(f"held-out perplexity before training {state['eval_before']['perplexity']:.2f}")
     writer = _tensorboard(output_dir, state["step"]) if settings.tensorboard and main else None
     per_epoch = setup.total_steps // settings.epochs
     started, seconds_before = time.perf_counter(), state["seconds"]
@@ -687,25 +709,24 @@ def _run(
             checkpoint()
 
     def on_epoch_end(epoch: int, step: int) -> None:
-        scores = evaluate(setup.model, setup.eval, settings.eval_batch_size)
+        scores = evaluate_fn(setup.model, setup.eval, settings.eval_batch_size)
         record = {
             "epoch": epoch + 1,
             "step": step,
             "train_loss": state["loss_sum"] / max(1, state["loss_n"]),
-            "eval_accuracy": scores["accuracy"],
-            "eval_loss": scores["loss"],
+            **{f"eval_{key}": value for key, value in scores.items()},
             "seconds": round(seconds(), 1),
         }
         state["epochs"].append(record)
         state["loss_sum"], state["loss_n"] = 0.0, 0
         if main:  # tqdm.write prints even when the bar is disabled
             bar.write(
-                f"epoch {epoch + 1}/{settings.epochs}: eval accuracy {scores['accuracy']:.4f}, eval loss "
+                f"epoch {epoch + 1}/{settings.epochs}: eval {metric} {scores[metric]:.4f}, eval loss "
                 f"{scores['loss']:.4f}, train loss {record['train_loss']:.4f} [{record['seconds']:.0f} s]"
             )
         if writer is not None:
-            writer.add_scalar("eval/accuracy", scores["accuracy"], step)
-            writer.add_scalar("eval/loss", scores["loss"], step)
+            for key, value in scores.items():
+                writer.add_scalar(f"eval/{key}", value, step)
         checkpoint()
 
     with warnings.catch_warnings():
@@ -730,8 +751,9 @@ def _run(
     metrics = _finish(setup, output_dir, state, seconds())
     if not main:
         return metrics
+    before = f" (before training {metrics[f'eval_{metric}_before']:.2f})" if f"eval_{metric}_before" in metrics else ""
     log(
-        f"eval accuracy {metrics['eval_accuracy']:.4f} after {settings.epochs} epochs "
+        f"eval {metric} {metrics[f'eval_{metric}']:.4f}{before} after {settings.epochs} epochs "
         f"({metrics['train_seconds']:.0f} s); outputs in {output_dir}"
     )
     return metrics
