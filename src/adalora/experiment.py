@@ -67,6 +67,10 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
+# Learning rates chosen by measurement on the default run (docs/cli.md). AdaLoRA's lambda starts at 0 and its
+# P, Q at std 0.02, so its update starts small and it wants a higher rate; LoRA on all 36 matrices collapsed
+# at 5e-3 (accuracy 0.51).
+DEFAULT_LR = {"adalora": 5e-3, "lora": 1e-3, "pruned-lora": 1e-3, "full": 5e-5}
 # Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
@@ -119,8 +123,7 @@ class RunSettings:
     epochs: int = 2
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-3  # AdamW learning rate of the adapter methods (lambda starts at 0: AdaLoRA needs a high one)
-    full_lr: float = 5e-5  # learning rate of full fine-tuning
+    lr: float | None = None  # AdamW learning rate; None = DEFAULT_LR of the method
     weight_decay: float = 0.0
     lr_warmup_fraction: float = 0.06  # linear LR warm-up, then linear decay to 0
     max_grad_norm: float | None = 1.0
@@ -380,11 +383,11 @@ def prepare(settings: RunSettings) -> Setup:
     if settings.task == causal_lm.CAUSAL_LM:
         derived.update(train_rows=rows, eval_rows=len(held_out["labels"]))
     config, allocator = None, None
-    lr = settings.lr
+    lr = settings.lr if settings.lr is not None else DEFAULT_LR[settings.method]
+    derived["lr"] = lr
     if settings.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
-        lr = settings.full_lr
     else:
         targets = resolve_targets(settings, model)
         derived["target_modules"] = list(targets)
