@@ -131,7 +131,7 @@ ERRORS = [
     (["--model", "{tmp}/no-model"], "not a local Hugging Face model directory"),
     (["--target-modules", "nothing_here"], "no module name matches target_modules"),
     (["--warmup-steps", "6", "--final-steps", "6"], "training has 12 optimizer steps .* leaves no budget-decreasing"),
-    (["--batch-size", "500"], "larger than the 48 training examples"),
+    (["--batch-size", "500"], "larger than the 48 training"),
     (["--target-r", "8"], "init_r"),
 ]
 
