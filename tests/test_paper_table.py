@@ -1,0 +1,150 @@
+"""The paper-table planner: lr search on validation, edge extension, final seeds, ablations reusing AdaLoRA's
+lr, resume after an interruption, failures. A fake run function stands in for training (milliseconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
+
+
+@pytest.fixture(scope="module")
+def pt():
+    sys.path.insert(0, str(_PATH.parent))  # paper_table imports benchmarks/common.py
+    spec = importlib.util.spec_from_file_location("paper_table", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_table"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_grid(pt):
+    return pt.Grid(
+        tasks=("rotten-tomatoes", "trec"),
+        budgets=(2, 8),
+        main=("adalora", "lora"),
+        ablations=("adalora-no-orth",),
+        full=True,
+        seeds=(1, 2),
+        adapter_lrs=(1e-3, 3e-3),
+        full_lrs=(1e-4, 3e-4),
+        max_extensions=1,
+    )
+
+
+def fake_run(calls: list):
+    """Validation accuracy peaks at lr 1e-2 for AdaLoRA and 1e-3 for the others; test accuracy by seed."""
+
+    def run(spec):
+        calls.append(spec.key)
+        best = 1e-2 if spec.cell.variant.startswith("adalora") else 1e-3
+        accuracy = 0.9 - 0.1 * abs(math.log10(spec.lr / best)) if spec.phase == "search" else 0.8 + spec.seed / 100
+        return {
+            "task": spec.cell.task,
+            "variant": spec.cell.variant,
+            "budget": spec.cell.budget,
+            "phase": spec.phase,
+            "eval_split": "val" if spec.phase == "search" else "test",
+            "lr": spec.lr,
+            "seed": spec.seed,
+            "accuracy": accuracy,
+            "eval_loss": 1 - accuracy,
+        }
+
+    return run
+
+
+def test_choose_lr_extends_at_edges_then_stops(pt):
+    base = (1e-3, 3e-3, 1e-2)
+    assert pt.choose_lr({1e-3: (0.8, 0.5)}, base, 2) == (None, None)  # base grid unfinished
+    middle = {1e-3: (0.8, 0.5), 3e-3: (0.9, 0.4), 1e-2: (0.7, 0.6)}
+    assert pt.choose_lr(middle, base, 2) == (3e-3, None)
+    low = {1e-3: (0.9, 0.5), 3e-3: (0.8, 0.4), 1e-2: (0.7, 0.6)}
+    assert pt.choose_lr(low, base, 2) == (None, 3e-4)
+    assert pt.choose_lr(low | {3e-4: (0.95, 0.3)}, base, 2) == (None, 1e-4)
+    assert pt.choose_lr(low | {3e-4: (0.95, 0.3)}, base, 1) == (3e-4, None)  # extensions used up
+    assert pt.choose_lr(low | {3e-4: (0.85, 0.3)}, base, 2) == (1e-3, None)  # interior optimum now
+    # Ties on accuracy go to the lower validation loss; a NaN loss never wins.
+    tie = {1e-3: (0.9, float("nan")), 3e-3: (0.9, 0.4), 1e-2: (0.7, 0.6)}
+    assert pt.choose_lr(tie, base, 2) == (3e-3, None)
+
+
+def test_cells_put_the_headline_comparison_first(pt):
+    grid = pt.Grid()
+    first = [(c.task, c.variant, c.budget) for c in pt.cells(grid)[:6]]
+    assert first == [(t, v, 2) for t in grid.tasks for v in ("adalora", "lora")]
+    assert pt.planned_total(grid) == (63, 90)  # 7 searched cells x 3 lrs x 3 tasks; 10 cells x 3 seeds x 3 tasks
+
+
+def test_table_searches_extends_runs_finals_and_resumes(pt, tmp_path):
+    grid, results = small_grid(pt), tmp_path / "table.json"
+    calls: list[str] = []
+
+    def interrupted(spec):
+        if len(calls) == 7:
+            raise KeyboardInterrupt  # as if the process were stopped mid-table
+        return fake_run(calls)(spec)
+
+    with pytest.raises(KeyboardInterrupt):
+        pt.run_table(grid, results, interrupted, log=lambda line: None)
+    saved = json.loads(results.read_text())["runs"]
+    assert len(saved) == 7 and set(saved) == set(calls)
+
+    payload = pt.run_table(grid, results, fake_run(calls), log=lambda line: None)
+    runs = payload["runs"]
+    assert len(calls) == len(set(calls)), "a finished run was run again"
+    # AdaLoRA's best lr lies above the grid: one extension (3e-3 -> 1e-2), then finals there.
+    for task in grid.tasks:
+        for budget in grid.budgets:
+            adalora = {r["lr"] for r in runs.values() if r["variant"] == "adalora" and r["budget"] == budget
+                       and r["task"] == task and r["phase"] == "search"}  # fmt: skip
+            assert adalora == {1e-3, 3e-3, 1e-2}
+            finals = [r for r in runs.values() if r["variant"] == "adalora" and r["budget"] == budget
+                      and r["task"] == task and r["phase"] == "final"]  # fmt: skip
+            assert {(r["lr"], r["seed"]) for r in finals} == {(1e-2, 1), (1e-2, 2)}
+        # LoRA's optimum 1e-3 is the grid's lower edge: tried 3e-4 as well, kept 1e-3.
+        lora = {r["lr"] for r in runs.values() if r["variant"] == "lora" and r["phase"] == "search"
+                and r["task"] == task and r["budget"] == 2}  # fmt: skip
+        assert lora == {3e-4, 1e-3, 3e-3}
+        # The ablation is never searched: it runs at AdaLoRA's lr of its budget.
+        ablation = [r for r in runs.values() if r["variant"] == "adalora-no-orth" and r["task"] == task]
+        assert {(r["phase"], r["lr"], r["budget"]) for r in ablation} == {("final", 1e-2, 2)}
+        assert len(ablation) == 2
+        full = {r["lr"] for r in runs.values() if r["variant"] == "full" and r["phase"] == "search"}
+        assert full == {1e-4, 3e-4, 1e-3}  # the optimum 1e-3 lies above the grid (1e-4, 3e-4)
+    # Every search evaluates on the validation split, every final run on the test split.
+    assert all((r["phase"] == "search") == (r["eval_split"] == "val") for r in runs.values())
+    assert pt.pending_runs(grid, runs) == []
+    before = len(calls)
+    pt.run_table(grid, results, fake_run(calls), log=lambda line: None)
+    assert len(calls) == before  # all done: nothing runs
+
+
+def test_failed_run_is_recorded_and_retried_next_time(pt, tmp_path):
+    grid, results = small_grid(pt), tmp_path / "table.json"
+    calls: list[str] = []
+    broken = "rotten-tomatoes/adalora/r2/search/lr0.001/s0"
+
+    def flaky(spec):
+        if spec.key == broken:
+            raise RuntimeError("disk full")
+        return fake_run(calls)(spec)
+
+    payload = pt.run_table(grid, results, flaky, log=lambda line: None, max_runs=5)
+    assert payload["failures"] == {broken: "RuntimeError: disk full"}
+    assert broken not in payload["runs"] and len(payload["runs"]) == 4
+    payload = pt.run_table(grid, results, fake_run(calls), log=lambda line: None, max_runs=1)
+    assert broken in payload["runs"] and payload["failures"] == {}
+
+
+def test_results_of_another_grid_are_refused(pt, tmp_path):
+    results = tmp_path / "table.json"
+    pt.save_results(results, pt.load_results(results, small_grid(pt)))
+    with pytest.raises(SystemExit, match="another grid"):
+        pt.load_results(results, pt.Grid())
