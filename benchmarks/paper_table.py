@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -456,6 +457,8 @@ def make_runner(
             saved = read_json(run_dir / RUN_FILE)["settings"] | {"threads": settings.threads}
             same = saved == settings.to_dict()  # a resumed run keeps the thread count it started with
         quiet: Callable[[str], None] = lambda line: log(f"  {line}")  # noqa: E731
+        # CPU time of this process: what the run would take alone on one core, whatever else the machine runs.
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         if same and (run_dir / METRICS_FILE).is_file():  # finished, but the results file missed it
             metrics = read_json(run_dir / METRICS_FILE)
         elif same:
@@ -467,6 +470,10 @@ def make_runner(
         else:
             metrics = run(settings, run_dir, overwrite=True, progress=False, log=quiet)
         record = record_of(spec, metrics, run_dir, settings)
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        record["cpu_seconds"] = round(
+            cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, 1
+        )
         if (run_dir / "model").is_dir():
             shutil.rmtree(run_dir / "model")  # a full fine-tuned copy of the model (90 MB) per run is not needed
         return record
@@ -580,6 +587,8 @@ def main(argv: list[str] | None = None) -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    # The harness prints epoch lines through tqdm without flushing: line buffering keeps the nohup log current.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runs_dir = RUNS.with_name(name)
     run_table(grid, results_path, make_runner(grid, runs_dir, args.threads, log), log, max_runs=args.max_runs)

@@ -55,6 +55,11 @@ def fake_run(calls: list):
             "seed": spec.seed,
             "accuracy": accuracy,
             "eval_loss": 1 - accuracy,
+            "trainable_parameters": 1000,
+            "kept_parameters": 700 if spec.cell.variant.startswith("adalora") else 1000,
+            "train_seconds": 1.0,
+            "finished": "2026-01-01T00:00:00",
+            "rank_pattern": {f"bert.encoder.layer.{i}.intermediate.dense": 2 + i for i in range(2)},
         }
 
     return run
@@ -148,3 +153,23 @@ def test_results_of_another_grid_are_refused(pt, tmp_path):
     pt.save_results(results, pt.load_results(results, small_grid(pt)))
     with pytest.raises(SystemExit, match="another grid"):
         pt.load_results(results, pt.Grid())
+
+
+def test_render_marks_pending_cells_and_keeps_text_outside_the_markers(pt, tmp_path):
+    import render_paper_table as render
+
+    grid, results = small_grid(pt), tmp_path / "table.json"
+    pt.run_table(grid, results, fake_run([]), log=lambda line: None, max_runs=12)  # a partial table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n{render.BEGIN}\nold\n{render.END}\n\nThe lead's text.\n")
+    doc, figure = tmp_path / "docs" / "paper-table.md", tmp_path / "ranks.png"
+    written = render.render(results, doc, readme, figure)
+    assert set(written) == {doc, readme, figure}
+    text = readme.read_text()
+    assert text.startswith("# Project") and text.endswith("The lead's text.\n") and "old" not in text
+    assert "pending" in text and "**81.50 ± 0.71**" in text  # seeds 1 and 2: 81 and 82
+    assert "| LoRA (r = 2) | 1.0K |" in text and "| AdaLoRA (r 3 → 2) | 1.0K → 0.7K |" in text
+    full = doc.read_text()
+    assert "Learning rates chosen" in full and "Where the rank went" in full and "ranks.png" in full
+    render.render(results, doc, readme, figure)  # idempotent: markers kept, hand-written text kept
+    assert readme.read_text() == text
