@@ -242,10 +242,14 @@ def test_cli_causal_lm_errors_are_one_line(lm_dir, tmp_path, capsys, monkeypatch
 
 # ---------------------------------------------------------------------------------------------- SmolLM2 (slow)
 @pytest.mark.slow
-def test_smollm2_trains_with_every_projection_adapted():
+def test_smollm2_trains_with_every_projection_adapted(tmp_path):
     """The packaged SmolLM2-135M (GGUF, dequantised): all 210 projections adapted, a few steps on a handful of
-    rows lower their perplexity, and the merged model computes what the adapted one does."""
+    rows lower their perplexity, and ``adalora merge`` writes a plain model that computes what the adapted one does.
+    """
+    from transformers import AutoModelForCausalLM
+
     from adalora.causal_lm import builtin_text, load_causal_lm, smollm2_path
+    from adalora.merge import merge_output_dir
 
     path = smollm2_path()
     if path is None or __import__("importlib").util.find_spec("gguf") is None:
@@ -266,4 +270,9 @@ def test_smollm2_trains_with_every_projection_adapted():
     assert after < before
     x = rows["input_ids"][:2]
     expected = logits(model, x)
-    torch.testing.assert_close(logits(merge(model), x), expected, atol=1e-4, rtol=1e-4)
+    save_adapter(model, tmp_path / "adapter", config, metadata={"model": str(path)})
+    merge_output_dir(tmp_path / "adapter", tmp_path / "merged")  # the GGUF base is loaded again, merged, saved
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    # Merged weights are rounded once to float32; over 30 layers that moves logits by ~1e-4 (measured 1.2e-4).
+    torch.testing.assert_close(logits(merged, x), expected, atol=1e-3, rtol=1e-3)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()  # the GGUF file's tokenizer, saved beside

@@ -277,8 +277,8 @@ def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
     """Tokenizer and ``AutoModelForCausalLM`` from a directory or a ``.gguf`` file (dequantised to float32).
 
     The tokenizer pads with EOS when it has no pad token (decoders usually have none). A model loaded from
-    GGUF cannot be written with ``save_pretrained``; save its ``state_dict()`` instead (adapters are saved
-    with :func:`adalora.save_adapter` as for any model).
+    GGUF is made an ordinary float32 model (:func:`forget_gguf_origin`), so that ``save_pretrained`` (and
+    ``adalora merge``) can write it.
 
     Raises:
         LMError: if ``gguf`` is needed but missing, or loading fails (one line).
@@ -302,9 +302,30 @@ def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
         text = str(error).strip()
         first = text.splitlines()[0] if text else repr(error)
         raise LMError(f"cannot load a causal language model from {path}: {first}") from None
+    if kwargs:
+        forget_gguf_origin(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
+
+
+def forget_gguf_origin(model: nn.Module) -> nn.Module:
+    """Make a model loaded with ``gguf_file=`` an ordinary transformers model, in place.
+
+    transformers dequantises GGUF weights to plain float32 tensors on load but keeps a GGUF "quantizer" on the
+    model, and because of it refuses ``save_pretrained`` ("not serializable") and flags the model as quantized.
+    Nothing is quantized any more, so the quantizer is removed the way transformers removes it after a
+    dequantisation; the weights are untouched.
+    """
+    from transformers import PreTrainedModel
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
+        quantizer.remove_quantization_config(model)
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel) and getattr(module.config, "_is_quantized", False):
+                module.config._is_quantized = False
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- perplexity

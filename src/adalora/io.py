@@ -405,12 +405,21 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
         # transformers reports the task head as "newly initialized"; the adapter's modules_to_save restore it
         # right after, so that report would only mislead.
         hf_logging.set_verbosity_error()
+    gguf = str(path).lower().endswith(".gguf")  # a GGUF file (e.g. the packaged SmolLM2), dequantised on load
+    if gguf:
+        kwargs.update(gguf_file=Path(path).name, dtype=torch.float32)
+        path = str(Path(path).parent)
     try:
-        return model_class.from_pretrained(path, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)
     except OSError as error:
         raise FileNotFoundError(f"could not load the base model from '{path}': {error}. Pass --base PATH.") from error
     finally:
         hf_logging.set_verbosity(verbosity)
+    if gguf:
+        from .causal_lm import forget_gguf_origin
+
+        forget_gguf_origin(model)  # so that the merged model can be written with save_pretrained
+    return model
 
 
 # ---------------------------------------------------------------------- helpers

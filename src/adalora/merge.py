@@ -143,6 +143,8 @@ def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
     try:
         from transformers import AutoTokenizer
 
+        if path.lower().endswith(".gguf"):  # a GGUF file carries its tokenizer
+            return AutoTokenizer.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
         return AutoTokenizer.from_pretrained(path)
     except Exception:  # no tokenizer files, or a model type without a tokenizer: the weights alone are still useful
         return None
