@@ -284,6 +284,21 @@ def test_conv_and_embedding_export_to_peft_with_the_same_outputs(tmp_path):
     assert set(kept) == {"inner.embed", "inner.conv1d", "inner.conv2d", "inner.head", "conv3d"}
 
 
+def test_tied_embedding_exports_to_peft_with_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_gpt2()
+    config = AdaLoRAConfig(target_modules=["wte", "c_attn"], init_r=4, target_r=2)
+    model = inject(copy.deepcopy(base), config)
+    fake_training(model, [3, 2, 4])
+    x = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    export_peft(model, tmp_path / "lora", config)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    with torch.no_grad():  # PEFT, like us, adapts the lookup only: the tied lm_head keeps the base weight
+        torch.testing.assert_close(peft_model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("layer", "message"),
     [
