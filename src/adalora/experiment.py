@@ -643,7 +643,10 @@ def _run(
             f"use a multiple of {world}"
         )
     distributed.barrier()  # every process has checked the directory before rank 0 writes into it
-    log(f"loading {settings.model or 'the packaged all-MiniLM-L6-v2'} and {settings.train_file or settings.task}")
+    causal = settings.task == causal_lm.CAUSAL_LM
+    packaged = "the packaged SmolLM2-135M" if causal else "the packaged all-MiniLM-L6-v2"
+    data = settings.train_file or ("the built-in text" if causal else settings.task)
+    log(f"loading {settings.model or packaged} and {data}")
     setup = prepare(settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
