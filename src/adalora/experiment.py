@@ -669,9 +669,11 @@ def _run(
         log(f"no checkpoint in {output_dir} yet: starting again from step 0")
 
     derived = setup.derived
+    # causal-lm packs text into rows of --max-length tokens: the rows are what batches count
+    rows = f" ({derived['train_rows']} / {derived['eval_rows']} rows)" if "train_rows" in derived else ""
     log(
         f"{settings.method} on {derived['task']}: {derived['train_examples']} train / {derived['eval_examples']} eval "
-        f"examples, {setup.total_steps} steps, {derived['trainable_parameters']:,} trainable parameters, "
+        f"examples{rows}, {setup.total_steps} steps, {derived['trainable_parameters']:,} trainable parameters, "
         f"{torch.get_num_threads()} threads{f' x {world} processes' if world > 1 else ''}"
     )
     metric = primary_metric(settings.task)
