@@ -170,15 +170,16 @@ def test_registration_by_type_and_clear_refusals():
         def forward(self, ids):
             return super().forward(ids) * 2.0
 
-    for module, message in [
-        (nn.Embedding(10, 4, max_norm=1.0), "max_norm"),
-        (ScaledEmbedding(10, 4), "redefines forward"),
-        (nn.ConvTranspose2d(4, 4, 3), "unsupported type"),
+    for module, target, message in [
+        (nn.Embedding(10, 4, max_norm=1.0), "1", "max_norm"),
+        (ScaledEmbedding(10, 4), "1", "redefines forward"),
+        (nn.ConvTranspose2d(4, 4, 3), "1", "unsupported type"),
+        (nn.MultiheadAttention(4, 2), "out_proj", "uses its out_proj's weight without calling it"),
     ]:
         model = nn.Sequential(nn.Linear(4, 4), module)
         before = copy.deepcopy(model.state_dict())
         with pytest.raises(ValueError, match=message):
-            inject(model, AdaLoRAConfig(target_modules=["0", "1"], init_r=2, target_r=1))
+            inject(model, AdaLoRAConfig(target_modules=["0", target], init_r=2, target_r=1))
         assert not find_adapters(model) and all(p.requires_grad for p in model.parameters())  # nothing changed
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -74,6 +74,10 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     refused = []
     for name, module in matched:
         reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            # Its forward reads out_proj.weight/bias directly: an adapter in out_proj's place would never run.
+            reason = "nn.MultiheadAttention uses its out_proj's weight without calling it, so an adapter there is inert"
         if reason is not None:
             refused.append(f"{name} ({type(module).__name__}): {reason}")
     if refused:
