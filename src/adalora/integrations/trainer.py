@@ -167,6 +167,18 @@ class AdaLoRATrainer(Trainer):
 
     def __init__(self, *args: Any, adalora_config: AdaLoRAConfig, on_misuse: OnMisuse = "warn", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", False):
+            # transformers 5.x multiplies the loss by the number of processes when forward accepts **kwargs,
+            # expecting a token-count-normalised loss; classification losses are not, so gradients (and the
+            # importance scores computed from them) come out world_size times too large.
+            warnings.warn(
+                "AdaLoRATrainer under several processes with average_tokens_across_devices=True: for losses "
+                "that are not normalised by a token count (sequence classification) transformers scales the "
+                "gradients by the number of processes. Pass TrainingArguments(average_tokens_across_devices="
+                "False) unless your loss is a per-token mean (see docs/scaling-out.md).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.adalora = AdaLoRACallback(adalora_config, on_misuse=on_misuse)
         self.add_callback(self.adalora)
 
