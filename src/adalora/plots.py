@@ -98,7 +98,8 @@ def plot_rank_heatmap(
     types, layers, grid = rank_grid(rank_pattern)
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
     vmax = init_r if init_r is not None else max(1.0, float(np.nanmax(values)))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * max(len(layers), 4), 1.0 + 0.45 * max(len(types), 3)))
+    # At least 6 inches wide so that a title naming the method and the task fits above 6 layers.
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 0.55 * len(layers)), 1.0 + 0.45 * max(len(types), 3)))
     image = ax.imshow(values, cmap="YlGnBu", vmin=0, vmax=vmax, aspect="auto")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
@@ -109,7 +110,7 @@ def plot_rank_heatmap(
     ax.set_yticks(range(len(types)), types)
     ax.set_xlabel("layer")
     fig.colorbar(image, ax=ax, label="final rank")
-    ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})")
+    ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
