@@ -95,9 +95,11 @@ class RunSettings:
     text_column: str = "text"
     text_pair_column: str | None = None  # second text of sentence-pair tasks
     label_column: str = "label"
-    max_train: int | None = 4000  # first N training examples (the built-in split is shuffled); None = all
+    # The default run: 3000 sentences x 2 epochs at 48 tokens reached 0.833 (4000 at 64 tokens: 0.844 for 1.8x
+    # the compute); 48 tokens cover 95% of the sentences whole.
+    max_train: int | None = 3000  # first N training examples (the built-in split is shuffled); None = all
     max_eval: int | None = None  # first N eval examples; None = all
-    max_length: int = 64  # every sequence is padded/truncated to this many tokens (fixed shapes: fast on CPU)
+    max_length: int = 48  # every sequence is padded/truncated to this many tokens (fixed shapes: fast on CPU)
     # model and method
     model: str | None = None  # local Hugging Face model directory; None = the packaged all-MiniLM-L6-v2
     method: str = "adalora"  # adalora | lora | pruned-lora | full
