@@ -206,3 +206,20 @@ def test_tensorboard_logs_loss_budget_and_accuracy(model_dir, data_dir, tmp_path
     assert [step for step, _ in logged["train/loss"]] == list(range(1, 13))
     assert logged["adalora/budget"][0] == (1, 48) and logged["adalora/budget"][-1] == (12, 24)
     assert [step for step, _ in logged["eval/accuracy"]] == [6, 12] and "closed" in logged
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
+    from adalora import experiment
+
+    monkeypatch.setattr(experiment, "available_cores", lambda: 4)
+    for idle, threads in [(None, 4), (4.0, 4), (9.0, 4), (1.6, 2), (0.3, 1)]:
+        monkeypatch.setattr(experiment, "idle_cores", lambda idle=idle: idle)
+        assert experiment.default_threads() == threads
+
+
+def test_the_thread_count_is_saved_for_resume(model_dir, data_dir, tmp_path) -> None:
+    args = tiny_train_args(model_dir, data_dir, tmp_path / "run", "--method", "lora")
+    index = args.index("--threads")
+    del args[index : index + 2]
+    assert main(args) == 0
+    assert isinstance(read(tmp_path / "run" / "run.json")["settings"]["threads"], int)

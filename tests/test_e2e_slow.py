@@ -28,7 +28,7 @@ def test_default_run_fine_tunes_the_packaged_model(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = tmp_path / "runs" / "rotten-tomatoes-adalora"  # the default output directory
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval_accuracy"] > 0.8  # chance is 0.5; measured 0.84 (docs/cli.md)
+    assert metrics["eval_accuracy"] > 0.8  # chance is 0.5; measured 0.83 (docs/cli.md)
     ranks = json.loads((out / "rank_pattern.json").read_text())
     assert len(ranks) == 36 and sum(ranks.values()) == 36 * 8  # 6 layers x 6 matrix types, average rank 8
     for figure in ("rank_heatmap.png", "budget_curve.png"):
