@@ -324,7 +324,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_cores(window: float = 0.25) -> float | None:
+def idle_cores(window: float = 0.5) -> float | None:
     """How many CPUs other processes leave idle right now (Linux ``/proc/stat`` over ``window`` seconds).
 
     Returns None where this cannot be measured.
