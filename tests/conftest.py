@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +52,19 @@ def tiny_llama(layers: int = 2, hidden: int = 32):
 def token_batch(batch: int = 4, length: int = 8, vocab: int = 100, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+class RecordAllocatedShapes(TorchDispatchMode):
+    """Inside the block, records the shape of every tensor an op allocates (views excluded): lets a test check
+    that a forward never materialises, say, the full (d_out, d_in) update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
+            self.shapes.append(tuple(out.shape))
+        return out

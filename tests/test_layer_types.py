@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 from adapter_helpers import fake_training
-from conftest import tiny_gpt2, token_batch
+from conftest import RecordAllocatedShapes, tiny_gpt2, token_batch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from adalora import (
     AdaLoRAConfig,
@@ -103,27 +102,12 @@ def test_conv_adapter_is_the_identity_at_init_and_merges_exactly(case):
     torch.testing.assert_close(adapter(x[0]), merged(x[0]), atol=1e-5, rtol=1e-4)  # unbatched input
 
 
-class _RecordShapes(TorchDispatchMode):
-    """Shapes of every tensor an op allocates (views excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_conv_forward_never_forms_the_full_kernel():
     base = nn.Conv2d(10, 12, 3, padding=1).requires_grad_(False)
     adapter = SVDConv.from_base(base, r=2, scale=1.0)
     with torch.no_grad():
         adapter.E.normal_()
-    with _RecordShapes() as recorder:
+    with RecordAllocatedShapes() as recorder:
         adapter(torch.randn(1, 10, 5, 5)).sum().backward()
     assert (12, 10, 3, 3) not in recorder.shapes and (12, 90) not in recorder.shapes
     assert adapter.Q.grad.shape == (2, 90)  # Q trains as the 2-D (r, in * kh * kw) matrix

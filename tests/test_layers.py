@@ -1,7 +1,7 @@
 import pytest
 import torch
+from conftest import RecordAllocatedShapes
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 from adalora import SVDConv1D, SVDLinear, disable_adapters
@@ -11,20 +11,6 @@ def _trained(adapter):
     with torch.no_grad():
         adapter.E.normal_()
     return adapter
-
-
-class _RecordShapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-        # Views (e.g. the transposed base weight inside F.linear) allocate nothing: only new results count.
-        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
-            self.shapes.append(tuple(out.shape))
-        return out
 
 
 def test_linear_adapter_is_the_identity_at_init():
@@ -62,7 +48,7 @@ def test_forward_never_forms_the_full_update():
     d_out, d_in = 40, 30
     adapter = _trained(SVDLinear.from_base(nn.Linear(d_in, d_out).requires_grad_(False), r=4, scale=1.0))
     x = torch.randn(6, d_in)  # 6 rows so that no activation is accidentally (d_out, d_in)-shaped
-    with _RecordShapes() as recorder:
+    with RecordAllocatedShapes() as recorder:
         adapter(x).sum().backward()
     assert (d_out, d_in) not in recorder.shapes and (d_in, d_out) not in recorder.shapes
 
