@@ -45,6 +45,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import sys
 import time
 import traceback
@@ -556,10 +557,11 @@ def plan_report(grid: Grid, payload: dict[str, Any]) -> str:
         seconds = [r["wall_seconds"] for r in runs.values() if r["task"] == task and "wall_seconds" in r]
         left = max(0, sum(planned_total(grid, task)) - sum(r["task"] == task for r in runs.values()))
         if seconds:
-            mean = sum(seconds) / len(seconds)
-            total_left += left * mean
-            lines.append(f"{task}: {mean:.0f} s per run so far ({len(seconds)} runs); {left} runs left, "
-                         f"about {left * mean / 3600:.1f} h")  # fmt: skip
+            # The median: a run paused by a neighbour (SIGSTOP) for an hour must not dominate the projection.
+            typical = statistics.median(seconds)
+            total_left += left * typical
+            lines.append(f"{task}: median {typical:.0f} s per run so far ({len(seconds)} runs); {left} runs left, "
+                         f"about {left * typical / 3600:.1f} h")  # fmt: skip
         else:
             lines.append(f"{task}: no run yet; {left} runs left")
     lines.append(f"time left for the tasks measured so far: about {total_left / 3600:.1f} h at this machine's pace")

@@ -226,24 +226,32 @@ def rank_summary(payload: dict[str, Any], grid: Grid) -> str:
 
 
 def timing(payload: dict[str, Any], grid: Grid) -> str:
-    runs = [r for r in payload["runs"].values() if "wall_seconds" in r]
+    """Median seconds per run by task and method: wall clock (what it took on the shared machine) and CPU
+    (about what it takes alone on one core; older records lack it)."""
+    runs = list(payload["runs"].values())
     if not runs:
         return ""
+
+    def median(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f}" if values else "-"
+
     rows = []
     for task in grid.tasks:
         mine = [r for r in runs if r["task"] == task]
         if not mine:
             continue
-        by_method = {}
+        cols = []
         for variant in ("adalora", "lora", "pruned-lora", "full"):
-            seconds = [r["train_seconds"] for r in mine if r["variant"] == variant]
-            by_method[variant] = f"{statistics.fmean(seconds):.0f} s" if seconds else "-"
-        rows.append([TASKS[task].label, str(len(mine)), *by_method.values()])
-    total = sum(r["wall_seconds"] for r in runs) / 3600
+            same = [r for r in mine if r["variant"] == variant]
+            wall = median([r["train_seconds"] for r in same])
+            cpu = median([r["cpu_seconds"] for r in same if "cpu_seconds" in r])
+            cols.append(f"{wall} / {cpu}")
+        rows.append([TASKS[task].label, str(len(mine)), *cols])
     return (
         markdown(["Task", "Runs", "AdaLoRA", "LoRA", "Pruned LoRA", "Full FT"], rows)
-        + f"\n\nMean training seconds per run (2 epochs, evaluation included) on a 2-core machine shared with other"
-        f" jobs, 1 torch thread per run when it was busy; {total:.1f} h of runs so far."
+        + "\n\nMedian seconds per run, wall clock / CPU (model loading, training and both evaluations), one torch"
+        " thread per run on a 2-core machine shared with other jobs (some runs were paused by neighbours, hence"
+        " the median). The CPU time is about what a run takes alone on one core."
     )
 
 
