@@ -28,9 +28,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """``adalora train`` sets torch's thread count for its process; give the test session its own back."""
+def _one_thread():
+    """``adalora train`` sets torch's thread count for its process: give the session its own back afterwards.
+    One thread meanwhile: tiny models run as fast on it, and a shared machine's busy cores do not slow them."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 

@@ -26,6 +26,16 @@ CONFIG = AdaLoRAConfig(
 )
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dataset(n: int = 24) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     return [{"input_ids": torch.randint(0, 100, (8,), generator=generator), "labels": i % 2} for i in range(n)]

@@ -25,6 +25,16 @@ CONFIG = AdaLoRAConfig(
 )
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def micro_batches(n: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [
