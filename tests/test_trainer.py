@@ -26,7 +26,6 @@ CONFIG = AdaLoRAConfig(
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
