@@ -333,7 +333,10 @@ def write_splits(grid: Grid, task: str, directory: Path) -> dict[str, Path]:
     paths = {}
     for split, rows in splits.items():
         path = directory / f"{split}.jsonl"
-        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows), encoding="utf-8")
+        # Atomic: another process reading the same file while this one rewrites it sees old or new, never half.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows), encoding="utf-8")
+        os.replace(tmp, path)
         paths[split] = path
     return paths
 
@@ -438,46 +441,49 @@ def auto_threads() -> int:
     return cores if os.getloadavg()[0] < 1.5 else 1
 
 
-def make_runner(
-    grid: Grid, runs_dir: Path, threads: int | None = None, log: Callable[[str], None] = print
-) -> Callable[[RunSpec], dict[str, Any]]:
-    """The real run function: one :func:`adalora.experiment.run` per spec, continuing an interrupted run
-    from its checkpoint when its directory holds one with the same settings (the thread count aside).
-
-    ``threads``: torch threads per run; None = :func:`auto_threads` before each run."""
+def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
+    """One :func:`adalora.experiment.run` into ``run_dir``, continuing an interrupted run from its checkpoint
+    when the directory holds one with the same settings (the thread count aside: a resumed run keeps the
+    count it started with). Returns the metrics and the CPU seconds this process spent on it (about what the
+    run takes alone on one core, whatever else the machine runs)."""
     from adalora.checkpoint import read_json
     from adalora.experiment import METRICS_FILE, RUN_FILE, RunError, run
 
+    same = False
+    if (run_dir / RUN_FILE).is_file():
+        saved = read_json(run_dir / RUN_FILE)["settings"] | {"threads": settings.threads}
+        same = saved == settings.to_dict()
+    quiet: Callable[[str], None] = lambda line: log(f"  {line}")  # noqa: E731
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    if same and (run_dir / METRICS_FILE).is_file():  # finished, but the results file missed it
+        metrics = read_json(run_dir / METRICS_FILE)
+    elif same:
+        try:
+            metrics = run(settings, run_dir, resume=True, progress=False, log=quiet)
+        except RunError as error:
+            log(f"  cannot resume ({error}); starting {run_dir} again")
+            metrics = run(settings, run_dir, overwrite=True, progress=False, log=quiet)
+    else:
+        metrics = run(settings, run_dir, overwrite=True, progress=False, log=quiet)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if (run_dir / "model").is_dir():
+        shutil.rmtree(run_dir / "model")  # a full fine-tuned copy of the model (90 MB) per run is not needed
+    return metrics, round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
+
+
+def make_runner(
+    grid: Grid, runs_dir: Path, threads: int | None = None, log: Callable[[str], None] = print
+) -> Callable[[RunSpec], dict[str, Any]]:
+    """The real run function of :func:`run_table`: :func:`execute` per spec into ``runs_dir / spec.key``.
+
+    ``threads``: torch threads per run; None = :func:`auto_threads` before each run."""
     files = {task: write_splits(grid, task, runs_dir / "data" / task) for task in grid.tasks}
 
     def run_one(spec: RunSpec) -> dict[str, Any]:
         settings = settings_for(grid, spec, files[spec.cell.task], threads or auto_threads())
         run_dir = runs_dir / spec.key
-        same = False
-        if (run_dir / RUN_FILE).is_file():
-            saved = read_json(run_dir / RUN_FILE)["settings"] | {"threads": settings.threads}
-            same = saved == settings.to_dict()  # a resumed run keeps the thread count it started with
-        quiet: Callable[[str], None] = lambda line: log(f"  {line}")  # noqa: E731
-        # CPU time of this process: what the run would take alone on one core, whatever else the machine runs.
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        if same and (run_dir / METRICS_FILE).is_file():  # finished, but the results file missed it
-            metrics = read_json(run_dir / METRICS_FILE)
-        elif same:
-            try:
-                metrics = run(settings, run_dir, resume=True, progress=False, log=quiet)
-            except RunError as error:
-                log(f"  cannot resume ({error}); starting {spec.key} again")
-                metrics = run(settings, run_dir, overwrite=True, progress=False, log=quiet)
-        else:
-            metrics = run(settings, run_dir, overwrite=True, progress=False, log=quiet)
-        record = record_of(spec, metrics, run_dir, settings)
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-        record["cpu_seconds"] = round(
-            cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, 1
-        )
-        if (run_dir / "model").is_dir():
-            shutil.rmtree(run_dir / "model")  # a full fine-tuned copy of the model (90 MB) per run is not needed
-        return record
+        metrics, cpu_seconds = execute(settings, run_dir, log)
+        return record_of(spec, metrics, run_dir, settings) | {"cpu_seconds": cpu_seconds}
 
     return run_one
 

@@ -298,6 +298,14 @@ def block(payload: dict[str, Any], grid: Grid, figure: Path | None, doc: Path, c
         parts.append(f"![final ranks of one AdaLoRA run]({relative.as_posix()})")
     if timing(payload, grid):
         parts += ["### Run times", timing(payload, grid)]
+    probes = Path(__file__).parent / "results" / "paper_table_probe.json"
+    if probes.is_file():
+        from paper_table_probe import summary_markdown
+
+        parts += [
+            "### Diagnostics on the validation slice (`paper_table_probe.py`; not used for the table)",
+            summary_markdown(json.loads(probes.read_text())),
+        ]
     return "\n\n".join(parts)
 
 

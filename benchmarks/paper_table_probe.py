@@ -1,0 +1,158 @@
+"""Diagnostics for the paper table: does AdaLoRA's margin over LoRA depend on the schedule or the regulariser?
+
+Not part of the table and never used to choose its settings: every probe is scored on the *validation*
+slice (the test split is not touched), and each method runs at the lr its table search chose. The probes
+(``PROBES``), on one task and budget (default Rotten Tomatoes, r = 2):
+
+- ``table``: the table's settings (the reference, on validation, seeds 1-3);
+- ``4-epochs``: twice the steps, for AdaLoRA and LoRA alike (the paper trains for thousands of steps; here
+  AdaLoRA starts from lambda = 0 and has 250);
+- ``gamma-0.5``: AdaLoRA with orthogonal-regulariser weight 0.5 instead of 0.1 (the paper's range is 0.1-0.5);
+- ``budgeting-70%``: AdaLoRA with warm-up 10 % and final phase 20 % of the steps (70 % of training
+  decreasing the budget, against 50 %).
+
+Resumable like the table; results in ``benchmarks/results/paper_table_probe.json``; the renderer adds them
+to docs/paper-table.md.
+
+Usage: python benchmarks/paper_table_probe.py [--task rotten-tomatoes] [--budget 2] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS
+from paper_table import (
+    RUNS,
+    TASKS,
+    Cell,
+    Grid,
+    RunSpec,
+    auto_threads,
+    chosen_lr,
+    execute,
+    record_of,
+    save_results,
+    settings_for,
+    write_splits,
+)
+
+PROBE_RESULTS = RESULTS / "paper_table_probe.json"
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    label: str
+    overrides: tuple[tuple[str, Any], ...]
+    variants: tuple[str, ...]
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("table", "the table's settings (2 epochs, 250 steps)", (), ("adalora", "lora")),
+    Probe("4-epochs", "4 epochs (500 steps), both methods", (("epochs", 4),), ("adalora", "lora")),
+    Probe("gamma-0.5", "AdaLoRA, orth. reg. weight 0.5", (("orth_reg_weight", 0.5),), ("adalora",)),
+    Probe(
+        "budgeting-70%",
+        "AdaLoRA, warm-up 10 %, final 20 %",
+        (("warmup_fraction", 0.1), ("final_fraction", 0.2)),
+        ("adalora",),
+    ),
+)
+
+
+def probe_key(task: str, budget: int, probe: Probe, variant: str, seed: int) -> str:
+    return f"{task}/r{budget}/{probe.name}/{variant}/s{seed}"
+
+
+def run_probes(task: str, budget: int, threads: int | None, log: Any = print) -> dict[str, Any]:
+    """Run the missing probe runs (each method at its table lr), saving after each; returns the results."""
+    grid = Grid()
+    table = json.loads((RESULTS / "paper_table.json").read_text())
+    payload = json.loads(PROBE_RESULTS.read_text()) if PROBE_RESULTS.is_file() else {"runs": {}}
+    # Its own copy of the splits: the table's process reads its files at the start of every run.
+    files = write_splits(grid, task, RUNS.with_name("paper_table_probe") / "data" / task)
+    for seed in grid.seeds:
+        for probe in PROBES:
+            for variant in probe.variants:
+                key = probe_key(task, budget, probe, variant, seed)
+                lr = chosen_lr(grid, table["runs"], Cell(task, variant, budget))
+                if key in payload["runs"] or lr is None:
+                    continue
+                log(f"[{time.strftime('%H:%M:%S')}] {key} at lr {lr:g}")
+                spec = RunSpec(Cell(task, variant, budget), "search", lr, seed)  # "search": scored on validation
+                settings = settings_for(grid, spec, files, threads or auto_threads()).replace(**dict(probe.overrides))
+                run_dir = RUNS.with_name("paper_table_probe") / key
+                started = time.perf_counter()
+                metrics, cpu = execute(settings, run_dir, log)
+                record = record_of(spec, metrics, run_dir, settings)
+                wall = round(time.perf_counter() - started, 1)
+                record |= {"probe": probe.name, "cpu_seconds": cpu, "wall_seconds": wall}
+                payload["runs"][key] = record
+                save_results(PROBE_RESULTS, payload)
+                log(f"  validation accuracy {record['accuracy']:.4f}")
+    return payload
+
+
+def summary_markdown(payload: dict[str, Any]) -> str:
+    """One row per probe: validation accuracy of each method (mean ± std over seeds) and AdaLoRA - LoRA."""
+    runs = list(payload["runs"].values())
+    combos = sorted({(r["task"], r["budget"]) for r in runs})
+    lines = []
+    for task, budget in combos:
+        lines += [
+            f"{TASKS[task].label}, r = {budget}; validation accuracy (%), mean ± std over seeds (n):",
+            "",
+            "| Probe | AdaLoRA | LoRA | AdaLoRA - LoRA |",
+            "|---|---|---|---|",
+        ]
+        for probe in PROBES:
+            cells, means = [], {}
+            for variant in ("adalora", "lora"):
+                values = [
+                    100 * r["accuracy"]
+                    for r in runs
+                    if r["task"] == task and r["budget"] == budget and r["probe"] == probe.name
+                    and r["variant"] == variant
+                ]  # fmt: skip
+                if not values:
+                    cells.append("-" if variant not in probe.variants else "pending")
+                    continue
+                means[variant] = statistics.fmean(values)
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{means[variant]:.2f} ± {std:.2f} ({len(values)})")
+            reference = means.get("lora")
+            if reference is None and probe.name != "table":  # AdaLoRA-only probes: against LoRA's table run
+                table_lora = [
+                    100 * r["accuracy"]
+                    for r in runs
+                    if r["task"] == task and r["budget"] == budget and r["probe"] == "table" and r["variant"] == "lora"
+                ]
+                reference = statistics.fmean(table_lora) if table_lora else None
+            delta = f"{means['adalora'] - reference:+.2f}" if "adalora" in means and reference is not None else "-"
+            lines.append(f"| {probe.label} | {cells[0]} | {cells[1]} | {delta} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="rotten-tomatoes", choices=sorted(TASKS))
+    parser.add_argument("--budget", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    payload = run_probes(args.task, args.budget, args.threads)
+    print(summary_markdown(payload))
+
+
+if __name__ == "__main__":
+    main()
