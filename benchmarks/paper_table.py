@@ -28,7 +28,8 @@ skips finished runs and continues an interrupted one from its checkpoint, so it 
 Run directories (checkpoints, adapters, figures) go under ``benchmarks/runs/paper_table/`` (git-ignored).
 
 Usage:
-    nohup python benchmarks/paper_table.py > benchmarks/results/paper_table.log 2>&1 &
+    nohup python benchmarks/paper_table.py --workers 2 > benchmarks/runs/paper_table.log 2>&1 &
+                                                  # two runs at once, one core each (stop: kill the process group)
     python benchmarks/paper_table.py --plan       # what is done, what is left, projected time
     python benchmarks/paper_table.py --smoke      # one task, tiny subsets, a few minutes
     python benchmarks/render_paper_table.py       # tables into docs/paper-table.md (and README markers)
@@ -41,6 +42,7 @@ import csv
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -50,6 +52,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -437,8 +440,11 @@ def auto_threads() -> int:
     for the same 20 steps at a load average of 6: threads waiting for each other), while alone two threads
     are faster. The 1-minute load average includes this process's previous run (about 1).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if os.getloadavg()[0] < 1.5 else 1
+    return available_cores() if os.getloadavg()[0] < 1.5 else 1
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
@@ -471,21 +477,29 @@ def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) ->
     return metrics, round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
 
 
-def make_runner(
-    grid: Grid, runs_dir: Path, threads: int | None = None, log: Callable[[str], None] = print
-) -> Callable[[RunSpec], dict[str, Any]]:
+@dataclass
+class Runner:
     """The real run function of :func:`run_table`: :func:`execute` per spec into ``runs_dir / spec.key``.
 
-    ``threads``: torch threads per run; None = :func:`auto_threads` before each run."""
-    files = {task: write_splits(grid, task, runs_dir / "data" / task) for task in grid.tasks}
+    A picklable object rather than a closure, so that worker processes can run it. ``threads``: torch threads
+    per run; None = :func:`auto_threads` before each run.
+    """
 
-    def run_one(spec: RunSpec) -> dict[str, Any]:
-        settings = settings_for(grid, spec, files[spec.cell.task], threads or auto_threads())
-        run_dir = runs_dir / spec.key
-        metrics, cpu_seconds = execute(settings, run_dir, log)
+    grid: Grid
+    runs_dir: Path
+    threads: int | None = None
+    files: dict[str, dict[str, Path]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            self.files = {t: write_splits(self.grid, t, self.runs_dir / "data" / t) for t in self.grid.tasks}
+
+    def __call__(self, spec: RunSpec) -> dict[str, Any]:
+        settings = settings_for(self.grid, spec, self.files[spec.cell.task], self.threads or auto_threads())
+        run_dir = self.runs_dir / spec.key
+        tag = f"  [{spec.cell.task}/{spec.cell.variant}/{spec.phase}/lr{spec.lr:g}/s{spec.seed}]"
+        metrics, cpu_seconds = execute(settings, run_dir, lambda line: print(f"{tag} {line}", flush=True))
         return record_of(spec, metrics, run_dir, settings) | {"cpu_seconds": cpu_seconds}
-
-    return run_one
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -517,34 +531,69 @@ def run_table(
     run_fn: Callable[[RunSpec], dict[str, Any]],
     log: Callable[[str], None] = print,
     max_runs: int | None = None,
+    workers: int = 1,
+    pool: Executor | None = None,
 ) -> dict[str, Any]:
-    """Run whatever is pending, one run at a time, saving after each; returns the results.
+    """Run whatever is pending, ``workers`` runs at a time, saving after each; returns the results.
 
-    A run that raises is recorded under ``failures`` and not retried in this call (the next call retries it).
+    Only this process writes the results file; workers just train. What may start is recomputed after every
+    finished run, so final runs start as soon as their cell's lr search is decided. A run that raises is
+    recorded under ``failures`` and not retried in this call (the next call retries it).
+
+    Args:
+        workers: runs in flight at once (1: in this process, no pool).
+        pool: the executor for ``workers > 1``; default a pool of spawned processes (``run_fn`` must pickle).
     """
     payload = load_results(results_path, grid)
     failed: set[str] = set()
-    done = 0
-    while max_runs is None or done < max_runs:
-        pending = pending_runs(grid, payload["runs"], skip=failed)
-        if not pending:
-            break
-        spec = pending[0]
-        log(f"[{time.strftime('%H:%M:%S')}] {spec.key} ({len(pending)} runnable now)")
-        started = time.perf_counter()
+    started = 0
+
+    def finish(spec: RunSpec, outcome: Callable[[], dict[str, Any]], seconds: float) -> None:
         try:
-            record = run_fn(spec)
+            record = outcome()
         except Exception as error:  # one broken run must not stop the table
             failed.add(spec.key)
             payload["failures"][spec.key] = f"{type(error).__name__}: {error}"
-            log(traceback.format_exc())
+            log("".join(traceback.format_exception(error)))
         else:
-            record["wall_seconds"] = round(time.perf_counter() - started, 1)
+            record["wall_seconds"] = round(seconds, 1)
             payload["runs"][spec.key] = record
             payload["failures"].pop(spec.key, None)
-            log(f"  accuracy {record['accuracy']:.4f} on {record['eval_split']} in {record['wall_seconds']:.0f} s")
+            log(f"  {spec.key}: accuracy {record['accuracy']:.4f} on {record['eval_split']} in {seconds:.0f} s")
         save_results(results_path, payload)
-        done += 1
+
+    def announce(spec: RunSpec, runnable: int) -> None:
+        log(f"[{time.strftime('%H:%M:%S')}] {spec.key} ({runnable} runnable now)")
+
+    if workers <= 1:
+        while max_runs is None or started < max_runs:
+            pending = pending_runs(grid, payload["runs"], skip=failed)
+            if not pending:
+                break
+            spec, begin = pending[0], time.perf_counter()
+            announce(spec, len(pending))
+            started += 1
+            finish(spec, lambda spec=spec: run_fn(spec), time.perf_counter() - begin)
+        return payload
+
+    pool = pool or ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    in_flight: dict[Future[dict[str, Any]], tuple[RunSpec, float]] = {}
+    with pool:
+        while True:
+            busy = {spec.key for spec, _ in in_flight.values()}
+            pending = pending_runs(grid, payload["runs"], skip=failed | busy)
+            for spec in pending[: workers - len(in_flight)]:
+                if max_runs is not None and started >= max_runs:
+                    break
+                announce(spec, len(pending))
+                in_flight[pool.submit(run_fn, spec)] = (spec, time.perf_counter())
+                started += 1
+            if not in_flight:
+                break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec, begin = in_flight.pop(future)
+                finish(spec, future.result, time.perf_counter() - begin)
     return payload
 
 
@@ -582,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: 2 if the machine is idle, else 1)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs trained at once, each in its own process (default 1)"
+    )
     parser.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/results/...)")
     args = parser.parse_args(argv)
 
@@ -599,7 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     runs_dir = RUNS.with_name(name)
-    run_table(grid, results_path, make_runner(grid, runs_dir, args.threads, log), log, max_runs=args.max_runs)
+    threads = args.threads or (max(1, available_cores() // args.workers) if args.workers > 1 else None)
+    runner = Runner(grid, runs_dir, threads)
+    run_table(grid, results_path, runner, log, max_runs=args.max_runs, workers=args.workers)
     log(plan_report(grid, load_results(results_path, grid)))
 
 

@@ -173,3 +173,23 @@ def test_render_marks_pending_cells_and_keeps_text_outside_the_markers(pt, tmp_p
     assert "Learning rates chosen" in full and "Where the rank went" in full and "ranks.png" in full
     render.render(results, doc, readme, figure)  # idempotent: markers kept, hand-written text kept
     assert readme.read_text() == text
+
+
+def test_parallel_workers_run_the_same_table_once_each(pt, tmp_path):
+    """With several runs in flight, every run still happens once and the table equals the sequential one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = small_grid(pt)
+    sequential_calls: list[str] = []
+    sequential = pt.run_table(grid, tmp_path / "seq.json", fake_run(sequential_calls), log=lambda line: None)
+    parallel_calls: list[str] = []
+    parallel = pt.run_table(
+        grid, tmp_path / "par.json", fake_run(parallel_calls), log=lambda line: None,
+        workers=3, pool=ThreadPoolExecutor(3),
+    )  # fmt: skip
+    assert len(parallel_calls) == len(set(parallel_calls)), "a run was started twice"
+    assert set(parallel["runs"]) == set(sequential["runs"])
+    assert {k: r["accuracy"] for k, r in parallel["runs"].items()} == {
+        k: r["accuracy"] for k, r in sequential["runs"].items()
+    }
+    assert json.loads((tmp_path / "par.json").read_text())["runs"].keys() == parallel["runs"].keys()
