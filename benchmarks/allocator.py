@@ -6,7 +6,7 @@ gradients; calls alternate within one process and the median of many calls is re
 non-masking and a masking step of the budgeting phase and for a final-phase step. The floor is the
 same statistics update done in place on one contiguous buffer of the same total size.
 
-Usage: python benchmarks/allocator.py [--repeats 50] [--device cpu|cuda]
+Usage: python benchmarks/allocator.py [--repeats 50] [--device cpu|cuda] [--threads N]
 """
 
 from __future__ import annotations
@@ -98,7 +98,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="results name under benchmarks/results/ (default allocator_DEVICE)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = args.device.startswith("cuda")
 
     ours, allocator, config, theirs = build(args.device)
@@ -143,7 +147,7 @@ def main() -> None:
     )
     print_table(["step", "ours ms", "PEFT ms", "ours/PEFT", "ours/floor"], rows)
     path = write_results(
-        f"allocator_{'cuda' if sync else 'cpu'}",
+        args.out or f"allocator_{'cuda' if sync else 'cpu'}",
         {
             "device": args.device,
             "adapters": len(allocator.adapters),
