@@ -250,8 +250,9 @@ def timing(payload: dict[str, Any], grid: Grid) -> str:
     return (
         markdown(["Task", "Runs", "AdaLoRA", "LoRA", "Pruned LoRA", "Full FT"], rows)
         + "\n\nMedian seconds per run, wall clock / CPU (model loading, training and both evaluations), one torch"
-        " thread per run on a 2-core machine shared with other jobs (some runs were paused by neighbours, hence"
-        " the median). The CPU time is about what a run takes alone on one core."
+        " thread per run (a few had two), one or two runs at a time on a 2-core machine shared with other jobs"
+        " (some runs were paused by neighbours, hence the median). The CPU time is about what a run takes alone"
+        " on one core."
     )
 
 
