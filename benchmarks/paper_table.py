@@ -597,8 +597,9 @@ def run_table(
     return payload
 
 
-def plan_report(grid: Grid, payload: dict[str, Any]) -> str:
-    """Done / runnable / planned runs, and the time left projected from the runs measured so far."""
+def plan_report(grid: Grid, payload: dict[str, Any], workers: int = 1) -> str:
+    """Done / runnable / planned runs, and the time left projected from the runs measured so far, with
+    ``workers`` runs at a time (a run's wall time, measured while as many others ran, is divided by them)."""
     runs = payload["runs"]
     search, final = planned_total(grid)
     lines = [
@@ -613,10 +614,10 @@ def plan_report(grid: Grid, payload: dict[str, Any]) -> str:
         left = max(0, sum(planned_total(grid, task)) - sum(r["task"] == task for r in runs.values()))
         if seconds:
             # The median: a run paused by a neighbour (SIGSTOP) for an hour must not dominate the projection.
-            typical = statistics.median(seconds)
+            typical = statistics.median(seconds) / workers
             total_left += left * typical
-            lines.append(f"{task}: median {typical:.0f} s per run so far ({len(seconds)} runs); {left} runs left, "
-                         f"about {left * typical / 3600:.1f} h")  # fmt: skip
+            lines.append(f"{task}: {typical:.0f} s per run so far (median of {len(seconds)} runs / {workers} "
+                         f"workers); {left} runs left, about {left * typical / 3600:.1f} h")  # fmt: skip
         else:
             lines.append(f"{task}: no run yet; {left} runs left")
     lines.append(f"time left for the tasks measured so far: about {total_left / 3600:.1f} h at this machine's pace")
@@ -641,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "paper_table_smoke" if args.smoke else "paper_table"
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:
-        print(plan_report(grid, load_results(results_path, grid)))
+        print(plan_report(grid, load_results(results_path, grid), args.workers))
         return
 
     def log(line: str) -> None:
@@ -654,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or (max(1, available_cores() // args.workers) if args.workers > 1 else None)
     runner = Runner(grid, runs_dir, threads)
     run_table(grid, results_path, runner, log, max_runs=args.max_runs, workers=args.workers)
-    log(plan_report(grid, load_results(results_path, grid)))
+    log(plan_report(grid, load_results(results_path, grid), args.workers))
 
 
 if __name__ == "__main__":
