@@ -60,6 +60,16 @@ def summary(records: list[dict[str, Any]]) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def difference(mine: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
+    """Difference of the mean accuracies in points, ± its standard error sqrt(s1^2/n1 + s2^2/n2) when both
+    sides have two seeds or more."""
+    (m1, s1), (m2, s2) = summary(mine), summary(theirs)  # type: ignore[misc]
+    diff = round(m1 - m2, 2) + 0.0  # + 0.0: a difference that rounds to zero prints +0.00, not -0.00
+    if min(len(mine), len(theirs)) < 2:
+        return f"{diff:+.2f}"
+    return f"{diff:+.2f} ± {(s1**2 / len(mine) + s2**2 / len(theirs)) ** 0.5:.2f}"
+
+
 def count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -153,9 +163,9 @@ def delta_table(payload: dict[str, Any], grid: Grid) -> str:
                 if not mine or not theirs:
                     row.append("pending")
                     continue
-                diff = summary(mine)[0] - summary(theirs)[0]  # type: ignore[index]
-                partial = len(mine) < len(grid.seeds) or len(theirs) < len(grid.seeds)
-                row.append(f"{diff:+.2f}" + (f" ({len(mine)} vs {len(theirs)} seeds)" if partial else ""))
+                row.append(difference(mine, theirs) + (
+                    f" ({len(mine)} vs {len(theirs)} seeds)" if len(grid.seeds) > min(len(mine), len(theirs)) else ""
+                ))  # fmt: skip
             rows.append(row)
     return markdown(["Difference (points)", *(TASKS[t].label for t in grid.tasks)], rows)
 
@@ -288,6 +298,8 @@ def block(payload: dict[str, Any], grid: Grid, figure: Path | None, doc: Path, c
         return "\n\n".join(parts)
     parts += [
         "### AdaLoRA minus the baselines and ablations (test accuracy points)",
+        "Difference of the mean test accuracies ± its standard error (from the seeds' standard deviations); a"
+        " difference within about twice its standard error is not one that three seeds can tell apart.",
         delta_table(payload, grid),
         "### Learning rates chosen on the validation split",
         lr_table(payload, grid),

@@ -193,3 +193,16 @@ def test_parallel_workers_run_the_same_table_once_each(pt, tmp_path):
         k: r["accuracy"] for k, r in sequential["runs"].items()
     }
     assert json.loads((tmp_path / "par.json").read_text())["runs"].keys() == parallel["runs"].keys()
+
+
+def test_difference_is_the_mean_gap_with_its_standard_error(pt):
+    import render_paper_table as render
+
+    def runs(*accuracies):
+        return [{"accuracy": a} for a in accuracies]
+
+    # means 81 and 80; sample variances 2 and 4: SE = sqrt(2/2 + 4/3) = 1.5275
+    assert render.difference(runs(0.80, 0.82), runs(0.78, 0.80, 0.82)) == "+1.00 ± 1.53"
+    # equal means that differ by float rounding print +0.00, never -0.00
+    assert render.difference(runs(0.981, 0.986, 0.984), runs(0.984, 0.981, 0.986)).startswith("+0.00 ± ")
+    assert render.difference(runs(0.5), runs(0.7, 0.7)) == "-20.00"  # one seed: no standard error
