@@ -548,9 +548,11 @@ def run_table(
     failed: set[str] = set()
     started = 0
 
-    def finish(spec: RunSpec, outcome: Callable[[], dict[str, Any]], seconds: float) -> None:
+    def finish(spec: RunSpec, outcome: Callable[[], dict[str, Any]], begin: float) -> None:
+        """Record ``outcome()`` (the run's record, or its exception); wall time from ``begin`` to now."""
         try:
             record = outcome()
+            seconds = time.perf_counter() - begin
         except Exception as error:  # one broken run must not stop the table
             failed.add(spec.key)
             payload["failures"][spec.key] = f"{type(error).__name__}: {error}"
@@ -573,7 +575,7 @@ def run_table(
             spec, begin = pending[0], time.perf_counter()
             announce(spec, len(pending))
             started += 1
-            finish(spec, lambda spec=spec: run_fn(spec), time.perf_counter() - begin)
+            finish(spec, lambda spec=spec: run_fn(spec), begin)
         return payload
 
     pool = pool or ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -593,7 +595,7 @@ def run_table(
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 spec, begin = in_flight.pop(future)
-                finish(spec, future.result, time.perf_counter() - begin)
+                finish(spec, future.result, begin)
     return payload
 
 
