@@ -497,8 +497,7 @@ class Runner:
     def __call__(self, spec: RunSpec) -> dict[str, Any]:
         settings = settings_for(self.grid, spec, self.files[spec.cell.task], self.threads or auto_threads())
         run_dir = self.runs_dir / spec.key
-        tag = f"  [{spec.cell.task}/{spec.cell.variant}/{spec.phase}/lr{spec.lr:g}/s{spec.seed}]"
-        metrics, cpu_seconds = execute(settings, run_dir, lambda line: print(f"{tag} {line}", flush=True))
+        metrics, cpu_seconds = execute(settings, run_dir, lambda line: print(f"  [{spec.key}] {line}", flush=True))
         return record_of(spec, metrics, run_dir, settings) | {"cpu_seconds": cpu_seconds}
 
 
