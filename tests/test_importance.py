@@ -110,3 +110,17 @@ def test_statistics_use_two_float32_buffers_of_the_adapter_size():
     assert tracker.ibar.shape == tracker.ubar.shape == (numel,)
     assert tracker.ibar.dtype == torch.float32
     assert ImportanceTracker(adapters, "sensitivity", 0.85, 0.85).ubar is None
+
+
+def test_bfloat16_adapters_get_a_float32_sensitivity():
+    """I = |w g| of bf16 factors is the float32 product, not a product rounded to bf16 first."""
+    adapter = SVDLinear.from_base(nn.Linear(1, 1), r=1, scale=1.0).to(torch.bfloat16)
+    with torch.no_grad():
+        adapter.P.zero_()
+        adapter.Q.zero_()
+        adapter.E.fill_(1.0078125)  # 1 + 2^-7, exact in bf16
+    tracker = ImportanceTracker([adapter], "sensitivity", beta1=0.85, beta2=0.85)
+    grads = [torch.zeros(1, 1, dtype=torch.bfloat16), torch.full((1,), 1.0078125, dtype=torch.bfloat16)]
+    tracker.update([grads[0], grads[1], torch.zeros(1, 1, dtype=torch.bfloat16)])
+    # (1 + 2^-7)^2 = 1 + 2^-6 + 2^-14: exact in float32; bf16 (8 significant bits) would round it to 1 + 2^-6.
+    assert tracker.triplet_scores().item() == 1 + 2**-6 + 2**-14
