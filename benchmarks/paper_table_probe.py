@@ -14,16 +14,18 @@ slice (the test split is not touched), and each method runs at the lr its table 
 Resumable like the table; results in ``benchmarks/results/paper_table_probe.json``; the renderer adds them
 to docs/paper-table.md.
 
-Usage: python benchmarks/paper_table_probe.py [--task rotten-tomatoes] [--budget 2] [--threads N]
+Usage: python benchmarks/paper_table_probe.py [--task rotten-tomatoes] [--budget 2] [--threads N] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from paper_table import (
     Grid,
     RunSpec,
     auto_threads,
+    available_cores,
     chosen_lr,
     execute,
     record_of,
@@ -73,13 +76,27 @@ def probe_key(task: str, budget: int, probe: Probe, variant: str, seed: int) -> 
     return f"{task}/r{budget}/{probe.name}/{variant}/s{seed}"
 
 
-def run_probes(task: str, budget: int, threads: int | None, log: Any = print) -> dict[str, Any]:
-    """Run the missing probe runs (each method at its table lr), saving after each; returns the results."""
+def _train(settings: Any, run_dir: Path, key: str) -> tuple[dict[str, Any], float, float]:
+    """One probe run (in a worker process when ``--workers`` > 1): metrics, CPU seconds, wall seconds."""
+    started = time.perf_counter()
+    metrics, cpu = execute(settings, run_dir, lambda line: print(f"  [{key}] {line}", flush=True))
+    return metrics, cpu, round(time.perf_counter() - started, 1)
+
+
+def run_probes(task: str, budget: int, threads: int | None, log: Any = print, workers: int = 1) -> dict[str, Any]:
+    """Run the missing probe runs (each method at its table lr), saving after each; returns the results.
+
+    With ``workers`` > 1 that many runs train at once in spawned processes (one torch thread each unless
+    ``threads`` says otherwise); only this process writes the results file.
+    """
     grid = Grid()
     table = json.loads((RESULTS / "paper_table.json").read_text())
     payload = json.loads(PROBE_RESULTS.read_text()) if PROBE_RESULTS.is_file() else {"runs": {}}
     # Its own copy of the splits: the table's process reads its files at the start of every run.
     files = write_splits(grid, task, RUNS.with_name("paper_table_probe") / "data" / task)
+    if workers > 1 and threads is None:
+        threads = max(1, available_cores() // workers)
+    jobs = []
     for seed in grid.seeds:
         for probe in PROBES:
             for variant in probe.variants:
@@ -87,18 +104,32 @@ def run_probes(task: str, budget: int, threads: int | None, log: Any = print) ->
                 lr = chosen_lr(grid, table["runs"], Cell(task, variant, budget))
                 if key in payload["runs"] or lr is None:
                     continue
-                log(f"[{time.strftime('%H:%M:%S')}] {key} at lr {lr:g}")
                 spec = RunSpec(Cell(task, variant, budget), "search", lr, seed)  # "search": scored on validation
                 settings = settings_for(grid, spec, files, threads or auto_threads()).replace(**dict(probe.overrides))
-                run_dir = RUNS.with_name("paper_table_probe") / key
-                started = time.perf_counter()
-                metrics, cpu = execute(settings, run_dir, log)
-                record = record_of(spec, metrics, run_dir, settings)
-                wall = round(time.perf_counter() - started, 1)
-                record |= {"probe": probe.name, "cpu_seconds": cpu, "wall_seconds": wall}
-                payload["runs"][key] = record
-                save_results(PROBE_RESULTS, payload)
-                log(f"  validation accuracy {record['accuracy']:.4f}")
+                jobs.append((key, probe, spec, settings, RUNS.with_name("paper_table_probe") / key))
+
+    def record(key: str, probe: Probe, spec: RunSpec, settings: Any, run_dir: Path, outcome: tuple) -> None:
+        metrics, cpu, wall = outcome
+        payload["runs"][key] = record_of(spec, metrics, run_dir, settings) | {
+            "probe": probe.name,
+            "cpu_seconds": cpu,
+            "wall_seconds": wall,
+        }
+        save_results(PROBE_RESULTS, payload)
+        log(f"  {key}: validation accuracy {payload['runs'][key]['accuracy']:.4f} in {wall:.0f} s")
+
+    if workers <= 1:
+        for key, probe, spec, settings, run_dir in jobs:
+            log(f"[{time.strftime('%H:%M:%S')}] {key} at lr {spec.lr:g}")
+            record(key, probe, spec, settings, run_dir, _train(settings, run_dir, key))
+        return payload
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for job in jobs:
+            log(f"[{time.strftime('%H:%M:%S')}] queued {job[0]} at lr {job[2].lr:g}")
+            futures[pool.submit(_train, job[3], job[4], job[0])] = job
+        for future in as_completed(futures):
+            record(*futures[future], future.result())
     return payload
 
 
@@ -148,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="rotten-tomatoes", choices=sorted(TASKS))
     parser.add_argument("--budget", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    payload = run_probes(args.task, args.budget, args.threads)
+    payload = run_probes(args.task, args.budget, args.threads, workers=args.workers)
     print(summary_markdown(payload))
 
 
