@@ -612,7 +612,12 @@ def plan_report(grid: Grid, payload: dict[str, Any], workers: int = 1) -> str:
     total_left = 0.0
     for task in grid.tasks:
         seconds = [r["wall_seconds"] for r in runs.values() if r["task"] == task and "wall_seconds" in r]
-        left = max(0, sum(planned_total(grid, task)) - sum(r["task"] == task for r in runs.values()))
+        # Per phase: lr-grid extensions add search runs beyond the plan, and must not count as finals done.
+        planned_search, planned_final = planned_total(grid, task)
+        done_search, done_final = (
+            sum(r["task"] == task and r["phase"] == p for r in runs.values()) for p in ("search", "final")
+        )
+        left = max(0, planned_search - done_search) + max(0, planned_final - done_final)
         if seconds:
             # The median: a run paused by a neighbour (SIGSTOP) for an hour must not dominate the projection.
             typical = statistics.median(seconds) / workers

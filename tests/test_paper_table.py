@@ -206,3 +206,18 @@ def test_difference_is_the_mean_gap_with_its_standard_error(pt):
     # equal means that differ by float rounding print +0.00, never -0.00
     assert render.difference(runs(0.981, 0.986, 0.984), runs(0.984, 0.981, 0.986)).startswith("+0.00 ± ")
     assert render.difference(runs(0.5), runs(0.7, 0.7)) == "-20.00"  # one seed: no standard error
+
+
+def test_plan_counts_runs_left_per_phase(pt, tmp_path):
+    """Searches beyond the planned grid (edge extensions) must not count as final runs done."""
+    grid, results = small_grid(pt), tmp_path / "table.json"
+    payload = pt.run_table(grid, results, fake_run([]), log=lambda line: None)
+    # Every search done (extensions included), no final run yet.
+    payload["runs"] = {k: r for k, r in payload["runs"].items() if r["phase"] == "search"}
+    report = pt.plan_report(grid, payload)
+    for task in grid.tasks:
+        searched = sum(r["task"] == task for r in payload["runs"].values())
+        planned_search, planned_final = pt.planned_total(grid, task)
+        assert searched > planned_search  # extensions happened
+        (line,) = [line for line in report.splitlines() if line.startswith(f"{task}:")]
+        assert f"; {planned_final} runs left," in line
