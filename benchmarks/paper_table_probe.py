@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS
@@ -84,6 +84,14 @@ def probe_key(task: str, budget: int, probe: Probe, variant: str, seed: int) -> 
     return f"{task}/r{budget}/{probe.name}/{variant}/s{seed}"
 
 
+class _ProbeRun(NamedTuple):
+    key: str
+    probe: Probe
+    spec: RunSpec
+    settings: Any
+    run_dir: Path
+
+
 def _train(settings: Any, run_dir: Path, key: str) -> tuple[dict[str, Any], float, float]:
     """One probe run (in a worker process when ``--workers`` > 1): metrics, CPU seconds, wall seconds."""
     started = time.perf_counter()
@@ -104,40 +112,36 @@ def run_probes(task: str, budget: int, threads: int | None, log: Any = print, wo
     files = write_splits(grid, task, RUNS.with_name("paper_table_probe") / "data" / task)
     if workers > 1 and threads is None:
         threads = max(1, available_cores() // workers)
-    jobs = []
+    runs: list[_ProbeRun] = []
     for seed in grid.seeds:
         for probe in PROBES:
             for variant in probe.variants:
                 key = probe_key(task, budget, probe, variant, seed)
-                lr = probe.lr or chosen_lr(grid, table["runs"], Cell(task, variant, budget))
+                cell = Cell(task, variant, budget)
+                lr = probe.lr if probe.lr is not None else chosen_lr(grid, table["runs"], cell)
                 if key in payload["runs"] or lr is None:
                     continue
-                spec = RunSpec(Cell(task, variant, budget), "search", lr, seed)  # "search": scored on validation
+                spec = RunSpec(cell, "search", lr, seed)  # "search": scored on validation
                 settings = settings_for(grid, spec, files, threads or auto_threads()).replace(**dict(probe.overrides))
-                jobs.append((key, probe, spec, settings, RUNS.with_name("paper_table_probe") / key))
+                runs.append(_ProbeRun(key, probe, spec, settings, RUNS.with_name("paper_table_probe") / key))
 
-    def record(key: str, probe: Probe, spec: RunSpec, settings: Any, run_dir: Path, outcome: tuple) -> None:
+    def record(run: _ProbeRun, outcome: tuple[dict[str, Any], float, float]) -> None:
         metrics, cpu, wall = outcome
-        payload["runs"][key] = record_of(spec, metrics, run_dir, settings) | {
-            "probe": probe.name,
-            "cpu_seconds": cpu,
-            "wall_seconds": wall,
-        }
+        result = record_of(run.spec, metrics, run.run_dir, run.settings)
+        payload["runs"][run.key] = result | {"probe": run.probe.name, "cpu_seconds": cpu, "wall_seconds": wall}
         save_results(PROBE_RESULTS, payload)
-        log(f"  {key}: validation accuracy {payload['runs'][key]['accuracy']:.4f} in {wall:.0f} s")
+        log(f"  {run.key}: validation accuracy {result['accuracy']:.4f} in {wall:.0f} s")
 
     if workers <= 1:
-        for key, probe, spec, settings, run_dir in jobs:
-            log(f"[{time.strftime('%H:%M:%S')}] {key} at lr {spec.lr:g}")
-            record(key, probe, spec, settings, run_dir, _train(settings, run_dir, key))
+        for run in runs:
+            log(f"[{time.strftime('%H:%M:%S')}] {run.key} at lr {run.spec.lr:g}")
+            record(run, _train(run.settings, run.run_dir, run.key))
         return payload
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {}
-        for job in jobs:
-            log(f"[{time.strftime('%H:%M:%S')}] queued {job[0]} at lr {job[2].lr:g}")
-            futures[pool.submit(_train, job[3], job[4], job[0])] = job
+        futures = {pool.submit(_train, run.settings, run.run_dir, run.key): run for run in runs}
+        log(f"[{time.strftime('%H:%M:%S')}] {len(runs)} probe runs queued, {workers} at a time")
         for future in as_completed(futures):
-            record(*futures[future], future.result())
+            record(futures[future], future.result())
     return payload
 
 
