@@ -16,7 +16,12 @@ GPU, where a step of a model this small is bound by kernel launches, they are wh
 of. AdamW is then built with ``foreach=True`` on every device, as torch does by default on CUDA (on the CPU it
 would loop over the parameters), so that the counts are the same wherever they are taken.
 
+``--compile`` runs every model through ``torch.compile`` (inductor, default mode; ``--compile-mode`` picks another,
+e.g. ``reduce-overhead`` for CUDA graphs), after three warm-up rounds instead of one so that compilation and any
+recompilation are done before timing. The optimizer and allocator steps stay eager, as in real training.
+
 Usage: python benchmarks/train_step.py [--rounds 8] [--init-r 12] [--target-r 8] [--device cpu|cuda] [--count-ops]
+                                       [--compile [--compile-mode MODE]]
 """
 
 from __future__ import annotations
@@ -71,9 +76,12 @@ class Case:
     """One method: a model, its optimizer and a step function."""
 
     foreach: bool | None = None  # AdamW's implementation: None = torch's choice for the device
+    compile_mode: str | None = None  # torch.compile every model with this mode ("default", ...); None = eager
 
     def __init__(self, name: str, model: torch.nn.Module, allocator=None, peft_loss: bool = False) -> None:
         self.name, self.model, self.allocator, self.peft_loss = name, model, allocator, peft_loss
+        # torch.compile traces at the first call, so a model compacted after this still compiles at its final shapes.
+        self.forward = model if Case.compile_mode is None else torch.compile(model, mode=Case.compile_mode)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=Case.foreach)
         if allocator is not None:
@@ -82,9 +90,9 @@ class Case:
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         if self.peft_loss:  # PEFT adds its regulariser inside forward when labels are passed
-            loss = self.model(input_ids=ids, labels=labels).loss
+            loss = self.forward(input_ids=ids, labels=labels).loss
         else:
-            loss = F.cross_entropy(self.model(input_ids=ids).logits, labels)
+            loss = F.cross_entropy(self.forward(input_ids=ids).logits, labels)
             if self.allocator is not None:
                 loss = loss + self.allocator.regularization()
         loss.backward()
@@ -204,13 +212,18 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT cases")
     parser.add_argument("--count-ops", action="store_true", help="count operations per step instead of timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (optimizer steps stay eager)")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
     args = parser.parse_args()
+    if args.compile and args.count_ops:
+        parser.error("--count-ops counts eager ATen operations; it cannot be combined with --compile")
     sync = args.device.startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     base, source = minilm(args.device)
     Case.foreach = True if args.count_ops else None
+    Case.compile_mode = args.compile_mode if args.compile else None
     cases = build_cases(base, args.init_r, args.target_r, args.rounds, with_peft=not args.no_peft)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (BATCH, LENGTH), generator=generator).to(args.device)
@@ -222,8 +235,9 @@ def main() -> None:
     samples: dict[str, list[float]] = {c.name: [] for c in cases}
     peaks: dict[str, int] = {}
     step: dict[str, Callable[[], None]] = {c.name: (lambda c=c: c.step(ids, labels)) for c in cases}
-    for fn in step.values():  # warm-up: optimizer state, allocator workspace, kernels
-        fn()
+    for _ in range(3 if args.compile else 1):  # warm-up: optimizer state, allocator workspace, kernels, compilation
+        for fn in step.values():
+            fn()
     for _ in range(args.rounds):
         for case in cases:
             if sync:
@@ -262,12 +276,13 @@ def main() -> None:
         }
     print(
         f"{source}, batch {BATCH} x {LENGTH}, init rank {args.init_r} (AdaLoRA final average {args.target_r}), "
-        f"device {args.device}, median of {args.rounds} alternating rounds"
+        f"device {args.device}, {'torch.compile mode ' + args.compile_mode if args.compile else 'eager'}, "
+        f"median of {args.rounds} alternating rounds"
     )
     headers = ["method", "step ms", "/ our LoRA", "trainable M", "state MiB"] + (["peak MiB"] if sync else [])
     print_table(headers, rows)
     path = write_results(
-        f"train_step_{'cuda' if sync else 'cpu'}",
+        f"train_step_{'cuda' if sync else 'cpu'}{'_compiled' if args.compile else ''}",
         {
             "model": source,
             "device": args.device,
@@ -276,6 +291,7 @@ def main() -> None:
             "init_r": args.init_r,
             "target_r": args.target_r,
             "rounds": args.rounds,
+            "compile_mode": args.compile_mode if args.compile else None,
             "cases": results,
         },
     )

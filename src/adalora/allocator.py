@@ -244,7 +244,7 @@ class RankAllocator:
             distributed.check_allocation_consistency(step, budget, keep, scores, self.names, self.tracker.ranks)
         with torch.no_grad():
             torch._foreach_copy_([a.rank_mask for a in self.adapters], list(keep.split(self.tracker.ranks)))
-            self._reapply_masks()
+            self._reapply_masks(keep)
         kept = torch.bincount(self._owner[keep], minlength=len(self.adapters))
         allocation = Allocation(step, budget, tuple(kept.tolist()))  # the one host sync of an allocation step
         self.history.append(allocation)
@@ -252,12 +252,21 @@ class RankAllocator:
         return allocation
 
     @torch.no_grad()
-    def _reapply_masks(self) -> None:
-        """Zero lambda of every masked triplet (P and Q are left alone, so a triplet can come back)."""
+    def _reapply_masks(self, keep: torch.Tensor | None = None) -> None:
+        """Zero lambda of every masked triplet (P and Q are left alone, so a triplet can come back).
+
+        Args:
+            keep: the masks just copied into the adapters, concatenated (``(sum of r,)`` bool); when given,
+                they are cast to lambda's dtype once instead of once per adapter.
+        """
         if self._sharded:
             distributed.reapply_sharded_masks(self.adapters)
             return
-        torch._foreach_mul_([a.E for a in self.adapters], [a.rank_mask for a in self.adapters])
+        lambdas = [a.E for a in self.adapters]
+        if keep is None:
+            torch._foreach_mul_(lambdas, [a.rank_mask for a in self.adapters])
+        else:  # 0 and 1 are exact in every float dtype, so one cast serves adapters of any dtype
+            torch._foreach_mul_(lambdas, list(keep.to(lambdas[0].dtype).split(self.tracker.ranks)))
 
     # ------------------------------------------------------------------ importance
     def _gradients(self) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from .layers import SVDAdapter
+from .layers import SVDAdapter, unwrap_model
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -79,6 +79,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``weight``/``bias``: its factors even when frozen (a pruned LoRA doublet's gate lambda is frozen but
     masked) and its ``rank_mask`` buffer.
     """
+    model = unwrap_model(model)  # the keys of a compiled or DDP model, read as a plain model's
     keep = {name for name, param in model.named_parameters() if param.requires_grad}
     for prefix, module in model.named_modules():
         if isinstance(module, SVDAdapter):
@@ -90,6 +91,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load :func:`trainable_state_dict` output; every saved key must exist in ``model`` and vice versa."""
+    model = unwrap_model(model)
     expected = set(trainable_state_dict(model))
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

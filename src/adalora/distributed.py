@@ -36,7 +36,7 @@ from torch import nn
 from .config import AdaLoRAConfig, ImportanceMetric, RegularizerForm
 from .importance import ImportanceTracker
 from .inject import name_matches
-from .layers import SVDAdapter, find_adapters
+from .layers import SVDAdapter, find_adapters, unwrap_model
 from .regularizer import orthogonal_penalty
 
 CHECK_ENV = "ADALORA_CHECK_CONSISTENCY"
@@ -117,21 +117,6 @@ def init_from_env(backend: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return is_distributed()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``DistributedDataParallel``/``DataParallel`` and ``torch.compile`` wrappers.
-
-    Module names (the allocator's rank pattern, saved adapter keys, checkpoints) then read the same as in a
-    single process, instead of gaining a ``module.`` prefix. FSDP2 does not wrap, so it needs nothing here.
-    """
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 def consistency_check_requested(flag: bool | None = None) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import AdaLoRAConfig
-from .layers import SVDAdapter, adapter_class_for, find_adapters
+from .layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
 
 SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or transformers' GPT-2 Conv1D"
 
@@ -51,6 +51,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
             module's type or settings are unsupported (see ``adalora.layers``), or a ``modules_to_save`` entry
             matches nothing. Everything is checked before the model is changed.
     """
+    wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     if find_adapters(model):
         raise ValueError(
             "inject: this model already contains AdaLoRA adapters. Inject into a fresh copy of the base model."
@@ -94,7 +95,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
         adapter.train(module.training)
         _set_submodule(model, name, adapter)
     _unfreeze_modules_to_save(model, config.modules_to_save)
-    return model
+    return wrapped
 
 
 def _unfreeze_modules_to_save(model: nn.Module, names: Iterable[str]) -> None:

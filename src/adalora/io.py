@@ -44,7 +44,7 @@ from torch import nn
 from .compact import resize_adapters
 from .config import AdaLoRAConfig
 from .inject import inject, name_matches
-from .layers import SVDAdapter, adapter_class_for, find_adapters
+from .layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
 
 CONFIG_NAME = "adalora_config.json"
 WEIGHTS_NAME = "adalora_adapter.safetensors"
@@ -77,6 +77,7 @@ def save_adapter(
             ``metadata`` is not JSON-serialisable, or ``directory`` exists and is not an adapter directory.
     """
     directory = Path(directory)
+    model = unwrap_model(model)  # the keys of a compiled or DDP model, read as a plain model's
     named = find_adapters(model)
     if not named:
         raise ValueError("save_adapter: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
@@ -192,6 +193,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
         ValueError: if a file is truncated or corrupted, or the base model or a tensor does not match.
     """
     directory = Path(directory)
+    wrapped, base_model = base_model, unwrap_model(base_model)  # changed inside a compiled/DDP wrapper
     info = read_adapter_config(directory)
     if find_adapters(base_model):
         raise ValueError("load_adapter: the base model already has AdaLoRA adapters. Load onto a fresh base model.")
@@ -218,7 +220,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
                 param.requires_grad_(attr not in meta.get("frozen", ()))
         for key in info.get("modules_to_save_tensors", []):
             _get_tensor(base_model, key).copy_(tensors[key])
-    return base_model
+    return wrapped
 
 
 # ---------------------------------------------------------------------- fingerprint

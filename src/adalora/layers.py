@@ -485,9 +485,29 @@ def adapter_class_for(module: nn.Module) -> type[SVDAdapter] | None:
     return None
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+
+    Every function of the library that takes a model looks through these wrappers, so that module names (saved
+    adapter keys, checkpoints, rank patterns) read the same whether or not the model was compiled or wrapped,
+    instead of gaining an ``_orig_mod.`` or ``module.`` prefix that a plain model could not load. FSDP2 does not
+    wrap, so it needs nothing here.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def find_adapters(model: nn.Module) -> list[tuple[str, SVDAdapter]]:
-    """All adapters in ``model``, found by type, as (qualified module name, adapter) in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SVDAdapter)]
+    """All adapters in ``model``, found by type, as (qualified module name, adapter) in module order.
+
+    Names are relative to the model inside any ``torch.compile``/DDP wrapper (:func:`unwrap_model`).
+    """
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, SVDAdapter)]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import nn
 
 from .inject import _set_submodule
 from .io import atomic_directory, find_adapter_dir, load_adapter, load_base_model, read_adapter_config
-from .layers import SVDAdapter, find_adapters
+from .layers import SVDAdapter, find_adapters, unwrap_model
 
 
 def merge(model: nn.Module, safe: bool = True) -> nn.Module:
@@ -44,6 +44,7 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
     Raises:
         ValueError: if the model has no adapters, or (``safe``) a merged weight is not finite.
     """
+    wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     named = _adapters_or_raise(model, "merge")
     if safe:
         # A separate pass, so that nothing is replaced unless every layer merges cleanly, while holding only
@@ -67,7 +68,7 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
     config = getattr(model, "config", None)
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # type: ignore[union-attr]
-    return model
+    return wrapped
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -83,12 +84,13 @@ def unload(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: if the model has no adapters.
     """
+    wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     for name, adapter in _adapters_or_raise(model, "unload"):
         base = adapter.to_base(adapter.weight)
         base.weight = adapter.weight  # the original Parameter object, not a new one sharing its storage
         base.train(adapter.training)
         _set_submodule(model, name, base)
-    return model
+    return wrapped
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ from .io import (
     find_adapter_dir,
     read_adapter_config,
 )
-from .layers import adapter_class_for, find_adapters
+from .layers import adapter_class_for, find_adapters, unwrap_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -102,6 +102,7 @@ def export_peft(
     Raises:
         ValueError: if the model has no adapters or every adapter has rank 0.
     """
+    model = unwrap_model(model)  # the keys of a compiled or DDP model, read as a plain model's
     named = find_adapters(model)
     if not named:
         raise ValueError("export_peft: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
@@ -342,6 +343,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
         FileNotFoundError: if files are missing.
         ValueError: if the checkpoint is not AdaLoRA, uses unsupported options, or does not fit ``base_model``.
     """
+    wrapped, base_model = base_model, unwrap_model(base_model)  # changed inside a compiled/DDP wrapper
     peft_config, state = read_peft_checkpoint(directory)
     if peft_config.get("bias", "none") != "none":
         raise ValueError(
@@ -373,7 +375,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
             adapter.Q.copy_(q)
         for key, value in extra.items():
             _get_tensor(base_model, key).copy_(value)
-    return base_model
+    return wrapped
 
 
 def _peft_factors(
