@@ -6,7 +6,10 @@ gradients; calls alternate within one process and the median of many calls is re
 non-masking and a masking step of the budgeting phase and for a final-phase step. The floor is the
 same statistics update done in place on one contiguous buffer of the same total size.
 
-Usage: python benchmarks/allocator.py [--repeats 50] [--device cpu|cuda] [--threads N]
+``--profile`` times nothing: it runs our masking and non-masking steps under torch.profiler and prints (and writes
+to ``benchmarks/results/allocator_profile_DEVICE.txt``) where the time goes, operation by operation.
+
+Usage: python benchmarks/allocator.py [--repeats 50] [--device cpu|cuda] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import alternate, print_table, write_results
+from common import RESULTS, alternate, print_table, write_results
 
 import adalora
 
@@ -97,12 +100,37 @@ def floor_case(numel: int, device: str):
     return update
 
 
+def profile_steps(steps: dict, device: str, repeats: int) -> None:
+    """Print and write torch.profiler's per-operation table for each of ``steps`` (after a warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort_by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    tables = []
+    for name, step in steps.items():
+        for _ in range(3):
+            step()
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=25)
+        tables.append(f"our {name} step, {repeats} calls on {device}\n{table}")
+        print(tables[-1])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"allocator_profile_{'cuda' if device.startswith('cuda') else 'cpu'}.txt"
+    path.write_text("\n\n".join(tables))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="results name under benchmarks/results/ (default allocator_DEVICE)")
+    parser.add_argument("--profile", action="store_true", help="profile our steps instead of timing them")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +149,10 @@ def main() -> None:
 
     def peft_at(step: int):
         return lambda: peft_model.update_and_allocate(step)
+
+    if args.profile:
+        profile_steps({"masking": ours_at(MASK_STEP), "no masking": ours_at(PLAIN_STEP)}, args.device, args.repeats)
+        return
 
     budgeting = alternate(
         {

@@ -135,7 +135,9 @@ def count_ops(cases: list[Case], ids: torch.Tensor, labels: torch.Tensor, steps:
     return counts
 
 
-def build_cases(base: torch.nn.Module, init_r: int, target_r: int, rounds: int, with_peft: bool) -> list[Case]:
+def build_cases(
+    base: torch.nn.Module, init_r: int, target_r: int, rounds: int, with_peft: bool, with_full: bool = True
+) -> list[Case]:
     # A schedule whose budgeting phase covers the timed steps: allocations every 10 steps, as in the paper.
     total = 10_000
     config = adalora.AdaLoRAConfig(
@@ -196,10 +198,11 @@ def build_cases(base: torch.nn.Module, init_r: int, target_r: int, rounds: int, 
             peft.LoraConfig(target_modules=TARGETS, r=init_r, lora_alpha=16, task_type="SEQ_CLS"),
         )
         cases.append(Case("PEFT LoRA", peft_lora))
-    full = copy.deepcopy(base)
-    for p in full.parameters():
-        p.requires_grad_(True)
-    cases.append(Case("full fine-tuning", full))
+    if with_full:
+        full = copy.deepcopy(base)
+        for p in full.parameters():
+            p.requires_grad_(True)
+        cases.append(Case("full fine-tuning", full))
     return cases
 
 
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--target-r", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT cases")
+    parser.add_argument("--no-full", action="store_true", help="skip full fine-tuning")
     parser.add_argument("--count-ops", action="store_true", help="count operations per step instead of timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (optimizer steps stay eager)")
@@ -224,7 +228,9 @@ def main() -> None:
     base, source = minilm(args.device)
     Case.foreach = True if args.count_ops else None
     Case.compile_mode = args.compile_mode if args.compile else None
-    cases = build_cases(base, args.init_r, args.target_r, args.rounds, with_peft=not args.no_peft)
+    cases = build_cases(
+        base, args.init_r, args.target_r, args.rounds, with_peft=not args.no_peft, with_full=not args.no_full
+    )
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (BATCH, LENGTH), generator=generator).to(args.device)
     labels = torch.randint(0, 2, (BATCH,), generator=generator).to(args.device)
@@ -282,7 +288,7 @@ def main() -> None:
     headers = ["method", "step ms", "/ our LoRA", "trainable M", "state MiB"] + (["peak MiB"] if sync else [])
     print_table(headers, rows)
     path = write_results(
-        f"train_step_{'cuda' if sync else 'cpu'}{'_compiled' if args.compile else ''}",
+        f"train_step_{'cuda' if sync else 'cpu'}{compiled_suffix(args)}",
         {
             "model": source,
             "device": args.device,
@@ -296,6 +302,13 @@ def main() -> None:
         },
     )
     print(f"wrote {path}")
+
+
+def compiled_suffix(args: argparse.Namespace) -> str:
+    """``""`` for eager runs, ``"_compiled"`` for the default mode, ``"_compiled_<mode>"`` for another one."""
+    if not args.compile:
+        return ""
+    return "_compiled" if args.compile_mode == "default" else f"_compiled_{args.compile_mode.replace('-', '_')}"
 
 
 def report_ops(cases: list[Case], ids: torch.Tensor, labels: torch.Tensor, source: str, args) -> None:
