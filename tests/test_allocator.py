@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_bert, token_batch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, resize_adapters, top_b_mask
+from adalora import AdaLoRAConfig, RankAllocator, compact, find_adapters, inject, resize_adapters, top_b_mask
 
 LABELS = torch.tensor([0, 1, 1, 0])
 
@@ -91,6 +92,51 @@ def test_final_phase_freezes_the_pattern_frees_statistics_and_keeps_masked_lambd
     for adapter, mask in zip(allocator.adapters, masks, strict=True):
         assert torch.equal(adapter.rank_mask, mask)
         assert torch.all(adapter.E[~mask] == 0)
+
+
+def test_final_phase_masks_follow_a_loaded_checkpoint():
+    # The final phase multiplies lambda by the frozen masks cast once; loading another run's state must replace them.
+    model_a, optimizer_a, allocator_a = _setup(_config(), seed=0)
+    _train(model_a, optimizer_a, allocator_a, 18)
+    model_b, optimizer_b, allocator_b = _setup(_config(), seed=1)
+    _train(model_b, optimizer_b, allocator_b, 18)
+    masks_b = [a.rank_mask.clone() for a in allocator_b.adapters]
+    assert any(not torch.equal(a.rank_mask, m) for a, m in zip(allocator_a.adapters, masks_b, strict=True))
+    model_a.load_state_dict(model_b.state_dict())
+    allocator_a.load_state_dict(allocator_b.state_dict())
+    _train(model_a, optimizer_a, allocator_a, 2)  # optimizer_a moves every lambda, masked ones included
+    for adapter, mask in zip(allocator_a.adapters, masks_b, strict=True):
+        assert torch.equal(adapter.rank_mask, mask)
+        assert torch.all(adapter.E[~mask] == 0) and torch.all(adapter.E[mask] != 0)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_final_phase_after_compaction_has_nothing_to_mask():
+    model, optimizer, allocator = _setup(_config(compact_at_final=True))
+    _train(model, optimizer, allocator, 18)  # compacted at t = 16, final-phase steps since t = 17
+    assert all(a.rank_mask.all() for a in allocator.adapters)
+    F.cross_entropy(model(token_batch()).logits, LABELS).backward()
+    optimizer.step()
+    with _CountOps() as counter:
+        allocator.step()
+    assert counter.ops == 0
+
+
+def test_final_phase_after_compacting_by_hand_masks_the_new_lambdas():
+    model, optimizer, allocator = _setup(_config())
+    _train(model, optimizer, allocator, 18)  # final phase, masks frozen, factors cast for the current lambdas
+    compact(model, optimizer)  # replaces every P, E, Q: the cached factors no longer fit
+    _train(model, optimizer, allocator, 2)
+    assert all(a.rank_mask.all() and a.r == a.kept_rank() for a in allocator.adapters)
 
 
 def test_a_masked_triplet_keeps_training_and_can_come_back():

@@ -167,6 +167,10 @@ class RankAllocator:
         self._keep_views = list(self._keep.split(self.tracker.ranks))
         self._keep_factor = torch.empty(triplets, dtype=self.adapters[0].E.dtype, device=self.tracker.device)
         self._keep_factor_views = list(self._keep_factor.split(self.tracker.ranks))
+        # The final phase's lambda multipliers (the frozen masks in lambda's dtype) and the lambdas they were made
+        # for; None until the first final-phase step, and again whenever the masks are written (allocation, load).
+        self._frozen_factors: list[torch.Tensor] | None = None
+        self._frozen_lambdas: list[torch.Tensor] = []
         self.step_count = 0  # number of step() calls so far = the next step's t
         self.history: list[Allocation] = []
         self.final = False  # True once the pattern is frozen (t >= T - t_f)
@@ -234,7 +238,7 @@ class RankAllocator:
                     # (the final phase then trains (d_out, k)/(k, d_in) factors; outputs are unchanged).
                     compact(self.model, self.optimizer)
         elif self.final:
-            self._reapply_masks()
+            self._reapply_frozen_masks()
         if t >= self.config.total_steps:  # type: ignore[operator]
             self._misuse(
                 "past_total",
@@ -254,6 +258,7 @@ class RankAllocator:
             self._keep.copy_(keep)
             torch._foreach_copy_([a.rank_mask for a in self.adapters], self._keep_views)
             self._reapply_masks(keep)
+        self._frozen_factors = None
         # Kept triplets per adapter by a scatter-add (boolean indexing would synchronise to size its result), read
         # together with the skipped-update counter: the one host sync of an allocation step.
         kept = torch.zeros(len(self.adapters), dtype=torch.long, device=keep.device)
@@ -265,23 +270,44 @@ class RankAllocator:
         return allocation
 
     @torch.no_grad()
-    def _reapply_masks(self, keep: torch.Tensor | None = None) -> None:
-        """Zero lambda of every masked triplet (P and Q are left alone, so a triplet can come back).
+    def _reapply_masks(self, keep: torch.Tensor) -> None:
+        """Zero lambda of every triplet the allocation just masked (P and Q are left alone: it can come back).
 
         Args:
-            keep: the masks just copied into the adapters, concatenated (``(sum of r,)`` bool); when given,
-                they are cast to lambda's dtype once instead of once per adapter (the rank_mask buffers, read
-                otherwise, stay the source of truth: a checkpoint load or compaction changes them).
+            keep: the masks just copied into the adapters, concatenated: ``(sum of r,)`` bool. Cast to lambda's
+                dtype once (0 and 1 are exact in every float dtype) instead of once per adapter.
+        """
+        if self._sharded:
+            distributed.reapply_sharded_masks(self.adapters)
+            return
+        self._keep_factor.copy_(keep)
+        torch._foreach_mul_([a.E for a in self.adapters], self._keep_factor_views)
+
+    @torch.no_grad()
+    def _reapply_frozen_masks(self) -> None:
+        """Final phase: zero the masked lambdas that the optimizer step just moved, with the frozen pattern.
+
+        The masks are cast to lambda's dtype once, at the first final-phase step (``torch._foreach_mul_`` with bool
+        masks casts every mask at every step, and on a GPU leaves the fused multi-tensor kernel for one kernel per
+        adapter). When every triplet is kept, as after compaction, nothing needs zeroing and the step does nothing.
+        The factors are rebuilt when the adapters' parameters are replaced (``adalora.compact`` by hand) and after
+        ``load_state_dict``.
         """
         if self._sharded:
             distributed.reapply_sharded_masks(self.adapters)
             return
         lambdas = [a.E for a in self.adapters]
-        if keep is None:
-            torch._foreach_mul_(lambdas, [a.rank_mask for a in self.adapters])
-        else:  # 0 and 1 are exact in every float dtype, so one cast serves adapters of any dtype
-            self._keep_factor.copy_(keep)
-            torch._foreach_mul_(lambdas, self._keep_factor_views)
+        stale = len(lambdas) != len(self._frozen_lambdas) or any(
+            a is not b for a, b in zip(lambdas, self._frozen_lambdas, strict=False)
+        )
+        if self._frozen_factors is None or stale:
+            masks = [a.rank_mask for a in self.adapters]
+            factors = torch.cat(masks).to(lambdas[0].dtype)
+            # One host sync, once: whether anything is masked at all.
+            self._frozen_factors = [] if bool(factors.all()) else list(factors.split([m.numel() for m in masks]))
+            self._frozen_lambdas = lambdas
+        if self._frozen_factors:
+            torch._foreach_mul_(lambdas, self._frozen_factors)
 
     # ------------------------------------------------------------------ importance
     def _gradients(self) -> list[torch.Tensor]:
@@ -451,6 +477,7 @@ class RankAllocator:
         with torch.no_grad():
             for adapter, mask in zip(self.adapters, state["masks"], strict=True):
                 adapter.rank_mask.copy_(mask)
+        self._frozen_factors = None
         if self.final:
             self.tracker.free()
         else:
