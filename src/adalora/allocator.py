@@ -158,6 +158,7 @@ class RankAllocator:
         self._owner = torch.repeat_interleave(
             torch.arange(len(self.adapters), device=self.tracker.device),
             torch.tensor(self.tracker.ranks, device=self.tracker.device),
+            output_size=sum(self.tracker.ranks),  # known here, so that no device sync is needed to size it
         )
         # An allocation's keep-mask, as bool (for the rank_mask buffers) and in lambda's dtype (to multiply lambda),
         # each with its per-adapter views made once here: splitting a fresh (sum of r,) mask into 72 views at every
