@@ -111,13 +111,36 @@ def test_final_phase_masks_follow_a_loaded_checkpoint():
 
 
 class _CountOps(TorchDispatchMode):
+    """Counts the non-view operations dispatched inside it, and the scalar reads (``bool()``, ``.item()``) among them:
+    on a GPU each read is a host-device synchronisation."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.ops = 0
+        self.ops = self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += not func.is_view
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
+
+
+def test_final_phase_steps_read_nothing_back_from_the_device():
+    # The frozen masks are prepared when the pattern freezes or a final-phase state is loaded, not in a later step.
+    def final_step(model, optimizer, allocator):
+        F.cross_entropy(model(token_batch()).logits, LABELS).backward()
+        optimizer.step()
+        with _CountOps() as counter:
+            allocator.step()
+        optimizer.zero_grad()
+        return counter.reads
+
+    model, optimizer, allocator = _setup(_config())
+    _train(model, optimizer, allocator, 17)  # the final allocation at t = 16
+    assert final_step(model, optimizer, allocator) == 0
+    resumed_model, resumed_optimizer, resumed = _setup(_config())
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(allocator.state_dict())
+    assert final_step(resumed_model, resumed_optimizer, resumed) == 0
 
 
 def test_final_phase_after_compaction_has_nothing_to_mask():

@@ -169,7 +169,7 @@ class RankAllocator:
         self._keep_factor = torch.empty(triplets, dtype=self.adapters[0].E.dtype, device=self.tracker.device)
         self._keep_factor_views = list(self._keep_factor.split(self.tracker.ranks))
         # The final phase's lambda multipliers (the frozen masks in lambda's dtype) and the lambdas they were made
-        # for; None until the first final-phase step, and again whenever the masks are written (allocation, load).
+        # for; set when the pattern freezes (the final allocation, or loading a final-phase state).
         self._frozen_factors: list[torch.Tensor] | None = None
         self._frozen_lambdas: list[torch.Tensor] = []
         self.step_count = 0  # number of step() calls so far = the next step's t
@@ -238,6 +238,7 @@ class RankAllocator:
                     # The pattern is frozen: masked triplets can no longer come back, so drop them for good
                     # (the final phase then trains (d_out, k)/(k, d_in) factors; outputs are unchanged).
                     compact(self.model, self.optimizer)
+                self._freeze_masks()  # in this step, which synchronises anyway
         elif self.final:
             self._reapply_frozen_masks()
         if t >= self.config.total_steps:  # type: ignore[operator]
@@ -259,7 +260,6 @@ class RankAllocator:
             self._keep.copy_(keep)
             torch._foreach_copy_([a.rank_mask for a in self.adapters], self._keep_views)
             self._reapply_masks(keep)
-        self._frozen_factors = None
         # Kept triplets per adapter by a scatter-add (boolean indexing would synchronise to size its result), read
         # together with the skipped-update counter: the one host sync of an allocation step.
         kept = torch.zeros(len(self.adapters), dtype=torch.long, device=keep.device)
@@ -285,28 +285,33 @@ class RankAllocator:
         torch._foreach_mul_([a.E for a in self.adapters], self._keep_factor_views)
 
     @torch.no_grad()
-    def _reapply_frozen_masks(self) -> None:
-        """Final phase: zero the masked lambdas that the optimizer step just moved, with the frozen pattern.
+    def _freeze_masks(self) -> None:
+        """Cast the frozen masks to lambda's dtype once for the final phase (one host sync: is anything masked?).
 
-        The masks are cast to lambda's dtype once, at the first final-phase step (``torch._foreach_mul_`` with bool
-        masks casts every mask at every step, and on a GPU leaves the fused multi-tensor kernel for one kernel per
-        adapter). When every triplet is kept, as after compaction, nothing needs zeroing and the step does nothing.
-        The factors are rebuilt when the adapters' parameters are replaced (``adalora.compact`` by hand) and after
-        ``load_state_dict``.
+        ``torch._foreach_mul_`` with bool masks would cast every mask at every step, and on a GPU leave the fused
+        multi-tensor kernel for one kernel per adapter. When every triplet is kept, as after compaction, there is
+        nothing to zero and the final-phase steps do nothing. Sharded adapters re-mask their local shards instead.
+        """
+        if self._sharded:
+            return
+        masks = [a.rank_mask for a in self.adapters]
+        factors = torch.cat(masks).to(self.adapters[0].E.dtype)
+        self._frozen_factors = [] if bool(factors.all()) else list(factors.split([m.numel() for m in masks]))
+        self._frozen_lambdas = [a.E for a in self.adapters]
+
+    @torch.no_grad()
+    def _reapply_frozen_masks(self) -> None:
+        """Final phase: zero the masked lambdas that the optimizer step just moved, with the frozen masks.
+
+        The cast masks are made again (one host sync) only if the adapters' parameters were replaced since the
+        pattern froze (``adalora.compact`` called by hand).
         """
         if self._sharded:
             distributed.reapply_sharded_masks(self.adapters)
             return
         lambdas = [a.E for a in self.adapters]
-        stale = len(lambdas) != len(self._frozen_lambdas) or any(
-            a is not b for a, b in zip(lambdas, self._frozen_lambdas, strict=False)
-        )
-        if self._frozen_factors is None or stale:
-            masks = [a.rank_mask for a in self.adapters]
-            factors = torch.cat(masks).to(lambdas[0].dtype)
-            # One host sync, once: whether anything is masked at all.
-            self._frozen_factors = [] if bool(factors.all()) else list(factors.split([m.numel() for m in masks]))
-            self._frozen_lambdas = lambdas
+        if self._frozen_factors is None or any(a is not b for a, b in zip(lambdas, self._frozen_lambdas, strict=True)):
+            self._freeze_masks()
         if self._frozen_factors:
             torch._foreach_mul_(lambdas, self._frozen_factors)
 
@@ -480,6 +485,7 @@ class RankAllocator:
                 adapter.rank_mask.copy_(mask)
         self._frozen_factors = None
         if self.final:
+            self._freeze_masks()
             self.tracker.free()
         else:
             self.tracker.load_state_dict(state["importance"])
