@@ -126,3 +126,18 @@ def test_fit_and_checkpoints_take_a_compiled_model(tmp_path):
     assert plain_allocator.rank_pattern() == allocator.rank_pattern()
     for key, value in trainable_state_dict(model).items():
         torch.testing.assert_close(trainable_state_dict(plain)[key], value, rtol=0, atol=0)
+
+
+def test_the_regulariser_compiles_and_matches_eager():
+    model = adalora.inject(tiny_bert(), CONFIG)
+    allocator = adalora.RankAllocator(model, CONFIG)
+    with torch.no_grad():
+        for adapter in allocator.adapters:
+            adapter.P.normal_()
+            adapter.Q.normal_()
+    eager = allocator.regularization()
+    (eager_grad,) = torch.autograd.grad(eager, [allocator.adapters[0].P])
+    compiled = torch.compile(allocator.regularization, backend="aot_eager", fullgraph=True)()
+    (compiled_grad,) = torch.autograd.grad(compiled, [allocator.adapters[0].P])
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
