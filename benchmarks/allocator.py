@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, alternate, print_table, write_results
 
 import adalora
+from adalora.checkpoint import atomic_write
 
 HIDDEN, FFN, LAYERS, INIT_R, TARGET_R = 768, 3072, 12, 12, 8
 TARGETS = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]
@@ -104,8 +105,9 @@ def profile_steps(steps: dict, device: str, repeats: int) -> None:
     """Print and write torch.profiler's per-operation table for each of ``steps`` (after a warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    sort_by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     tables = []
     for name, step in steps.items():
         for _ in range(3):
@@ -113,14 +115,14 @@ def profile_steps(steps: dict, device: str, repeats: int) -> None:
         with profile(activities=activities) as prof:
             for _ in range(repeats):
                 step()
-            if device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by=sort_by, row_limit=25)
         tables.append(f"our {name} step, {repeats} calls on {device}\n{table}")
         print(tables[-1])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"allocator_profile_{'cuda' if device.startswith('cuda') else 'cpu'}.txt"
-    path.write_text("\n\n".join(tables))
+    path = RESULTS / f"allocator_profile_{'cuda' if cuda else 'cpu'}.txt"
+    atomic_write(path, lambda file: file.write("\n\n".join(tables).encode()))
     print(f"wrote {path}")
 
 

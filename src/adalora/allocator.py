@@ -21,7 +21,7 @@ from . import distributed
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
-from .layers import SVDAdapter, find_adapters
+from .layers import SVDAdapter, find_adapters, unwrap_model
 from .regularizer import orthogonal_penalty
 from .schedule import BudgetDecision, Phase, budget_at
 
@@ -106,7 +106,7 @@ class RankAllocator:
         on_misuse: OnMisuse = "warn",
         check_consistency: bool | None = None,
     ) -> None:
-        model = distributed.unwrap_model(model)  # DDP's "module." prefix would change every module name
+        model = unwrap_model(model)  # DDP's "module." prefix would change every module name
         named = find_adapters(model)
         if not named:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
