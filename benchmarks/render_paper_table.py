@@ -196,7 +196,7 @@ def lr_table(payload: dict[str, Any], grid: Grid) -> str:
 
 def rank_summary(payload: dict[str, Any], grid: Grid) -> str:
     """Mean final rank per matrix type and per layer over the final AdaLoRA runs, per budget and task."""
-    from adalora.plots import split_name
+    from adalora.run.plots import split_name
 
     runs = payload["runs"]
     type_rows, layer_rows, layers_seen = [], [], set()
@@ -333,7 +333,7 @@ def replace_between_markers(text: str, content: str) -> str | None:
 
 def draw_figure(payload: dict[str, Any], grid: Grid, path: Path) -> Path | None:
     """Heatmap of one AdaLoRA run's final ranks: the largest budget (finer grain), first task and seed."""
-    from adalora.plots import plot_rank_heatmap
+    from adalora.run.plots import plot_rank_heatmap
 
     for budget in sorted(grid.budgets, reverse=True):
         for task in grid.tasks:

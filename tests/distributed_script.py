@@ -80,7 +80,7 @@ def run_trainer(output_dir: Path, world: int) -> dict:
 
 def main(out: Path, model: Path, data: Path) -> None:
     from adalora.cli import main as cli
-    from adalora.distributed import get_world_size, init_from_env, is_main_process
+    from adalora.parallel import get_world_size, init_from_env, is_main_process
 
     init_from_env("gloo")
     assert cli(cli_args(model, data, out / "cli")) == 0

@@ -7,7 +7,9 @@ from conftest import tiny_bert, token_batch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adalora import AdaLoRAConfig, RankAllocator, compact, find_adapters, inject, resize_adapters, top_b_mask
+from adalora import AdaLoRAConfig, RankAllocator, compact, find_adapters, inject
+from adalora.allocator import top_b_mask
+from adalora.compact import resize_adapters
 
 LABELS = torch.tensor([0, 1, 1, 0])
 

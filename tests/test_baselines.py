@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import tiny_bert, token_batch
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, trainable_parameter_count
+from adalora import AdaLoRAConfig, RankAllocator, find_adapters
 from adalora.baselines import as_lora, inject_lora, lora_config, pruned_lora_config
-from adalora.training import fit
+from adalora.inject import trainable_parameter_count
+from adalora.integrations.loop import fit
 
 
 @pytest.fixture(autouse=True)

@@ -61,16 +61,16 @@ def test_train_writes_metrics_adapter_ranks_history_and_figures(model_dir, data_
     # The saved adapter is the trained model: loaded onto a fresh base it scores the reported accuracy.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from adalora.data import file_task
-    from adalora.experiment import evaluate
-    from adalora.io import load_adapter, read_adapter_config
+    from adalora.files.adapter import load_adapter, read_adapter_config
+    from adalora.run.data import file_task
+    from adalora.run.train import evaluate
 
     info = read_adapter_config(out / "adapter")
     assert info["metadata"]["model"] == str(model_dir) and info["metadata"]["num_labels"] == 2
     base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     model = load_adapter(base, out / "adapter")
     task = file_task(data_dir / "train.csv", data_dir / "eval.csv")
-    from adalora.data import encode
+    from adalora.run.data import encode
 
     tensors = encode(AutoTokenizer.from_pretrained(model_dir), task.eval, 16)
     assert evaluate(model, tensors, 64)["accuracy"] == metrics["eval_accuracy"]
@@ -211,7 +211,7 @@ def test_tensorboard_logs_loss_budget_and_accuracy(model_dir, data_dir, tmp_path
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
-    from adalora import experiment
+    from adalora.run import train as experiment
 
     monkeypatch.setattr(experiment, "available_cores", lambda: 4)
     for idle, threads in [(None, 4), (4.0, 4), (9.0, 4), (1.6, 2), (0.3, 1)]:

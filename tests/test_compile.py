@@ -17,7 +17,7 @@ from conftest import tiny_bert, token_batch
 from safetensors.torch import load_file
 
 import adalora
-from adalora.checkpoint import trainable_state_dict
+from adalora.files.checkpoint import trainable_state_dict
 
 CONFIG = adalora.AdaLoRAConfig(
     target_modules=["query", "value", "intermediate.dense"],
@@ -107,7 +107,7 @@ def test_library_functions_read_through_wrappers(tmp_path, wrap):
 
 
 def test_fit_and_checkpoints_take_a_compiled_model(tmp_path):
-    from adalora.checkpoint import load_checkpoint, save_checkpoint
+    from adalora.files.checkpoint import load_checkpoint, save_checkpoint
 
     def build():
         model = adalora.inject(tiny_bert(), CONFIG)

@@ -45,8 +45,8 @@ def test_allocator_step_synchronises_only_when_it_allocates():
 
 
 def test_non_finite_update_is_skipped_on_the_gpu_without_a_sync():
-    from adalora import SVDLinear
     from adalora.importance import ImportanceTracker
+    from adalora.layers import SVDLinear
 
     adapters = [SVDLinear.from_base(torch.nn.Linear(6, 4).cuda(), r=3, scale=1.0) for _ in range(2)]
     tracker = ImportanceTracker(adapters, "smoothed", 0.85, 0.85)

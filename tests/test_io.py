@@ -9,9 +9,10 @@ from adapter_helpers import fake_training, logits
 from conftest import tiny_bert, tiny_gpt2, token_batch
 from safetensors.torch import load_file, save_file
 
-import adalora.io
-from adalora import AdaLoRAConfig, compact, find_adapters, inject, load_adapter, read_adapter_config, save_adapter
-from adalora.io import CONFIG_NAME, WEIGHTS_NAME
+import adalora.files.adapter
+import adalora.files.atomic
+from adalora import AdaLoRAConfig, compact, find_adapters, inject, load_adapter, save_adapter
+from adalora.files.adapter import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
 BERT_CONFIG = AdaLoRAConfig(
     target_modules=["query", "key", "value", "dense"], init_r=6, target_r=2, alpha=8.0, modules_to_save=("classifier",)
@@ -215,7 +216,7 @@ def test_a_failed_save_leaves_the_previous_adapter_in_place(tmp_path, monkeypatc
             f.write(b"\x00" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(adalora.io, "save_file", crash)
+    monkeypatch.setattr(adalora.files.adapter, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, directory, BERT_CONFIG)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
@@ -226,7 +227,7 @@ def test_a_failed_save_leaves_the_previous_adapter_in_place(tmp_path, monkeypatc
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
 def test_saving_again_replaces_the_adapter(tmp_path, monkeypatch, exchange):
     if not exchange:  # platforms without an atomic directory exchange: rename the old one aside first
-        monkeypatch.setattr(adalora.io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(adalora.files.atomic, "_exchange", lambda a, b: False)
     base, model, _ = _trained()
     save_adapter(model, tmp_path / "a", BERT_CONFIG)
     fake_training(model, [3], seed=5)
@@ -256,10 +257,10 @@ def test_save_refuses_to_overwrite_other_directories_and_bad_input(tmp_path):
 
 def test_fingerprint_ignores_adapters_and_dtype():
     base = tiny_gpt2()
-    print_before = adalora.io.base_model_fingerprint(base)
+    print_before = adalora.files.adapter.base_model_fingerprint(base)
     inject(base, GPT2_CONFIG)
-    assert adalora.io.base_model_fingerprint(base) == print_before
-    assert adalora.io.base_model_fingerprint(tiny_gpt2().to(torch.bfloat16)) == print_before
+    assert adalora.files.adapter.base_model_fingerprint(base) == print_before
+    assert adalora.files.adapter.base_model_fingerprint(tiny_gpt2().to(torch.bfloat16)) == print_before
 
 
 def test_load_onto_a_bfloat16_base(tmp_path):

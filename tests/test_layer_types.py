@@ -16,18 +16,16 @@ from torch import nn
 from adalora import (
     AdaLoRAConfig,
     RankAllocator,
-    SVDConv,
-    SVDEmbedding,
     compact,
     export_peft,
     find_adapters,
     inject,
     load_adapter,
     merge,
-    read_adapter_config,
     save_adapter,
 )
-from adalora.layers import adapter_class_for
+from adalora.files.adapter import read_adapter_config
+from adalora.layers import SVDConv, SVDEmbedding, adapter_class_for
 
 # One base layer per case, with the settings that change how the update must be computed.
 CONV_CASES = {

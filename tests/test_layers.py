@@ -4,7 +4,8 @@ from conftest import RecordAllocatedShapes
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from adalora import SVDConv1D, SVDLinear, disable_adapters
+from adalora import disable_adapters
+from adalora.layers import SVDConv1D, SVDLinear
 
 
 def _trained(adapter):

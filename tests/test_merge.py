@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from adalora import AdaLoRAConfig, SVDAdapter, find_adapters, inject, merge, save_adapter, unload
-from adalora.merge import merge_output_dir
+from adalora.run.convert import merge_output_dir
 
 
 class _Tiny(nn.Module):

@@ -11,7 +11,8 @@ from conftest import tiny_bert, tiny_gpt2, token_batch
 from safetensors.torch import load_file
 
 from adalora import AdaLoRAConfig, export_peft, find_adapters, import_peft, inject, save_adapter
-from adalora.peft_format import PEFT_ADALORA_EPS, adalora_config_from_peft, export_output_dir
+from adalora.files.peft import PEFT_ADALORA_EPS, adalora_config_from_peft
+from adalora.run.convert import export_output_dir
 
 peft = pytest.importorskip("peft")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adalora.plots import plot_budget_curve, plot_rank_heatmap, rank_grid, split_name
+from adalora.run.plots import plot_budget_curve, plot_rank_heatmap, rank_grid, split_name
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from adalora import SVDLinear, orthogonal_penalty
+from adalora.layers import SVDLinear
+from adalora.regularizer import orthogonal_penalty
 
 
 def _adapter(p, q):

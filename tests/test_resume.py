@@ -15,8 +15,9 @@ import torch
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
 from safetensors.torch import load_file
 
-from adalora.checkpoint import atomic_write, rng_state, set_rng_state
 from adalora.cli import main
+from adalora.files.atomic import atomic_write
+from adalora.files.checkpoint import rng_state, set_rng_state
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from adalora import budget_at, budget_curve
+from adalora.schedule import budget_at, budget_curve
 
 SCHEDULE = {
     "init_budget": 120,

@@ -11,7 +11,7 @@ from conftest import tiny_bert
 from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, inject
-from adalora.training import StepResult, fit, steps_per_epoch, total_steps
+from adalora.integrations.loop import StepResult, fit, steps_per_epoch, total_steps
 
 CONFIG = AdaLoRAConfig(
     target_modules=("query", "value"),

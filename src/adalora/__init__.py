@@ -1,32 +1,68 @@
 """adalora: AdaLoRA (Zhang et al., ICLR 2023) for any PyTorch model.
 
 Data flow: ``inject(model, config)`` -> ``loss + allocator.regularization()`` -> ``backward`` ->
-``optimizer.step()`` -> ``allocator.step()`` (importance -> budget -> masks).
+``optimizer.step()`` -> ``allocator.step()`` (importance -> budget -> masks) -> ``save_adapter`` / ``merge`` /
+``export_peft``.
+
+The top level holds that workflow. Everything else is importable from its module: the algorithm sits flat in
+this package (``config``, ``layers``, ``inject``, ``schedule``, ``importance``, ``regularizer``, ``allocator``,
+``compact``, ``merge``, ``baselines``), the plumbing in sub-packages (``files``, ``parallel``,
+``integrations``, ``run``).
 """
 
-from .allocator import Allocation, RankAllocator, StepReport, top_b_mask
-from .compact import compact, resize_adapters
+from __future__ import annotations
+
+import importlib
+import warnings
+
+from . import _compat
+from .allocator import RankAllocator
+from .compact import compact
 from .config import AdaLoRAConfig
-from .inject import inject, trainable_parameter_count
-from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import SVDAdapter, SVDConv, SVDConv1D, SVDEmbedding, SVDLinear, disable_adapters, find_adapters
+from .files.adapter import load_adapter, save_adapter
+from .files.peft import export_peft, import_peft
+from .inject import inject
+from .integrations.loop import fit, total_steps
+from .layers import SVDAdapter, disable_adapters, find_adapters
 from .merge import merge, unload
-from .peft_format import export_peft, import_peft
-from .regularizer import orthogonal_penalty
-from .schedule import BudgetDecision, budget_at, budget_curve
-from .training import StepResult, fit, total_steps
 
 __version__ = "0.1.0"
 
+_compat.install()  # old module paths (adalora.io, adalora.distributed, ...) keep importing, with a warning
+
 # The Trainer integration imports transformers; load it on first use so that `import adalora` stays light.
 _LAZY = {"AdaLoRACallback": "integrations.trainer", "AdaLoRATrainer": "integrations.trainer"}
+# Names the top level exported before the public surface was narrowed: they still work, with a warning.
+_DEPRECATED = {
+    "Allocation": "allocator",
+    "StepReport": "allocator",
+    "top_b_mask": "allocator",
+    "resize_adapters": "compact",
+    "trainable_parameter_count": "inject",
+    "read_adapter_config": "files.adapter",
+    "SVDConv": "layers",
+    "SVDConv1D": "layers",
+    "SVDEmbedding": "layers",
+    "SVDLinear": "layers",
+    "orthogonal_penalty": "regularizer",
+    "BudgetDecision": "schedule",
+    "budget_at": "schedule",
+    "budget_curve": "schedule",
+    "StepResult": "integrations.loop",
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _DEPRECATED:
+        home = f"{__name__}.{_DEPRECATED[name]}"
+        warnings.warn(
+            f"adalora.{name} is no longer part of the top-level API; import it from {home}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(home), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -34,19 +70,9 @@ __all__ = [
     "AdaLoRACallback",
     "AdaLoRAConfig",
     "AdaLoRATrainer",
-    "Allocation",
-    "BudgetDecision",
     "RankAllocator",
     "SVDAdapter",
-    "SVDConv",
-    "SVDConv1D",
-    "SVDEmbedding",
-    "SVDLinear",
-    "StepReport",
-    "StepResult",
     "__version__",
-    "budget_at",
-    "budget_curve",
     "compact",
     "disable_adapters",
     "export_peft",
@@ -56,12 +82,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
-    "orthogonal_penalty",
-    "read_adapter_config",
-    "resize_adapters",
     "save_adapter",
-    "top_b_mask",
     "total_steps",
-    "trainable_parameter_count",
     "unload",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import distributed
+from . import parallel as distributed
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker

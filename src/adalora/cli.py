@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .causal_lm import CAUSAL_LM
-from .data import BUILTIN_TASKS
+from .run.causal_lm import CAUSAL_LM
+from .run.data import BUILTIN_TASKS
 
 SubParsers = Any  # argparse's private _SubParsersAction
 
@@ -49,7 +49,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def register_train(subparsers: SubParsers) -> None:
-    from .experiment import DEFAULT_LR, METHODS, RunSettings
+    from .run.train import DEFAULT_LR, METHODS, RunSettings
 
     d = RunSettings()
     p = subparsers.add_parser(
@@ -130,7 +130,7 @@ def register_train(subparsers: SubParsers) -> None:
 
 
 def _settings_from_args(args: argparse.Namespace) -> Any:
-    from .experiment import RunSettings
+    from .run.train import RunSettings
 
     values = {}
     for field in dataclasses.fields(RunSettings):
@@ -142,7 +142,7 @@ def _settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .experiment import RunSettings, run
+    from .run.train import RunSettings, run
 
     settings = _settings_from_args(args)
     if args.resume is not None:
@@ -165,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inspect / plot
 def _run_dir(path: str) -> Path:
-    from .experiment import RUN_FILE
+    from .run.train import RUN_FILE
 
     directory = Path(path)
     if not (directory / RUN_FILE).is_file():
@@ -175,7 +175,7 @@ def _run_dir(path: str) -> Path:
 
 def format_rank_table(ranks: dict[str, int]) -> str:
     """Ranks as text: one row per matrix type, one column per layer (1-based), as the heatmap."""
-    from .plots import rank_grid
+    from .run.plots import rank_grid
 
     types, layers, grid = rank_grid(ranks)
     header = ["", *("-" if layer is None else str(layer + 1) for layer in layers), "total"]
@@ -188,8 +188,8 @@ def format_rank_table(ranks: dict[str, int]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import read_json
-    from .experiment import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, primary_metric
+    from .files.atomic import read_json
+    from .run.train import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, primary_metric
 
     directory = _run_dir(args.output_dir)
     run = read_json(directory / "run.json")
@@ -238,7 +238,7 @@ def register_inspect(subparsers: SubParsers) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .experiment import draw_figures
+    from .run.train import draw_figures
 
     directory = _run_dir(args.output_dir)
     drawn = draw_figures(directory)
@@ -257,7 +257,7 @@ def register_plot(subparsers: SubParsers) -> None:
 
 # ---------------------------------------------------------------------------------------------- merge / export
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_output_dir
+    from .run.convert import merge_output_dir
 
     out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
     print(f"merged model written to {out} (load it with from_pretrained; no adalora needed)")
@@ -274,7 +274,7 @@ def register_merge(subparsers: SubParsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .peft_format import export_output_dir
+    from .run.convert import export_output_dir
 
     out = export_output_dir(args.output_dir, args.out, format=args.format)
     print(f"{args.format} adapter written to {out}")

@@ -8,15 +8,12 @@ and saves with ``save_pretrained`` like the original model.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .inject import _set_submodule
-from .io import atomic_directory, find_adapter_dir, load_adapter, load_base_model, read_adapter_config
 from .layers import SVDAdapter, find_adapters, unwrap_model
 
 
@@ -105,48 +102,3 @@ def _adapters_or_raise(model: nn.Module, caller: str) -> list[tuple[str, SVDAdap
     if not named:
         raise ValueError(f"{caller}: the model has no AdaLoRA adapters (already merged or unloaded?).")
     return named
-
-
-# ---------------------------------------------------------------------- CLI: adalora merge
-def merge_output_dir(
-    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], base: str | None = None, safe: bool = True
-) -> Path:
-    """``adalora merge``: load the base model, apply the saved adapter, merge, ``save_pretrained`` to ``out_dir``.
-
-    The tokenizer of the base model is saved beside the merged weights when it can be loaded, so that
-    ``out_dir`` is a complete model directory for ``from_pretrained``. ``out_dir`` is written atomically.
-
-    Args:
-        output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
-        out_dir: the merged model directory to create or replace.
-        base: the base model's path or name; default: the ``"model"`` recorded in the adapter's metadata.
-        safe: refuse non-finite merged weights (see :func:`merge`).
-
-    Returns:
-        ``out_dir``.
-    """
-    adapter_dir = find_adapter_dir(output_dir)
-    info = read_adapter_config(adapter_dir)
-    model = load_base_model(info, base)
-    load_adapter(model, adapter_dir)
-    merge(model, safe=safe).eval()
-    tokenizer = _try_load_tokenizer(base or (info.get("metadata") or {}).get("model"))
-    with atomic_directory(out_dir, marker="config.json") as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
-    """The base model's tokenizer if it has one (models built from a config alone have none)."""
-    if not path:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        if path.lower().endswith(".gguf"):  # a GGUF file carries its tokenizer
-            return AutoTokenizer.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:  # no tokenizer files, or a model type without a tokenizer: the weights alone are still useful
-        return None

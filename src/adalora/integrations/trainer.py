@@ -28,9 +28,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..allocator import OnMisuse, RankAllocator, StepReport
-from ..checkpoint import atomic_write
 from ..config import AdaLoRAConfig
-from ..distributed import ShardedImportanceTracker, get_rank
+from ..files.atomic import atomic_write
+from ..parallel import ShardedImportanceTracker, get_rank
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 

@@ -9,66 +9,15 @@ number generators, plus whatever small bookkeeping the caller adds.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import SVDAdapter, unwrap_model
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` all at once: ``write(file)`` fills a temporary file that then replaces ``path``.
-
-    Args:
-        path: destination; its directory must exist.
-        write: called with a binary file object open for writing.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable (POSIX; directories cannot be opened on Windows).
-    if hasattr(os, "O_DIRECTORY"):
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Atomically write ``data`` as indented JSON."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+from ..layers import SVDAdapter, unwrap_model
+from .atomic import atomic_write
 
 
 # ---------------------------------------------------------------------------------------------- model state

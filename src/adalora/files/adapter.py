@@ -21,17 +21,10 @@ shapes) before they touch the model, so a failed load leaves it unchanged.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
-import importlib
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +34,11 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from .compact import resize_adapters
-from .config import AdaLoRAConfig
-from .inject import inject, name_matches
-from .layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
+from ..compact import resize_adapters
+from ..config import AdaLoRAConfig
+from ..inject import inject, name_matches
+from ..layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
+from .atomic import atomic_directory
 
 CONFIG_NAME = "adalora_config.json"
 WEIGHTS_NAME = "adalora_adapter.safetensors"
@@ -264,166 +258,6 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any] | None, sour
     )
 
 
-# ---------------------------------------------------------------------- atomic directory writes
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``directory`` in one step, on error it is removed.
-
-    Files written into the temporary directory are fsync'ed before the swap. On Linux the swap is an atomic
-    exchange (``renameat2(RENAME_EXCHANGE)``); elsewhere the old directory is renamed aside first, so a crash at
-    that instant leaves it beside the target as ``.<name>.old-*`` rather than half-written in place.
-
-    Args:
-        directory: the directory to create or replace.
-        marker: a file name that an existing ``directory`` must contain to be replaced (e.g. ``adalora_config.json``);
-            a non-empty directory without it is never overwritten.
-
-    Raises:
-        ValueError: if ``directory`` is a file, or a non-empty directory that does not contain ``marker``.
-    """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"'{directory}' exists and is a file; choose a directory path.")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).exists():
-        raise ValueError(
-            f"'{directory}' exists, is not empty and has no {marker}: refusing to replace it. Choose a new or empty "
-            "directory."
-        )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if directory.exists():
-            if not _exchange(tmp, directory):
-                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(directory, old)
-                try:
-                    os.replace(tmp, directory)
-                except BaseException:
-                    os.replace(old, directory)  # put the previous version back
-                    raise
-                tmp = old
-            # After the exchange or the renames, tmp holds the previous version; the new one is in place.
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28 or another libc
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------- the CLI's inputs
-def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
-    """The adapter directory of a training output directory (``<dir>/adapter``) or ``path`` itself.
-
-    Raises:
-        FileNotFoundError: if neither ``path`` nor ``path/adapter`` is an adapter directory.
-    """
-    path = Path(path)
-    for candidate in (path / "adapter", path):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    if not path.exists():
-        raise FileNotFoundError(f"'{path}' does not exist.")
-    if (path / "model" / "config.json").is_file():
-        raise FileNotFoundError(
-            f"'{path}' holds a fully fine-tuned model ('{path / 'model'}'), not an adapter: that directory is "
-            "already a plain model for from_pretrained, with nothing to merge or export."
-        )
-    raise FileNotFoundError(
-        f"no AdaLoRA adapter in '{path}': expected {CONFIG_NAME} in '{path / 'adapter'}' (a training output "
-        f"directory) or in '{path}' itself (an adapter directory written by save_adapter)."
-    )
-
-
-def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
-    """Rebuild the transformers base model an adapter was saved from, for ``adalora merge``.
-
-    Args:
-        info: :func:`read_adapter_config` output.
-        path: the base model's directory or hub name; default: ``metadata["model"]``, else the model's
-            ``name_or_path`` recorded at save time.
-
-    Raises:
-        ValueError: if no path is known, or the base model class is not a transformers model.
-        FileNotFoundError: if the base model cannot be loaded from ``path``.
-    """
-    base = info.get("base_model", {})
-    path = path or (info.get("metadata") or {}).get("model") or base.get("name_or_path")
-    if not path:
-        raise ValueError("the adapter does not record its base model's location: pass it with --base PATH.")
-    class_path = base.get("class") or ""
-    module_name, _, class_name = class_path.rpartition(".")
-    # Only classes from transformers are imported: a config file must not be able to import arbitrary code.
-    if not module_name.startswith("transformers."):
-        raise ValueError(
-            f"the adapter's base model class {class_path or '(unknown)'} is not a transformers model, so it cannot "
-            "be rebuilt from the adapter directory. Load the base model yourself and call adalora.load_adapter."
-        )
-    model_class = getattr(importlib.import_module(module_name), class_name)
-    kwargs: dict[str, Any] = {}
-    if base.get("config") is not None:
-        # The saved config restores what the checkpoint alone does not say (e.g. num_labels of a new head).
-        kwargs["config"] = model_class.config_class.from_dict(base["config"])
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    if info.get("modules_to_save_tensors"):
-        # transformers reports the task head as "newly initialized"; the adapter's modules_to_save restore it
-        # right after, so that report would only mislead.
-        hf_logging.set_verbosity_error()
-    gguf = str(path).lower().endswith(".gguf")  # a GGUF file (e.g. the packaged SmolLM2), dequantised on load
-    if gguf:
-        kwargs.update(gguf_file=Path(path).name, dtype=torch.float32)
-        path = str(Path(path).parent)
-    try:
-        model = model_class.from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise FileNotFoundError(f"could not load the base model from '{path}': {error}. Pass --base PATH.") from error
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if gguf:
-        from .causal_lm import forget_gguf_origin
-
-        forget_gguf_origin(model)  # so that the merged model can be written with save_pretrained
-    return model
-
-
 # ---------------------------------------------------------------------- helpers
 def _check_targets(model: nn.Module, adapter_names: list[str], config: AdaLoRAConfig, caller: str) -> None:
     """The adapters must be exactly the modules ``config.target_modules`` selects, or a load would differ."""
@@ -592,6 +426,6 @@ def _sha256(path: Path) -> str:
 
 
 def _library_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

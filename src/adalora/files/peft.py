@@ -38,18 +38,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .compact import resize_adapters
-from .config import AdaLoRAConfig
-from .inject import inject, name_matches
-from .io import (
-    _get_tensor,
-    _modules_to_save_state,
-    _read_weights,
-    atomic_directory,
-    find_adapter_dir,
-    read_adapter_config,
-)
-from .layers import adapter_class_for, find_adapters, unwrap_model
+from ..compact import resize_adapters
+from ..config import AdaLoRAConfig
+from ..inject import inject, name_matches
+from ..layers import adapter_class_for, find_adapters, unwrap_model
+from .adapter import _get_tensor, _modules_to_save_state
+from .atomic import atomic_directory
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -128,47 +122,6 @@ def export_peft(
     return _write_peft(
         directory, factors, extra, config.modules_to_save, config.dropout, task_type, base_model_name_or_path
     )
-
-
-def export_output_dir(
-    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, format: str = "peft"
-) -> Path:
-    """``adalora export``: convert a saved adapter (or a training output directory) without loading a model.
-
-    Args:
-        output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
-        out_dir: the directory to write; default: ``<output_dir>/peft`` for a training output directory,
-            ``<adapter dir>-peft`` beside an adapter directory.
-        format: ``"peft"`` (a PEFT LoRA adapter directory), the only format so far.
-
-    Returns:
-        The directory written.
-    """
-    if format != "peft":
-        raise ValueError(f"unknown export format {format!r}; supported: peft.")
-    adapter_dir = find_adapter_dir(output_dir)
-    if out_dir is None:
-        in_run = adapter_dir != Path(output_dir)
-        out_dir = Path(output_dir) / "peft" if in_run else adapter_dir.with_name(adapter_dir.name + "-peft")
-    info = read_adapter_config(adapter_dir)
-    tensors = _read_weights(adapter_dir, info)
-    config = AdaLoRAConfig.from_dict(info["config"])
-    factors = [
-        _Factors(
-            name,
-            meta["type"],
-            tensors[f"{name}.P"],
-            tensors[f"{name}.E"],
-            tensors[f"{name}.Q"],
-            float(meta["scale"]),
-            tuple(meta.get("weight_shape", ())),
-            meta.get("layer", {}),
-        )
-        for name, meta in info["modules"].items()
-    ]
-    extra = {key: tensors[key] for key in info.get("modules_to_save_tensors", [])}
-    base = (info.get("metadata") or {}).get("model") or info["base_model"].get("name_or_path")
-    return _write_peft(out_dir, factors, extra, config.modules_to_save, config.dropout, None, base)
 
 
 def _lora_tensors(f: _Factors) -> dict[str, torch.Tensor]:

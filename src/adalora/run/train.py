@@ -30,14 +30,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import causal_lm, distributed
-from .allocator import RankAllocator
-from .baselines import inject_lora, lora_config, pruned_lora_config
-from .checkpoint import load_checkpoint, read_json, save_checkpoint, write_json
-from .config import AdaLoRAConfig
+from .. import parallel as distributed
+from ..allocator import RankAllocator
+from ..baselines import inject_lora, lora_config, pruned_lora_config
+from ..config import AdaLoRAConfig
+from ..files.atomic import read_json, write_json
+from ..files.checkpoint import load_checkpoint, save_checkpoint
+from ..inject import inject
+from ..integrations.loop import StepResult, fit, total_steps
+from . import causal_lm
 from .data import Task, builtin_task, encode, file_task, packaged_file
-from .inject import inject
-from .training import StepResult, fit, total_steps
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
 METHODS: tuple[str, ...] = ("adalora", "lora", "pruned-lora", "full")
@@ -492,7 +494,7 @@ def rank_pattern(setup: Setup) -> dict[str, int]:
     """Final rank of every adapted matrix (empty for full fine-tuning)."""
     if setup.allocator is not None:
         return setup.allocator.rank_pattern()
-    from .layers import find_adapters
+    from ..layers import find_adapters
 
     return {name: adapter.kept_rank() for name, adapter in find_adapters(setup.model)}
 
@@ -514,7 +516,8 @@ def _save_weights(setup: Setup, output_dir: Path) -> Path:
         "max_length": setup.settings.max_length,
     }
     target = output_dir / "adapter"
-    distributed.save_adapter(setup.model, target, setup.config, metadata)  # every process calls it; rank 0 writes
+    # Every process calls it (FSDP2 gathers the shards); rank 0 writes.
+    distributed.save_adapter_collective(setup.model, target, setup.config, metadata)
     return target
 
 

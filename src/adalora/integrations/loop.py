@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .allocator import RankAllocator, StepReport
+from ..allocator import RankAllocator, StepReport
 
 Batch = Any  # whatever the loader yields; by default a mapping of model keyword arguments including labels
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]

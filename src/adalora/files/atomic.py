@@ -1,0 +1,152 @@
+"""Writes that never leave a half-written file or directory: temporary copy, fsync, then one rename.
+
+- :func:`atomic_write`: one file (a temporary file in the same directory, ``fsync``, ``os.replace``);
+- :func:`atomic_directory`: a whole directory (an adapter, a PEFT export, a merged model) swapped in at once;
+- :func:`write_json` / :func:`read_json`: the JSON files of a run.
+
+Files and directories follow the process umask, like everything else the user creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` all at once: ``write(file)`` fills a temporary file that then replaces ``path``.
+
+    Args:
+        path: destination; its directory must exist.
+        write: called with a binary file object open for writing.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(descriptor, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable (POSIX; directories cannot be opened on Windows).
+    if hasattr(os, "O_DIRECTORY"):
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``directory`` in one step, on error it is removed.
+
+    Files written into the temporary directory are fsync'ed before the swap. On Linux the swap is an atomic
+    exchange (``renameat2(RENAME_EXCHANGE)``); elsewhere the old directory is renamed aside first, so a crash at
+    that instant leaves it beside the target as ``.<name>.old-*`` rather than half-written in place.
+
+    Args:
+        directory: the directory to create or replace.
+        marker: a file name that an existing ``directory`` must contain to be replaced (e.g. ``adalora_config.json``);
+            a non-empty directory without it is never overwritten.
+
+    Raises:
+        ValueError: if ``directory`` is a file, or a non-empty directory that does not contain ``marker``.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"'{directory}' exists and is a file; choose a directory path.")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / marker).exists():
+        raise ValueError(
+            f"'{directory}' exists, is not empty and has no {marker}: refusing to replace it. Choose a new or empty "
+            "directory."
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if directory.exists():
+            if not _exchange(tmp, directory):
+                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(directory, old)
+                try:
+                    os.replace(tmp, directory)
+                except BaseException:
+                    os.replace(old, directory)  # put the previous version back
+                    raise
+                tmp = old
+            # After the exchange or the renames, tmp holds the previous version; the new one is in place.
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
