@@ -24,10 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layers import SVDAdapter, find_adapters
-
-# (attribute, dimension that indexes triplets): P is (d_out, r), E is (r,), Q is (r, d_in).
-_TRIPLET_DIMS = (("P", 1), ("E", 0), ("Q", 0))
+from .layers import TRIPLET_DIMS, SVDAdapter, find_adapters, kept_triplets
 
 
 def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
@@ -55,10 +52,7 @@ def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     named = find_adapters(model)
     if not named:
         raise ValueError("compact: the model has no AdaLoRA adapters; nothing to compact.")
-    # One host sync for the whole model rather than one per adapter.
-    masks = [a.rank_mask for _, a in named]
-    kept = torch.cat(masks).cpu().split([m.numel() for m in masks])
-    keeps = {name: mask.nonzero().squeeze(1) for (name, _), mask in zip(named, kept, strict=True)}
+    keeps = dict(zip((n for n, _ in named), kept_triplets([a for _, a in named]), strict=True))  # one host sync
     if optimizer is not None:
         _check_optimizer_state(optimizer, named)
     for name, adapter in named:
@@ -98,12 +92,13 @@ def _select_triplets(adapter: SVDAdapter, keep: torch.Tensor, optimizer: torch.o
     if keep.numel() == adapter.r:
         return  # already minimal (e.g. compacted twice): nothing moves
     keep = keep.to(adapter.E.device)
-    for attr, dim in _TRIPLET_DIMS:
+    kept = adapter.kept_factors(keep)
+    for (attr, dim), value in zip(TRIPLET_DIMS, (kept.P, kept.E, kept.Q), strict=True):
         old: nn.Parameter = getattr(adapter, attr)
         # A new Parameter rather than ``old.data = ...``: autograd caches a parameter's gradient accumulator,
         # with its shape, for as long as any graph that used it is alive (the ``loss`` of the step just taken
         # still is when RankAllocator.step() calls us), and the next backward would then fail on the old shape.
-        new = nn.Parameter(old.index_select(dim, keep), requires_grad=old.requires_grad)
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
         if old.grad is not None:
             new.grad = old.grad.index_select(dim, keep)
             old.grad = None
@@ -137,7 +132,7 @@ def _move_optimizer_state(
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, named: list[tuple[str, SVDAdapter]]) -> None:
     """Refuse, before anything changes, optimizer state that cannot be sliced along the triplet dimension."""
     for name, adapter in named:
-        for attr, _ in _TRIPLET_DIMS:
+        for attr, _ in TRIPLET_DIMS:
             param = getattr(adapter, attr)
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.shape != param.shape and value.numel() > 1:

@@ -8,9 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import AdaLoRAConfig
-from .layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
-
-SUPPORTED_LAYERS = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding or transformers' GPT-2 Conv1D"
+from .layers import SVDAdapter, adapter_class_for, find_adapters, supported_layers, unwrap_model
 
 
 def name_matches(name: str, targets: tuple[str, ...] | str) -> bool:
@@ -30,7 +28,7 @@ def _describe_candidates(model: nn.Module, limit: int = 12) -> str:
     """A few names of replaceable modules, to help the user fix a target list that matched nothing."""
     names = [n for n, m in model.named_modules() if n and adapter_class_for(m) is not None]
     shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return shown or f"none (the model has no {SUPPORTED_LAYERS} layers)"
+    return shown or f"none (the model has no {supported_layers()} layers)"
 
 
 def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
@@ -69,7 +67,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
         listed = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
         raise ValueError(
             f"inject: target_modules={config.target_modules!r} matches modules of unsupported type: {listed}. "
-            f"AdaLoRA adapts {SUPPORTED_LAYERS}; narrow the targets to those layers "
+            f"AdaLoRA adapts {supported_layers()}; narrow the targets to those layers "
             "(e.g. 'attention.self.query' instead of 'attention')."
         )
     refused = []

@@ -37,7 +37,7 @@ from torch import nn
 from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
 from ..inject import inject, name_matches
-from ..layers import SVDAdapter, adapter_class_for, find_adapters, unwrap_model
+from ..layers import SVDAdapter, adapter_class_for, find_adapters, kept_triplets, unwrap_model
 from .atomic import atomic_directory
 
 CONFIG_NAME = "adalora_config.json"
@@ -85,17 +85,13 @@ def save_adapter(
 
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict[str, Any]] = {}
-    masks = [a.rank_mask for _, a in named]
-    kept = torch.cat(masks).cpu().split([m.numel() for m in masks])  # one host sync for all adapters
-    for (name, adapter), mask in zip(named, kept, strict=True):
-        keep = mask.nonzero().squeeze(1).to(adapter.E.device)
-        # index_select copies, so the saved tensors never share storage (safetensors refuses shared tensors).
-        tensors[f"{name}.P"] = adapter.P.detach().index_select(1, keep).cpu()
-        tensors[f"{name}.E"] = adapter.E.detach().index_select(0, keep).cpu()
-        tensors[f"{name}.Q"] = adapter.Q.detach().index_select(0, keep).cpu()
+    for (name, adapter), keep in zip(named, kept_triplets([a for _, a in named]), strict=True):
+        # Copies (kept_factors selects), so the saved tensors never share storage (safetensors refuses that).
+        factors = adapter.kept_factors(keep).to("cpu")
+        tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
         modules[name] = {
             "type": adapter.layer_type_for(adapter),
-            "rank": int(keep.numel()),
+            "rank": factors.rank,
             "scale": adapter.scale,
             "d_out": adapter.d_out,
             "d_in": adapter.d_in,

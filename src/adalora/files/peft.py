@@ -26,11 +26,9 @@ with ``ranknum = init_r``, while ours use ``alpha / init_r``. The factor ``init_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,29 +42,12 @@ from ..inject import inject, name_matches
 from ..layers import adapter_class_for, find_adapters, unwrap_model
 from .adapter import _get_tensor, _modules_to_save_state
 from .atomic import atomic_directory
+from .updates import ModuleUpdate, updates_from_model
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
-
-
-@dataclass(frozen=True)
-class _Factors:
-    """One module's kept triplets: P ``(d_out, k)``, E ``(k,)``, Q ``(k, d_in)``, its scale and base layer."""
-
-    name: str
-    layer_type: str  # SVDAdapter.layer_type_for: "linear", "conv1d" (GPT-2), "nn_conv2d", "embedding", ...
-    P: torch.Tensor
-    E: torch.Tensor
-    Q: torch.Tensor
-    scale: float
-    weight_shape: tuple[int, ...] = ()  # the base weight's shape (the kernel layout of a convolution)
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # SVDAdapter.layer_options()
-
-    @property
-    def rank(self) -> int:
-        return self.E.numel()
 
 
 # ---------------------------------------------------------------------- export
@@ -100,75 +81,34 @@ def export_peft(
     named = find_adapters(model)
     if not named:
         raise ValueError("export_peft: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
-    factors = []
-    with torch.no_grad():
-        for name, adapter in named:
-            keep = adapter.rank_mask.nonzero().squeeze(1)
-            factors.append(
-                _Factors(
-                    name,
-                    adapter.layer_type_for(adapter),
-                    adapter.P.index_select(1, keep).cpu(),
-                    adapter.E.index_select(0, keep).cpu(),
-                    adapter.Q.index_select(0, keep).cpu(),
-                    adapter.scale,
-                    tuple(adapter.weight.shape),
-                    adapter.layer_options(),
-                )
-            )
+    updates = updates_from_model(model)
     extra = _modules_to_save_state(model, config)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return _write_peft(
-        directory, factors, extra, config.modules_to_save, config.dropout, task_type, base_model_name_or_path
+        directory, updates, extra, config.modules_to_save, config.dropout, task_type, base_model_name_or_path
     )
 
 
-def _lora_tensors(f: _Factors) -> dict[str, torch.Tensor]:
+def _lora_tensors(update: ModuleUpdate) -> dict[str, torch.Tensor]:
     """PEFT LoRA tensors of one module (keys with the ``base_model.model.`` prefix), lambda folded into A."""
-    a = (f.E.unsqueeze(1) * f.Q).contiguous()  # diag(lambda) Q, (k, d_in)
-    b = f.P.contiguous().clone()  # (d_out, k)
-    prefix = f"{PEFT_PREFIX}{f.name}"
-    if f.layer_type in ("linear", "conv1d"):
-        return {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
-    if f.layer_type == "embedding":
-        padding_idx = f.options.get("padding_idx")
-        if padding_idx is not None:
-            a[:, padding_idx] = 0.0  # our update leaves the padding row alone; PEFT's would not
-        return {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
-    if f.layer_type.startswith("nn_conv"):
-        problems = []
-        if f.options.get("groups", 1) != 1:
-            problems.append(f"groups={f.options['groups']} (PEFT factorises grouped convolutions differently)")
-        if any(d != 1 for d in f.options.get("dilation", ())):
-            problems.append(f"dilation={tuple(f.options['dilation'])} (PEFT's lora_A ignores it)")
-        if f.options.get("padding_mode", "zeros") != "zeros":
-            problems.append(f"padding_mode='{f.options['padding_mode']}' (PEFT's lora_A pads with zeros)")
-        if problems:
-            raise ValueError(
-                f"export_peft: module '{f.name}' has {', '.join(problems)}, so no PEFT LoRA layer computes its "
-                "update. Merge the adapter instead (adalora.merge / adalora merge), or leave this layer out of "
-                "target_modules."
-            )
-        out_channels, *kernel = f.weight_shape  # kernel = [in, *kernel_size]
-        ones = [1] * (len(kernel) - 1)
-        return {
-            f"{prefix}.lora_A.weight": a.view(f.rank, *kernel),  # Q as k kernels of the base's size
-            f"{prefix}.lora_B.weight": b.view(out_channels, f.rank, *ones),  # P as a 1 x 1 convolution
-        }
-    raise ValueError(f"export_peft: module '{f.name}' has layer type '{f.layer_type}', unknown to this version.")
+    try:
+        tensors = update.adapter_class.lora_tensors(update.factors, update.weight_shape, update.options)
+    except ValueError as error:
+        raise ValueError(f"export_peft: module '{update.name}' has {error}") from None
+    return {f"{PEFT_PREFIX}{update.name}.{suffix}": value for suffix, value in tensors.items()}
 
 
 def _write_peft(
     directory: str | os.PathLike[str],
-    factors: list[_Factors],
+    updates: list[ModuleUpdate],
     extra: dict[str, torch.Tensor],
     modules_to_save: Iterable[str],
     dropout: float,
     task_type: str | None,
     base_model_name_or_path: str | None,
 ) -> Path:
-    kept = [f for f in factors if f.rank > 0]
+    kept = [u for u in updates if u.rank > 0]
     if not kept:
         raise ValueError("export_peft: every adapter has rank 0, so there is nothing to export as LoRA.")
     tensors: dict[str, torch.Tensor] = {}
@@ -177,7 +117,7 @@ def _write_peft(
     for key, value in extra.items():
         tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().clone()
     ranks = {f.name: f.rank for f in kept}
-    alphas = {f.name: f.scale * f.rank for f in kept}  # PEFT scaling = alpha / r = our scale
+    alphas = {f.name: f.factors.scale * f.rank for f in kept}  # PEFT scaling = alpha / r = our scale
     default_r = max(ranks.values())
     peft_config: dict[str, Any] = {
         "peft_type": "LORA",
@@ -190,7 +130,7 @@ def _write_peft(
         "alpha_pattern": alphas,
         "lora_dropout": dropout,
         # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
-        "fan_in_fan_out": any(f.layer_type == "conv1d" for f in kept),
+        "fan_in_fan_out": any(u.adapter_class.peft_fan_in_fan_out for u in kept),
         "bias": "none",
         "modules_to_save": list(modules_to_save) or None,
         "use_rslora": False,  # rslora would scale by alpha / sqrt(r) and break the alpha_pattern above

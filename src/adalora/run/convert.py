@@ -15,7 +15,8 @@ from torch import nn
 from ..config import AdaLoRAConfig
 from ..files.adapter import CONFIG_NAME, _read_weights, load_adapter, read_adapter_config
 from ..files.atomic import atomic_directory
-from ..files.peft import _Factors, _write_peft
+from ..files.peft import _write_peft
+from ..files.updates import updates_from_adapter
 from ..merge import merge
 
 
@@ -162,19 +163,7 @@ def export_output_dir(
     info = read_adapter_config(adapter_dir)
     tensors = _read_weights(adapter_dir, info)
     config = AdaLoRAConfig.from_dict(info["config"])
-    factors = [
-        _Factors(
-            name,
-            meta["type"],
-            tensors[f"{name}.P"],
-            tensors[f"{name}.E"],
-            tensors[f"{name}.Q"],
-            float(meta["scale"]),
-            tuple(meta.get("weight_shape", ())),
-            meta.get("layer", {}),
-        )
-        for name, meta in info["modules"].items()
-    ]
+    updates = updates_from_adapter(info, tensors)
     extra = {key: tensors[key] for key in info.get("modules_to_save_tensors", [])}
     base = (info.get("metadata") or {}).get("model") or info["base_model"].get("name_or_path")
-    return _write_peft(out_dir, factors, extra, config.modules_to_save, config.dropout, None, base)
+    return _write_peft(out_dir, updates, extra, config.modules_to_save, config.dropout, None, base)

@@ -1,0 +1,42 @@
+"""SVD-form adapter layers, W = W0 + scale * P diag(lambda) Q (paper eq. 3), one module per kind of base layer.
+
+- :mod:`.base`: :class:`SVDAdapter` (what every adapter shares), kept factors, finding adapters in a model;
+- :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`: one adapter class per kind of base layer;
+- :mod:`.registry`: the table of supported layer types (the one place a new layer type is added).
+"""
+
+from .base import (
+    TRIPLET_DIMS,
+    KeptFactors,
+    SVDAdapter,
+    disable_adapters,
+    find_adapters,
+    kept_triplets,
+    overrides,
+    unwrap_model,
+)
+from .conv import SVDConv
+from .embedding import SVDEmbedding
+from .linear import SVDConv1D, SVDLinear
+from .registry import LAYER_TYPES, LayerType, adapter_class_for, adapter_class_named, layer_type_of, supported_layers
+
+__all__ = [
+    "LAYER_TYPES",
+    "TRIPLET_DIMS",
+    "KeptFactors",
+    "LayerType",
+    "SVDAdapter",
+    "SVDConv",
+    "SVDConv1D",
+    "SVDEmbedding",
+    "SVDLinear",
+    "adapter_class_for",
+    "adapter_class_named",
+    "disable_adapters",
+    "find_adapters",
+    "kept_triplets",
+    "layer_type_of",
+    "overrides",
+    "supported_layers",
+    "unwrap_model",
+]

@@ -1,0 +1,248 @@
+"""The SVD adapter every layer type shares: W = W0 + scale * P diag(lambda) Q (paper eq. 3).
+
+Whatever the base layer, P is a 2-D ``(d_out, r)`` matrix and Q a 2-D ``(r, d_in)`` matrix, so that importance
+scores, the regulariser, allocation, saving, merging and compaction treat every layer type alike; only the forward
+and the layout of the merged update differ (see each subclass).
+
+Each adapter owns the frozen base ``weight`` and ``bias`` itself (the very same ``Parameter`` objects the replaced
+module held), so the base model's state-dict keys are unchanged and adapter keys (``P``, ``E``, ``Q``,
+``rank_mask``) are simply added.
+
+Triplet i of an adapter is G_i = {P[:, i], E[i], Q[i, :]}. Masking a triplet zeroes E[i] only (the reference
+behaviour); P and Q keep training, so a masked triplet can win back its place at a later allocation.
+``rank_mask`` records the latest allocation so that ``model.state_dict()`` carries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (attribute, dimension that indexes triplets): P is (d_out, r), E is (r,), Q is (r, d_in).
+TRIPLET_DIMS: tuple[tuple[str, int], ...] = (("P", 1), ("E", 0), ("Q", 0))
+
+
+@dataclass(frozen=True)
+class KeptFactors:
+    """The kept triplets of one adapter: P ``(d_out, k)``, lambda ``(k,)``, Q ``(k, d_in)`` and the scale."""
+
+    P: torch.Tensor
+    E: torch.Tensor
+    Q: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.E.numel()
+
+    def lora_a(self) -> torch.Tensor:
+        """``diag(lambda) Q``, shape ``(k, d_in)``: the singular values folded into the right factor."""
+        return (self.E.unsqueeze(1) * self.Q).contiguous()
+
+    def to(self, device: torch.device | str) -> KeptFactors:
+        return KeptFactors(self.P.to(device), self.E.to(device), self.Q.to(device), self.scale)
+
+
+def overrides(module: nn.Module, base: type[nn.Module], *methods: str) -> list[str]:
+    """The methods of ``base`` that ``module``'s class redefines (e.g. a scaled embedding's ``forward``)."""
+    return [m for m in methods if getattr(type(module), m) is not getattr(base, m)]
+
+
+class SVDAdapter(nn.Module):
+    """Base class of every AdaLoRA adapter; subclasses define how the frozen base layer computes.
+
+    Attributes:
+        weight: the frozen base weight, in the layout of the module it replaced.
+        bias: the frozen base bias or ``None``.
+        P: left singular vectors, shape ``(d_out, r)``.
+        E: singular values lambda, shape ``(r,)``; starts at zero so the adapted model equals the base.
+        Q: right singular vectors, shape ``(r, d_in)``.
+        rank_mask: bool buffer ``(r,)``, True for triplets kept by the latest allocation.
+        scale: ``alpha / init_r``, fixed for the life of the adapter.
+    """
+
+    rank_mask: torch.Tensor
+    layer_type: ClassVar[str] = ""  # the name recorded in adapter files; see layers.registry
+    peft_fan_in_fan_out: ClassVar[bool] = False  # PEFT must transpose the merged update (GPT-2 Conv1D)
+
+    @classmethod
+    def dims(cls, module: nn.Module) -> tuple[int, int]:
+        """(d_out, d_in) of the update matrix for base layer ``module`` (or an adapter of this class)."""
+        d_out, d_in = module.weight.shape
+        return d_out, d_in
+
+    @classmethod
+    def layer_type_for(cls, module: nn.Module) -> str:
+        """The ``layer_type`` recorded in adapter files for ``module`` (a base layer or an adapter)."""
+        return cls.layer_type
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot be adapted although its type is supported (None if it can be)."""
+        return None
+
+    @classmethod
+    def lora_tensors(
+        cls, factors: KeptFactors, weight_shape: Sequence[int], options: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """The update as LoRA tensors in PEFT's layout for this layer type, keyed by PEFT's suffixes.
+
+        ``lora_B @ lora_A = P diag(lambda) Q`` (the scale is left to the caller): ``lora_A = diag(lambda) Q``
+        ``(k, d_in)`` and ``lora_B = P`` ``(d_out, k)`` for linear layers; subclasses reshape (convolutions) or
+        rename (embeddings).
+
+        Args:
+            factors: the kept triplets (:meth:`kept_factors`), on the CPU.
+            weight_shape: the base weight's shape.
+            options: :meth:`layer_options` of the adapter.
+        """
+        return {"lora_A.weight": factors.lora_a(), "lora_B.weight": factors.P.contiguous().clone()}
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: nn.Parameter | None,
+        d_out: int,
+        d_in: int,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.d_out, self.d_in = d_out, d_in
+        self.scale = float(scale)
+        # Half-precision bases get float32 adapters: the adapter is what trains, and its updates and
+        # importance scores are too small for fp16/bf16 resolution.
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = {"device": weight.device, "dtype": dtype}
+        self.P = nn.Parameter(torch.empty(d_out, r, **factory))
+        self.E = nn.Parameter(torch.zeros(r, **factory))
+        self.Q = nn.Parameter(torch.empty(r, d_in, **factory))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=weight.device))
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+        nn.init.normal_(self.P, std=init_std)
+        nn.init.normal_(self.Q, std=init_std)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def r(self) -> int:
+        """Current number of triplets (the initial rank until the adapter is compacted)."""
+        return self.E.shape[0]
+
+    def layer_options(self) -> dict[str, Any]:
+        """Settings of the base layer besides its weight shape, as JSON values (recorded in adapter files)."""
+        return {}
+
+    def kept_rank(self) -> int:
+        """Triplets kept by the latest allocation (reads the mask: a host sync on GPU)."""
+        return int(self.rank_mask.sum())
+
+    def kept_factors(self, keep: torch.Tensor | None = None) -> KeptFactors:
+        """Copies of P, lambda and Q cut to the triplets ``keep`` (default: those ``rank_mask`` keeps).
+
+        What saving, exporting and compacting an adapter start from. ``index_select`` copies, so the result never
+        shares storage with the parameters.
+
+        Args:
+            keep: ascending triplet indices ``(k,)``; see :func:`kept_triplets` to read every adapter's mask with one
+                host sync.
+        """
+        if keep is None:
+            keep = self.rank_mask.nonzero().squeeze(1)
+        keep = keep.to(self.E.device)
+        with torch.no_grad():
+            p, e, q = (getattr(self, attr).detach().index_select(dim, keep) for attr, dim in TRIPLET_DIMS)
+        return KeptFactors(p, e, q, self.scale)
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        """The trainable factors (P, E, Q)."""
+        return self.P, self.E, self.Q
+
+    # ------------------------------------------------------------------ compute
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * ((dropout(x) Q^T) * lambda) P^T without forming the (d_out, d_in) product.
+
+        Args:
+            x: input of shape ``(..., d_in)``.
+
+        Returns:
+            Tensor of shape ``(..., d_out)`` in ``x``'s dtype.
+        """
+        h = F.linear(self.dropout(x).to(self.Q.dtype), self.Q)  # (..., r)
+        h = h * (self.E * self.scale)  # scale folded into the r-vector: cheaper than scaling (..., d_out)
+        return F.linear(h, self.P).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * P diag(lambda) Q, shape ``(d_out, d_in)`` (for merging; never used in forward)."""
+        return (self.P * (self.E * self.scale)) @ self.Q
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if not self.adapter_enabled or self.r == 0:  # rank 0 (compacted away): nothing to add
+            return out
+        return out + self.adapter_output(x)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"
+
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+
+    Every function of the library that takes a model looks through these wrappers, so that module names (saved
+    adapter keys, checkpoints, rank patterns) read the same whether or not the model was compiled or wrapped,
+    instead of gaining an ``_orig_mod.`` or ``module.`` prefix that a plain model could not load. FSDP2 does not
+    wrap, so it needs nothing here.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def find_adapters(model: nn.Module) -> list[tuple[str, SVDAdapter]]:
+    """All adapters in ``model``, found by type, as (qualified module name, adapter) in module order.
+
+    Names are relative to the model inside any ``torch.compile``/DDP wrapper (:func:`unwrap_model`).
+    """
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if isinstance(m, SVDAdapter)]
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as the base model: every adapter's contribution is switched off inside the block."""
+    adapters = [m for _, m in find_adapters(model)]
+    previous = [m.adapter_enabled for m in adapters]
+    for m in adapters:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(adapters, previous, strict=True):
+            m.adapter_enabled = state
+
+
+def kept_triplets(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
+    """Ascending indices of the triplets each adapter's ``rank_mask`` keeps, read with one host sync for all."""
+    masks = [a.rank_mask for a in adapters]
+    if not masks:
+        return []
+    kept = torch.cat(masks).cpu().split([m.numel() for m in masks])
+    return [mask.nonzero().squeeze(1) for mask in kept]

@@ -1,0 +1,79 @@
+"""Adapters for linear layers: ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (a linear layer with a transposed
+weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import SVDAdapter
+
+
+class SVDLinear(SVDAdapter):
+    """Adapter for ``torch.nn.Linear``: ``weight`` is ``(d_out, d_in)``."""
+
+    layer_type = "linear"
+
+    @classmethod
+    def from_base(
+        cls, module: nn.Linear, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
+    ) -> SVDLinear:
+        d_out, d_in = module.weight.shape
+        return cls(module.weight, module.bias, d_out, d_in, r, scale, dropout, init_std)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def to_base(self, weight: torch.Tensor) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``weight`` (base layout) and this adapter's bias."""
+        module = nn.Linear(self.d_in, self.d_out, bias=self.bias is not None, device="meta")
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            module.bias = self.bias
+        return module
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' GPT-2 ``Conv1D`` (imported lazily so that plain PyTorch users never pay for it)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency, but stay usable without it
+        return None
+    return Conv1D
+
+
+class SVDConv1D(SVDAdapter):
+    """Adapter for transformers' GPT-2 ``Conv1D``, a linear layer with a transposed ``(d_in, d_out)`` weight."""
+
+    layer_type = "conv1d"  # transformers' GPT-2 Conv1D (a linear layer); torch's nn.Conv1d is "nn_conv1d"
+    peft_fan_in_fan_out = True  # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT must know to merge correctly
+
+    @classmethod
+    def dims(cls, module: nn.Module) -> tuple[int, int]:
+        d_in, d_out = module.weight.shape
+        return d_out, d_in
+
+    @classmethod
+    def from_base(
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
+    ) -> SVDConv1D:
+        d_out, d_in = cls.dims(module)
+        return cls(module.weight, module.bias, d_out, d_in, r, scale, dropout, init_std)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.reshape(-1, self.d_in), self.weight)
+        return out.view(*x.shape[:-1], self.d_out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base layout ``(d_in, d_out)``."""
+        return super().delta_weight().T
+
+    def to_base(self, weight: torch.Tensor) -> nn.Module:
+        conv1d = conv1d_type()
+        assert conv1d is not None
+        module = conv1d(self.d_out, self.d_in)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.bias = self.bias
+        return module
+
