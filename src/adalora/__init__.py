@@ -16,6 +16,7 @@ import importlib
 import warnings
 
 from . import _compat
+from . import parallel as _parallel  # noqa: F401  (registers the importance trackers for DDP and FSDP2)
 from .allocator import RankAllocator
 from .compact import compact
 from .config import AdaLoRAConfig

@@ -10,6 +10,7 @@ Step counting: the k-th call of ``step()`` (k = 0, 1, ...) is optimizer step t =
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,15 +18,23 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import parallel as distributed
 from .compact import compact
 from .config import AdaLoRAConfig
-from .importance import ImportanceTracker
+from .importance import ImportanceTracker, make_tracker
 from .layers import SVDAdapter, find_adapters, unwrap_model
-from .regularizer import orthogonal_penalty
 from .schedule import BudgetDecision, Phase, budget_at
 
 OnMisuse = Literal["warn", "error"]
+
+CHECK_ENV = "ADALORA_CHECK_CONSISTENCY"
+"""Environment variable that switches the cross-process consistency check on (``1``) without code changes."""
+
+
+def consistency_check_requested(flag: bool | None = None) -> bool:
+    """The explicit ``flag`` if given, else whether ``ADALORA_CHECK_CONSISTENCY`` is set to a true value."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -88,11 +97,11 @@ class RankAllocator:
         on_misuse: ``"warn"`` (default) or ``"error"`` when the allocator is stepped more often or less often
             than the optimizer, or past ``total_steps``.
         check_consistency: under ``torch.distributed``, compare the allocation across all processes at every
-            allocation step and raise :class:`~adalora.distributed.ConsistencyError` if they differ (one small
+            allocation step and raise :class:`~adalora.parallel.ConsistencyError` if they differ (one small
             all-reduce per allocation). None (default): on iff the environment variable
             ``ADALORA_CHECK_CONSISTENCY=1``. Free when off; a no-op in a single process.
 
-    Data-parallel training (see ``adalora.distributed``): under DDP every process computes the same allocation
+    Data-parallel training (see ``adalora.parallel``): under DDP every process computes the same allocation
     from the same all-reduced gradients; ``model`` may be the DDP-wrapped model or the model inside. Adapters
     sharded by FSDP2 (``fully_shard``) keep sharded statistics and gather the triplet scores before the top-b.
     """
@@ -143,35 +152,25 @@ class RankAllocator:
                 f"budget {self.init_budget} - 1 ({len(self.adapters)} adapters x init_r). "
                 "Lower target_total_rank/target_r or raise init_r."
             )
-        self.tracker: ImportanceTracker = distributed.make_tracker(
-            self.adapters, config.importance, config.beta1, config.beta2
-        )
-        self._sharded = isinstance(self.tracker, distributed.ShardedImportanceTracker)  # FSDP2 DTensors
-        if config.compact_at_final and (self._sharded or distributed.is_distributed()):
+        # The tracker knows how the adapters are laid out over processes (one, DDP, FSDP2); the allocator never asks.
+        self.tracker: ImportanceTracker = make_tracker(self.adapters, config.importance, config.beta1, config.beta2)
+        if config.compact_at_final and not self.tracker.supports_compaction:
             raise ValueError(
                 "RankAllocator: compact_at_final=True is not supported with several processes: DDP and FSDP hold "
                 "on to the parameters that compaction replaces. Leave it off (save_adapter still saves the "
                 "adapters cut to their kept ranks)."
             )
-        self.check_consistency = distributed.consistency_check_requested(check_consistency)
+        self.check_consistency = consistency_check_requested(check_consistency)
         # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
         self._owner = torch.repeat_interleave(
             torch.arange(len(self.adapters), device=self.tracker.device),
             torch.tensor(self.tracker.ranks, device=self.tracker.device),
             output_size=sum(self.tracker.ranks),  # known here, so that no device sync is needed to size it
         )
-        # An allocation's keep-mask, as bool (for the rank_mask buffers) and in lambda's dtype (to multiply lambda),
-        # each with its per-adapter views made once here: splitting a fresh (sum of r,) mask into 72 views at every
-        # allocation costs more (~70 us on the CPU) than the copies and products themselves.
-        triplets = sum(self.tracker.ranks)
-        self._keep = torch.empty(triplets, dtype=torch.bool, device=self.tracker.device)
+        # An allocation's keep-mask for the rank_mask buffers, with its per-adapter views made once here: splitting
+        # a fresh mask into one view per adapter at every allocation costs more than the copies themselves.
+        self._keep = torch.empty(sum(self.tracker.ranks), dtype=torch.bool, device=self.tracker.device)
         self._keep_views = list(self._keep.split(self.tracker.ranks))
-        self._keep_factor = torch.empty(triplets, dtype=self.adapters[0].E.dtype, device=self.tracker.device)
-        self._keep_factor_views = list(self._keep_factor.split(self.tracker.ranks))
-        # The final phase's lambda multipliers (the frozen masks in lambda's dtype) and the lambdas they were made
-        # for; set when the pattern freezes (the final allocation, or loading a final-phase state).
-        self._frozen_factors: list[torch.Tensor] | None = None
-        self._frozen_lambdas: list[torch.Tensor] = []
         self.step_count = 0  # number of step() calls so far = the next step's t
         self.history: list[Allocation] = []
         self.final = False  # True once the pattern is frozen (t >= T - t_f)
@@ -238,9 +237,9 @@ class RankAllocator:
                     # The pattern is frozen: masked triplets can no longer come back, so drop them for good
                     # (the final phase then trains (d_out, k)/(k, d_in) factors; outputs are unchanged).
                     compact(self.model, self.optimizer)
-                self._freeze_masks()  # in this step, which synchronises anyway
+                self.tracker.freeze_masks()  # in this step, which synchronises anyway
         elif self.final:
-            self._reapply_frozen_masks()
+            self.tracker.reapply_frozen_masks()
         if t >= self.config.total_steps:  # type: ignore[operator]
             self._misuse(
                 "past_total",
@@ -255,11 +254,11 @@ class RankAllocator:
         scores = self.tracker.triplet_scores()
         keep = top_b_mask(scores, budget)
         if self.check_consistency:
-            distributed.check_allocation_consistency(step, budget, keep, scores, self.names, self.tracker.ranks)
+            self.tracker.verify(step, budget, keep, scores, self.names)
         with torch.no_grad():
             self._keep.copy_(keep)
             torch._foreach_copy_([a.rank_mask for a in self.adapters], self._keep_views)
-            self._reapply_masks(keep)
+            self.tracker.mask(keep)
         # Kept triplets per adapter by a scatter-add (boolean indexing would synchronise to size its result), read
         # together with the skipped-update counter: the one host sync of an allocation step.
         kept = torch.zeros(len(self.adapters), dtype=torch.long, device=keep.device)
@@ -270,62 +269,17 @@ class RankAllocator:
         self._warn_skipped(skipped)
         return allocation
 
-    @torch.no_grad()
-    def _reapply_masks(self, keep: torch.Tensor) -> None:
-        """Zero lambda of every triplet the allocation just masked (P and Q are left alone: it can come back).
-
-        Args:
-            keep: the masks just copied into the adapters, concatenated: ``(sum of r,)`` bool. Cast to lambda's
-                dtype once (0 and 1 are exact in every float dtype) instead of once per adapter.
-        """
-        if self._sharded:
-            distributed.reapply_sharded_masks(self.adapters)
-            return
-        self._keep_factor.copy_(keep)
-        torch._foreach_mul_([a.E for a in self.adapters], self._keep_factor_views)
-
-    @torch.no_grad()
-    def _freeze_masks(self) -> None:
-        """Cast the frozen masks to lambda's dtype once for the final phase (one host sync: is anything masked?).
-
-        ``torch._foreach_mul_`` with bool masks would cast every mask at every step, and on a GPU leave the fused
-        multi-tensor kernel for one kernel per adapter. When every triplet is kept, as after compaction, there is
-        nothing to zero and the final-phase steps do nothing. Sharded adapters re-mask their local shards instead.
-        """
-        if self._sharded:
-            return
-        masks = [a.rank_mask for a in self.adapters]
-        factors = torch.cat(masks).to(self.adapters[0].E.dtype)
-        self._frozen_factors = [] if bool(factors.all()) else list(factors.split([m.numel() for m in masks]))
-        self._frozen_lambdas = [a.E for a in self.adapters]
-
-    @torch.no_grad()
-    def _reapply_frozen_masks(self) -> None:
-        """Final phase: zero the masked lambdas that the optimizer step just moved, with the frozen masks.
-
-        The cast masks are made again (one host sync) only if the adapters' parameters were replaced since the
-        pattern froze (``adalora.compact`` called by hand).
-        """
-        if self._sharded:
-            distributed.reapply_sharded_masks(self.adapters)
-            return
-        lambdas = [a.E for a in self.adapters]
-        if self._frozen_factors is None or any(a is not b for a, b in zip(lambdas, self._frozen_lambdas, strict=True)):
-            self._freeze_masks()
-        if self._frozen_factors:
-            torch._foreach_mul_(lambdas, self._frozen_factors)
-
     # ------------------------------------------------------------------ importance
     def _gradients(self) -> list[torch.Tensor]:
         params = self.tracker.parameters()
         grads = [p.grad for p in params]
         missing = [i for i, g in enumerate(grads) if g is None]
         if len(missing) == len(grads):
-            if not self._sharded and distributed.is_sharded(self.adapters[0].E):
+            if self.tracker.stale():
                 raise RuntimeError(
-                    "RankAllocator.step(): the model was sharded with fully_shard after this allocator was built, "
-                    "so it tracks parameters FSDP has replaced. Build the optimizer and the RankAllocator after "
-                    "fully_shard."
+                    "RankAllocator.step(): the model was sharded with fully_shard after this allocator was built (or "
+                    "its adapters were compacted by hand), so it tracks parameters that no longer train. Build the "
+                    "optimizer and the RankAllocator after fully_shard (or after compact)."
                 )
             raise RuntimeError(
                 "RankAllocator.step(): no adapter parameter has a gradient. Call it after loss.backward() and "
@@ -415,10 +369,7 @@ class RankAllocator:
         """gamma * R(P, Q) over all adapters (section 2 of ALGORITHM.md); add it to any loss."""
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=self.adapters[0].E.device)
-        if self._sharded:
-            penalty = distributed.sharded_orthogonal_penalty(self.adapters, self.config.regularizer)
-        else:
-            penalty = orthogonal_penalty(self.adapters, self.config.regularizer)
+        penalty = self.tracker.penalty(self.config.regularizer)
         return self.config.orth_reg_weight * penalty
 
     def rank_pattern(self) -> dict[str, int]:
@@ -483,9 +434,8 @@ class RankAllocator:
         with torch.no_grad():
             for adapter, mask in zip(self.adapters, state["masks"], strict=True):
                 adapter.rank_mask.copy_(mask)
-        self._frozen_factors = None
         if self.final:
-            self._freeze_masks()
+            self.tracker.freeze_masks()
             self.tracker.free()
         else:
             self.tracker.load_state_dict(state["importance"])

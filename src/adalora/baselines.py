@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import AdaLoRAConfig
+from .importance import METRICS
 from .inject import inject
 from .layers import find_adapters
 
@@ -86,9 +87,10 @@ def pruned_lora_config(config: AdaLoRAConfig) -> AdaLoRAConfig:
     B away from its zero init would change the baseline), and the ``magnitude`` score is refused (lambda is
     fixed at 1 in LoRA, so |lambda| ranks nothing).
     """
-    if config.importance == "magnitude":
+    if METRICS[config.importance].reads_lambda_only:
+        usable = ", ".join(name for name, m in METRICS.items() if not m.reads_lambda_only)
         raise ValueError(
-            "pruned LoRA: importance='magnitude' scores |lambda|, which LoRA does not have (it is fixed at 1); "
-            "use 'smoothed' (the default) or 'sensitivity'."
+            f"pruned LoRA: importance={config.importance!r} scores |lambda|, which LoRA does not have (it is fixed "
+            f"at 1); use one of {usable}."
         )
     return config.replace(orth_reg_weight=0.0)

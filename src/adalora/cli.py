@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .importance import METRICS
 from .run.causal_lm import CAUSAL_LM
 from .run.data import BUILTIN_TASKS
 
@@ -100,7 +101,12 @@ def register_train(subparsers: SubParsers) -> None:
     schedule.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="t_i / T")
     schedule.add_argument("--final-fraction", type=float, default=d.final_fraction, help="t_f / T")
     schedule.add_argument("--mask-interval", type=int, default=d.mask_interval, help="DeltaT between allocations")
-    schedule.add_argument("--importance", default=d.importance, choices=("smoothed", "sensitivity", "magnitude"))
+    schedule.add_argument(
+        "--importance",
+        default=d.importance,
+        choices=list(METRICS),
+        help="element score s of eq. 7: " + "; ".join(f"{m.name}: {m.description}" for m in METRICS.values()),
+    )
     schedule.add_argument("--orth-reg-weight", type=float, default=d.orth_reg_weight, help="gamma")
     schedule.add_argument("--beta1", type=float, default=d.beta1, help="EMA of the sensitivity")
     schedule.add_argument("--beta2", type=float, default=d.beta2, help="EMA of the uncertainty")

@@ -1,6 +1,6 @@
 """The AdaLoRA configuration: one frozen dataclass, validated on construction.
 
-Symbols follow the paper (Zhang et al., ICLR 2023) and ``ALGORITHM.md``: ``init_r`` is the initial rank of
+Symbols follow the paper (Zhang et al., ICLR 2023; docs/algorithm.md): ``init_r`` is the initial rank of
 every adapted matrix, the budget ``b(t)`` is the number of unmasked singular values over all matrices,
 ``t_i``/``t_f``/``T`` are the warm-up, final-phase and total lengths in *optimizer* steps, ``DeltaT`` the
 interval between allocations.
@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ImportanceMetric = Literal["smoothed", "sensitivity", "magnitude"]
+from .importance import METRICS
+
+ImportanceMetric = str  # a key of adalora.importance.METRICS: "smoothed", "sensitivity", "magnitude"
 RegularizerForm = Literal["reference", "paper"]
 ImportanceTiming = Literal["after_step", "before_step"]
 
-_METRICS = ("smoothed", "sensitivity", "magnitude")
 _REGULARIZERS = ("reference", "paper")
 _TIMINGS = ("after_step", "before_step")
 
@@ -128,7 +129,7 @@ class AdaLoRAConfig:
         if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
             fail("dropout", f"must lie in [0, 1), got {self.dropout!r}", "Use 0.0 for no dropout.")
         for name, allowed in (
-            ("importance", _METRICS),
+            ("importance", tuple(METRICS)),
             ("regularizer", _REGULARIZERS),
             ("importance_timing", _TIMINGS),
         ):

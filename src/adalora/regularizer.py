@@ -1,6 +1,6 @@
 """Orthogonality regulariser R(P, Q) that keeps P and Q close to orthonormal (paper eq. 4).
 
-Two forms (``ALGORITHM.md`` section 2):
+Two forms (docs/algorithm.md, the regulariser):
 
 - ``"paper"``:     sum over adapters of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2;
 - ``"reference"``: mean over all 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (norm not squared),
@@ -12,11 +12,14 @@ The caller multiplies by gamma (``orth_reg_weight``) and adds the result to what
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import RegularizerForm
 from .layers import SVDAdapter
+
+if TYPE_CHECKING:
+    from .config import RegularizerForm
 
 
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:

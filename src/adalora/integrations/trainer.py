@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..allocator import OnMisuse, RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
-from ..parallel import ShardedImportanceTracker, get_rank
+from ..parallel import get_rank
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 
@@ -118,8 +118,7 @@ class AdaLoRACallback(TrainerCallback):
             return
         # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
         # it. Under FSDP2 each process holds its own shard of the importance statistics and saves that.
-        sharded = isinstance(self.allocator.tracker, ShardedImportanceTracker)
-        if not (sharded or args.should_save):
+        if not (self.allocator.tracker.per_process_state or args.should_save):
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
@@ -129,7 +128,7 @@ class AdaLoRACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     def _state_file(self) -> str:
         """``adalora_allocator.pt``, or one file per process when FSDP2 shards the statistics."""
-        if isinstance(self.allocator.tracker, ShardedImportanceTracker):
+        if self.allocator.tracker.per_process_state:
             return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
         return ALLOCATOR_FILE
 

@@ -199,7 +199,6 @@ class SVDAdapter(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"
 
 
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
 

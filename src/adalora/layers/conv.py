@@ -192,4 +192,3 @@ class SVDConv(SVDAdapter):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}{groups}, "
             f"r={self.r}, scale={self.scale:g}"
         )
-

@@ -130,4 +130,3 @@ class SVDEmbedding(SVDAdapter):
     def extra_repr(self) -> str:
         padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}{padding}, r={self.r}, scale={self.scale:g}"
-

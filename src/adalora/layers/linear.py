@@ -76,4 +76,3 @@ class SVDConv1D(SVDAdapter):
         module.weight = nn.Parameter(weight, requires_grad=False)
         module.bias = self.bias
         return module
-

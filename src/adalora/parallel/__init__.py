@@ -19,11 +19,11 @@ partial triplet scores over the shard group at each allocation, so the global to
 scores on every process. Masks are applied to the local shard of lambda.
 """
 
+from ..allocator import CHECK_ENV, consistency_check_requested
+from ..importance import register_tracker
 from .consistency import ConsistencyError, check_allocation_consistency, mask_fingerprint
 from .processes import (
-    CHECK_ENV,
     barrier,
-    consistency_check_requested,
     get_local_world_size,
     get_rank,
     get_world_size,
@@ -34,9 +34,10 @@ from .processes import (
 )
 from .save import gathered_adapters, save_adapter_collective
 from .sharded import (
+    ReplicatedImportanceTracker,
     ShardedImportanceTracker,
     is_sharded,
-    make_tracker,
+    parallel_tracker,
     reapply_sharded_masks,
     sharded_adapters,
     sharded_orthogonal_penalty,
@@ -45,6 +46,7 @@ from .sharded import (
 __all__ = [
     "CHECK_ENV",
     "ConsistencyError",
+    "ReplicatedImportanceTracker",
     "ShardedImportanceTracker",
     "barrier",
     "check_allocation_consistency",
@@ -57,11 +59,14 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "is_sharded",
-    "make_tracker",
     "mask_fingerprint",
     "mean_over_processes",
+    "parallel_tracker",
     "reapply_sharded_masks",
     "save_adapter_collective",
     "sharded_adapters",
     "sharded_orthogonal_penalty",
 ]
+
+# Offer the allocator's importance tracker a layout over processes before the one-process default.
+register_tracker(parallel_tracker)

@@ -10,9 +10,6 @@ import os
 import torch
 import torch.distributed as dist
 
-CHECK_ENV = "ADALORA_CHECK_CONSISTENCY"
-"""Environment variable that switches the cross-process consistency check on (``1``) without code changes."""
-
 
 # ---------------------------------------------------------------------- process-group awareness
 def is_distributed() -> bool:
@@ -84,10 +81,3 @@ def init_from_env(backend: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return is_distributed()
-
-
-def consistency_check_requested(flag: bool | None = None) -> bool:
-    """The explicit ``flag`` if given, else whether ``ADALORA_CHECK_CONSISTENCY`` is set to a true value."""
-    if flag is not None:
-        return bool(flag)
-    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
