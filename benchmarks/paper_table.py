@@ -1,4 +1,4 @@
-"""The paper's comparisons (ALGORITHM.md section 7) at laptop scale: AdaLoRA against LoRA at the same final
+"""The paper's comparisons (docs/algorithm.md, section 7) at laptop scale: AdaLoRA against LoRA at the same final
 budget, structured-pruned LoRA, full fine-tuning, and AdaLoRA's ablations, on real packaged data.
 
 Model: the packaged all-MiniLM-L6-v2 (6 layers, hidden 384), every Wq, Wk, Wv, Wo, Wf1, Wf2 adapted (36

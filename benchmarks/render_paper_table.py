@@ -34,7 +34,7 @@ MATRIX_ORDER = ("Wq", "Wk", "Wv", "Wo", "Wf1", "Wf2")
 
 DOC_SKELETON = f"""# AdaLoRA against LoRA at laptop scale
 
-The paper's comparisons (ALGORITHM.md section 7) rerun on what installs offline: the packaged
+The paper's comparisons (docs/algorithm.md, section 7) rerun on what installs offline: the packaged
 all-MiniLM-L6-v2 and real packaged text. Produced by `benchmarks/paper_table.py` (see its docstring for the
 protocol) and rendered by `benchmarks/render_paper_table.py`.
 

@@ -156,12 +156,21 @@ def test_final_phase_after_compaction_has_nothing_to_mask():
     assert counter.ops == 0
 
 
-def test_final_phase_after_compacting_by_hand_masks_the_new_lambdas():
-    model, optimizer, allocator = _setup(_config())
-    _train(model, optimizer, allocator, 18)  # final phase, masks frozen, factors cast for the current lambdas
+def test_final_phase_after_compacting_by_hand_trains_as_the_uncompacted_model():
+    config = _config(orth_reg_weight=0.0)  # R over (d_out, r) and (d_out, k) factors differs by construction
+    runs = [_setup(config), _setup(config)]
+    for run in runs:
+        torch.manual_seed(1)  # the same dropout in both
+        _train(*run, 18)  # final phase, masks frozen, factors cast for the current lambdas
+    (model, optimizer, allocator), (twin, twin_optimizer, twin_allocator) = runs
     compact(model, optimizer)  # replaces every P, E, Q: the cached factors no longer fit
-    _train(model, optimizer, allocator, 2)
-    assert all(a.rank_mask.all() and a.r == a.kept_rank() for a in allocator.adapters)
+    for run in runs:
+        torch.manual_seed(2)
+        _train(*run, 2)
+    assert [a.r for a in allocator.adapters] == [a.kept_rank() for a in twin_allocator.adapters]
+    assert any(a.r < 4 for a in allocator.adapters)
+    model.eval(), twin.eval()
+    torch.testing.assert_close(model(token_batch()).logits, twin(token_batch()).logits)
 
 
 def test_a_masked_triplet_keeps_training_and_can_come_back():

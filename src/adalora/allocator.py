@@ -366,7 +366,7 @@ class RankAllocator:
         self._warn_once(key, message)
 
     def regularization(self) -> torch.Tensor:
-        """gamma * R(P, Q) over all adapters (section 2 of ALGORITHM.md); add it to any loss."""
+        """gamma * R(P, Q) over all adapters (eq. 4); add it to any loss."""
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=self.adapters[0].E.device)
         penalty = self.tracker.penalty(self.config.regularizer)

@@ -1,6 +1,6 @@
 """Shrinking adapters to their kept rank: physically drop the masked triplets.
 
-During training a masked triplet only has its lambda zeroed (``ALGORITHM.md`` section 1): P and Q keep their
+During training a masked triplet only has its lambda zeroed (docs/algorithm.md, section 1): P and Q keep their
 full ``init_r`` columns/rows so that the triplet can come back at a later allocation. Once the rank pattern is
 final nothing can come back, so the final phase (and inference) can run with ``(d_out, k)``, ``(k,)`` and
 ``(k, d_in)`` factors, k = kept rank. Compaction does not change the model's outputs: the dropped triplets

@@ -226,7 +226,7 @@ def reapply_sharded_masks(adapters: Sequence[SVDAdapter]) -> None:
 
 
 @dataclass
-class _Factors:
+class _GatheredFactors:
     """P and Q of one adapter as plain tensors: what :func:`orthogonal_penalty` reads."""
 
     P: torch.Tensor
@@ -242,5 +242,5 @@ def sharded_orthogonal_penalty(adapters: Sequence[SVDAdapter], form: Regularizer
     costs one all-gather of the adapters per step (FSDP gathers them for the forward pass anyway); computing
     the Gram matrices on DTensors directly does not work (no sharding rule for the norm's backward).
     """
-    full = [_Factors(a.P.full_tensor(), a.Q.full_tensor()) for a in adapters]  # type: ignore[attr-defined]
+    full = [_GatheredFactors(a.P.full_tensor(), a.Q.full_tensor()) for a in adapters]  # type: ignore[attr-defined]
     return orthogonal_penalty(cast(Sequence[SVDAdapter], full), form)
