@@ -97,6 +97,7 @@ def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories; give the usual permissions
         yield tmp
         _fsync_tree(tmp)
         if directory.exists():
