@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import parallel as distributed
-from ..files.atomic import read_json, write_json
+from ..files.atomic import atomic_directory, read_json, write_json
 from .evaluate import primary_metric
 from .settings import BUDGET_FILE, CHECKPOINT_FILE, HEATMAP_FILE, HISTORY_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE
 from .setup import Setup
@@ -28,8 +28,10 @@ def save_weights(setup: Setup, output_dir: Path) -> Path:
     if setup.config is None:
         target = output_dir / "model"
         if distributed.is_main_process():
-            setup.model.save_pretrained(target)
-            setup.tokenizer.save_pretrained(target)
+            # Written aside and swapped in whole; its files then follow the umask (safetensors makes them 0600).
+            with atomic_directory(target, marker="config.json") as tmp:
+                setup.model.save_pretrained(tmp)
+                setup.tokenizer.save_pretrained(tmp)
         return target
     metadata = {
         "model": str(setup.model_path),
