@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_budget_curve_is_large_and_its_phase_names_sit_clear_of_every_line(tmp_p
     for box in boxes:  # above the plot area: no curve, point or boundary line can be under a name
         assert box.y0 >= plot_area.y1
     assert ax.title.get_window_extent(renderer).y0 >= max(box.y1 for box in boxes)  # and below the title
-    for left, right in zip(boxes, boxes[1:]):
+    for left, right in itertools.pairwise(boxes):
         assert left.x1 <= right.x0  # the names do not overlap each other
     monkeypatch.undo()
     plt.close(fig)

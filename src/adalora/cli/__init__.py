@@ -47,11 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown option is reported by its subcommand (``see adalora train --help``)."""
+    args, unknown = parser.parse_known_args(join_negative_numbers(argv, single_value_options(parser)))
+    if unknown:
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adalora`` console script; returns the process exit status (2 for every mistake)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(join_negative_numbers(argv_or_sys(argv), single_value_options(parser)))
+        args = _parse(parser, argv_or_sys(argv))
     except SystemExit as exit:  # --help (0) or a one-line argparse error (2), already printed
         return exit.code if isinstance(exit.code, int) else 2
     try:

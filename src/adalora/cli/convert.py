@@ -26,7 +26,10 @@ def _check_target(out: Path, marker: str, option: str) -> None:
     if out.exists() and not out.is_dir():
         raise RunError(f"{option} {out} is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
-        raise RunError(f"{option} {out} is not empty and holds no {marker}: refusing to replace it; choose another")
+        raise RunError(
+            f"{option} {out} is not empty and holds no {marker}: refusing to replace it; choose another {option} "
+            "or an empty directory"
+        )
     check_writable(out, option)
 
 
@@ -55,7 +58,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _check_source(args.output_dir, "export")
     out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir)
-    _check_target(out, PEFT_CONFIG_NAME, "--out")
+    _check_target(out, PEFT_CONFIG_NAME, "--out" if args.out is not None else "the default --out")
     out = export_output_dir(args.output_dir, args.out, format=args.format)
     print(f"{args.format} adapter written to {out}")
     return 0

@@ -103,7 +103,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ..run.outputs import draw_figures
 
     directory = _run_dir(args.output_dir, "plot")
-    check_writable(directory, "adalora plot")
+    check_writable(directory, "adalora plot", "make it writable, or copy the run somewhere writable")
     try:
         drawn = draw_figures(directory)
     except (KeyError, TypeError) as error:

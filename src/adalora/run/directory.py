@@ -65,16 +65,23 @@ def require_run_dir(path: str | Path, command: str) -> Path:
     return path
 
 
-def check_writable(path: Path, option: str = "--output-dir") -> None:
+def check_writable(path: Path, option: str = "--output-dir", fix: str | None = None) -> None:
     """Raise :class:`RunError` if ``path`` (or, when it does not exist yet, the directory it would be made in)
-    cannot be written: a read-only file system, missing permission, or a file in the way."""
+    cannot be written: a read-only file system, missing permission, or a file in the way.
+
+    Args:
+        path: the directory to write.
+        option: how the user named it, for the message (``--output-dir``).
+        fix: what to do about it; default: choose another ``option`` or make it writable.
+    """
+    fix = fix or f"choose another {option} or make it writable"
     existing = path
     while not existing.exists():
         if existing.parent == existing:
             break
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise RunError(f"{option} {path}: {existing} is a file, not a directory; choose another {option}")
+        raise RunError(f"{option} {path}: {existing} is a file, not a directory; {fix}")
     read_only = hasattr(os, "statvfs") and bool(os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1))
     if read_only or not os.access(existing, os.W_OK | os.X_OK):
         why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
@@ -113,7 +120,7 @@ def check_resumable(path: Path) -> None:
         raise RunError(f"--resume {path}: no run to continue there ({RUN_FILE} is missing)")
     if (path / METRICS_FILE).is_file():
         raise RunError(f"the run in {path} is already complete; see `adalora inspect {path}`")
-    check_writable(path, "--resume")
+    check_writable(path, "--resume", "make it writable, or copy the run somewhere writable and resume it there")
 
 
 def claim(path: Path) -> None:

@@ -22,6 +22,7 @@ from .data import Task, builtin_task, encode, file_task
 from .models import head_modules, load_model, resolve_model_path, resolve_targets
 from .settings import DEFAULT_LR, RunError, RunSettings
 from .threads import default_threads
+from .words import plural
 
 
 @dataclass
@@ -94,8 +95,8 @@ def resolve_schedule(settings: RunSettings, steps: int, batches: int) -> tuple[i
     final = settings.final_steps if settings.final_steps is not None else round(settings.final_fraction * steps)
     if steps <= warmup + final:
         raise RunError(
-            f"training has {steps} optimizer steps ({batches} batches x {settings.epochs} "
-            f"epoch{'' if settings.epochs == 1 else 's'}"
+            f"training has {plural(steps, 'optimizer step')} ({plural(batches, 'batch', 'batches')} x "
+            f"{plural(settings.epochs, 'epoch')}"
             f"{f' / {settings.grad_accum} accumulated' if settings.grad_accum > 1 else ''}), which leaves no "
             f"budget-decreasing phase after {warmup} warm-up and before {final} final steps: train longer "
             "(--epochs, more data, a smaller --batch-size) or shorten --warmup-steps/--final-steps"
