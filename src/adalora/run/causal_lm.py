@@ -1,6 +1,6 @@
 """Causal language modelling: next-token fine-tuning of decoders (Llama-style, GPT-2), evaluated by perplexity.
 
-What ``adalora train --task causal-lm`` uses, and what a Python user needs around :func:`adalora.training.fit`:
+What ``adalora train --task causal-lm`` uses, and what a Python user needs around :func:`adalora.integrations.loop.fit`:
 
 - data: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
   text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines);
@@ -377,7 +377,7 @@ def run_inputs(settings: Any) -> tuple[LMTask, Path, Any, nn.Module, dict[str, t
     """What ``adalora train --task causal-lm`` trains on: task, model path, tokenizer, model, train/eval tensors.
 
     Args:
-        settings: the run's :class:`adalora.experiment.RunSettings` (files, columns, limits, ``max_length``, model).
+        settings: the run's :class:`adalora.run.settings.RunSettings` (files, columns, limits, ``max_length``, model).
     """
     task = lm_task(settings.train_file, settings.eval_file, settings.text_column, settings.max_train, settings.max_eval)
     path = resolve_lm_path(settings.model)
