@@ -58,7 +58,9 @@ def _data_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
     group.add_argument("--text-pair-column", metavar="NAME", help="column of the second text (sentence pairs)")
     group.add_argument("--label-column", default=d.label_column, metavar="NAME", help="integers 0..k-1 or names")
     all_ = number("max_train", zero_means="all")
-    group.add_argument("--max-train", type=all_, default=d.max_train, metavar="N", help="first N examples, or 'all'")
+    group.add_argument(
+        "--max-train", type=all_, default=d.max_train, metavar="N", help="first N training examples, or 'all'"
+    )
     group.add_argument(
         "--max-eval", type=number("max_eval", zero_means="all"), default=d.max_eval, metavar="N",
         help="first N eval examples, or 'all' (default: all)",
@@ -122,7 +124,9 @@ def _schedule_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
 
 
 def _optimizer_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
-    group.add_argument("--epochs", type=number("epochs"), default=d.epochs, help="passes over the training data")
+    group.add_argument(
+        "--epochs", type=number("epochs"), default=d.epochs, metavar="N", help="passes over the training data"
+    )
     group.add_argument(
         "--batch-size", type=number("batch_size"), default=d.batch_size, metavar="N",
         help="examples per micro-batch (one forward/backward pass; over all processes under a launcher); an "
@@ -134,15 +138,23 @@ def _optimizer_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
     )  # fmt: skip
     lrs = ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LR.items())
     group.add_argument("--lr", type=number("lr"), help=f"AdamW learning rate, > 0 (default by method: {lrs})")
-    group.add_argument("--weight-decay", type=number("weight_decay"), default=d.weight_decay, help="AdamW weight decay")
+    group.add_argument(
+        "--weight-decay", type=number("weight_decay"), default=d.weight_decay, metavar="WD", help="AdamW weight decay"
+    )
     group.add_argument(
         "--lr-warmup-fraction", type=number("lr_warmup_fraction"), default=d.lr_warmup_fraction, metavar="F",
         help="fraction of the steps with a linear LR warm-up, then linear decay to 0",
     )  # fmt: skip
     group.add_argument(
-        "--max-grad-norm", type=number("max_grad_norm"), default=d.max_grad_norm, help="gradient clipping; 0 = none"
+        "--max-grad-norm",
+        type=number("max_grad_norm"),
+        default=d.max_grad_norm,
+        metavar="NORM",
+        help="clip the gradients' total L2 norm to NORM; 0 = no clipping",
     )
-    group.add_argument("--seed", type=number("seed"), default=d.seed, help="initialisation, data order and dropout")
+    group.add_argument(
+        "--seed", type=number("seed"), default=d.seed, metavar="N", help="seeds initialisation, data order and dropout"
+    )
 
 
 def _run_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
