@@ -74,6 +74,9 @@ CASES = [
     Case("resume-missing", ("train", "--resume", "{world}/nothing"), "no such directory"),
     Case("resume-complete", ("train", "--resume", "{run}"), "already complete"),
     Case("resume-with-settings", ("train", "--resume", "{incomplete}", "--epochs", "3"), "drop --epochs"),
+    Case("device-unknown", train("--device", "tpu"), "argument --device: expected auto, cpu, cuda, cuda:N or mps"),
+    Case("device-missing", train("--device", "cuda:99"), "--device cuda:99: this machine has"),
+    Case("precision-unknown", train("--precision", "int8"), "argument --precision: invalid choice: 'int8'"),
     Case("tensorboard-missing", train("--tensorboard"), "pip install tensorboard", needs="no-tensorboard"),
     # data and model
     Case("train-without-eval", ("train", "--train", "{data}/train.csv"), "give both --train and --eval"),

@@ -13,7 +13,7 @@ from typing import Any
 from ..config import ImportanceMetric
 from ..run.causal_lm import CAUSAL_LM
 from ..run.data import BUILTIN_TASKS
-from ..run.settings import DEFAULT_LR, METHODS, RunSettings, flag
+from ..run.settings import DEFAULT_LR, DEVICE_PATTERN, METHODS, PRECISIONS, RunSettings, flag
 from .arguments import HelpFormatter, UsageError, number
 
 SubParsers = Any  # argparse's private _SubParsersAction
@@ -42,6 +42,7 @@ def register_train(subparsers: SubParsers) -> None:
     _schedule_options(p.add_argument_group("budget schedule (in optimizer steps)"), d)
     _optimizer_options(p.add_argument_group("optimisation"), d)
     _run_options(p.add_argument_group("run"), d)
+    _hardware_options(p.add_argument_group("hardware"), d)
     p.set_defaults(func=cmd_train)
 
 
@@ -184,6 +185,28 @@ def _run_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
         "--on-misuse", default=d.on_misuse, choices=("warn", "error"), help="if the allocator is stepped wrongly"
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got '{text}'")
+    return text
+
+
+def _hardware_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
+    group.add_argument(
+        "--device", type=_device, default=d.device, metavar="{auto,cpu,cuda,cuda:N,mps}",
+        help="where to train: auto = the GPU when there is one (CUDA, else MPS), else the CPU; saved for --resume",
+    )  # fmt: skip
+    group.add_argument(
+        "--precision", default=d.precision, choices=PRECISIONS,
+        help="bf16/fp16: the forward pass under autocast (the base model's products in 16 bits); adapters, "
+        "head, importance statistics and optimizer state stay float32; fp16 also scales the loss",
+    )  # fmt: skip
+    group.add_argument(
+        "--gradient-checkpointing", action="store_true",
+        help="recompute activations in the backward pass instead of storing them: less memory, more compute",
+    )  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:

@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import parallel as distributed
 from ..files.checkpoint import save_checkpoint
 from ..integrations.loop import StepResult
 from .evaluate import evaluator, primary_metric
+from .hardware import autocast
 from .settings import CHECKPOINT_FILE, RunError
 from .setup import Setup
 
@@ -43,10 +46,19 @@ class RunCallbacks:
         progress: show the progress bar (on stderr).
     """
 
-    def __init__(self, setup: Setup, output_dir: Path, state: dict[str, Any], progress: bool) -> None:
+    def __init__(
+        self,
+        setup: Setup,
+        output_dir: Path,
+        state: dict[str, Any],
+        progress: bool,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         from tqdm.auto import tqdm
 
-        self.setup, self.settings, self.state = setup, setup.settings, state
+        self.setup, self.settings, self.state, self.scaler = setup, setup.settings, state, scaler
+        if scaler is not None and "grad_scaler" in state:  # fp16: the loss scale reached before the restart
+            scaler.load_state_dict(state["grad_scaler"])
         self.main = distributed.is_main_process()
         self.checkpoint_path = output_dir / CHECKPOINT_FILE
         self.metric = primary_metric(self.settings.task)
@@ -69,6 +81,8 @@ class RunCallbacks:
         """Save weights, optimizer, scheduler, allocator, RNG states and the run's state (rank 0 only: every
         process holds the same state under DDP)."""
         self.state["seconds"] = self.seconds()
+        if self.scaler is not None:
+            self.state["grad_scaler"] = self.scaler.state_dict()
         if not self.main:
             return
         setup = self.setup
@@ -108,7 +122,8 @@ class RunCallbacks:
         """Evaluate (the bar says so meanwhile), record the epoch, print one line, checkpoint."""
         if not self.bar.disable:  # a disabled bar has no description to change
             self.bar.set_description_str(f"{self.settings.method} (evaluating)", refresh=True)
-        scores = self.evaluate(self.setup.model, self.setup.eval, self.settings.eval_batch_size)
+        with autocast(self.setup.device, self.settings.precision):
+            scores = self.evaluate(self.setup.model, self.setup.eval, self.settings.eval_batch_size)
         if not self.bar.disable:
             self.bar.set_description_str(self.settings.method, refresh=False)
         state = self.state

@@ -349,9 +349,10 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
     n, length = tensors["input_ids"].shape
     vocab = _vocab_size(model)
     rows = max(1, min(batch_size, _LOGITS_PER_CHUNK // max(1, length * vocab)))
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, rows):
-        batch = {key: value[start : start + rows] for key, value in tensors.items()}
+        batch = {key: value[start : start + rows].to(device) for key, value in tensors.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
         targets = labels[:, 1:].to(logits.device)

@@ -17,14 +17,16 @@ def evaluate(model: nn.Module, tensors: dict[str, torch.Tensor], batch_size: int
     """Accuracy and mean cross-entropy of ``model`` on pre-tokenised tensors (eval mode, no RNG used).
 
     Args:
-        tensors: ``input_ids`` etc. of shape ``(n, length)`` and ``labels`` of shape ``(n,)``.
+        tensors: ``input_ids`` etc. of shape ``(n, length)`` and ``labels`` of shape ``(n,)`` (moved to the
+            model's device batch by batch).
         batch_size: rows per forward pass.
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, len(tensors["labels"])
     for start in range(0, n, batch_size):
-        batch = {key: value[start : start + batch_size] for key, value in tensors.items()}
+        batch = {key: value[start : start + batch_size].to(device) for key, value in tensors.items()}
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         loss_sum += float(out.loss) * len(batch["labels"])

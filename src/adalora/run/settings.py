@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
 METHODS: tuple[str, ...] = ("adalora", "lora", "pruned-lora", "full")
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device: see hardware.py
 
 # The files of an output directory (docs/cli.md, "Output directory").
 MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ours (see directory.py)
@@ -108,6 +112,10 @@ class RunSettings:
     threads: int | None = None  # torch threads; None = chosen when the run starts (threads.py) and saved
     tensorboard: bool = False
     on_misuse: str = "warn"  # warn | error: allocator stepped wrongly (see RankAllocator)
+    # hardware (hardware.py)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; resolved when the run starts and saved
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; parameters stay float32
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
 
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
@@ -122,12 +130,17 @@ class RunSettings:
         if unknown:
             raise RunError(f"{RUN_FILE} has unknown settings {unknown}: written by another adalora version?")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        values.setdefault("device", "cpu")  # runs saved before --device existed ran on the CPU
         return cls(**values)
 
     def check(self) -> None:
         """Raise :class:`RunError` naming the flag of the first setting outside its range (:data:`LIMITS`)."""
         if self.method not in METHODS:
             raise RunError(f"unknown --method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.precision not in PRECISIONS:
+            raise RunError(f"unknown --precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise RunError(f"--device {self.device}: not a device; use auto, cpu, cuda, cuda:N or mps")
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if value is not None:

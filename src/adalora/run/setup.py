@@ -19,6 +19,7 @@ from ..inject import inject
 from ..integrations.loop import total_steps
 from . import causal_lm
 from .data import Task, builtin_task, encode, file_task
+from .hardware import enable_gradient_checkpointing, resolve_device
 from .models import head_modules, load_model, resolve_model_path, resolve_targets
 from .settings import DEFAULT_LR, RunError, RunSettings
 from .threads import default_threads
@@ -43,6 +44,7 @@ class Setup:
     total_steps: int
     batches_per_epoch: int
     derived: dict[str, Any]  # what run.json records beside the settings (compared on --resume)
+    device: str = "cpu"  # where the model is (hardware.resolve_device of settings.device)
 
 
 @dataclass
@@ -168,7 +170,10 @@ def prepare(settings: RunSettings) -> Setup:
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
+    device = resolve_device(settings.device)
     inputs = load_inputs(settings)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(inputs.model)
     rows = len(inputs.train["labels"])
     batches = rows // settings.batch_size
     if batches == 0:
@@ -192,6 +197,7 @@ def prepare(settings: RunSettings) -> Setup:
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[settings.method]
     derived["lr"] = lr
     config = apply_method(settings, inputs.model, heads, steps, batches, derived)
+    inputs.model.to(device)  # before the optimizer and the allocator, whose state lives beside the parameters
 
     trainable = [p for p in inputs.model.parameters() if p.requires_grad]
     derived["trainable_parameters"] = sum(p.numel() for p in trainable)
@@ -204,5 +210,5 @@ def prepare(settings: RunSettings) -> Setup:
         derived.update(init_budget=allocator.init_budget, target_budget=allocator.target_budget)
     return Setup(
         settings, inputs.task, inputs.model_path, inputs.model, inputs.tokenizer, inputs.train, inputs.eval, config,
-        allocator, optimizer, scheduler, steps, batches, derived,
+        allocator, optimizer, scheduler, steps, batches, derived, device,
     )  # fmt: skip

@@ -37,6 +37,7 @@ from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
 from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_checkpoints
 from .evaluate import evaluate, evaluator, primary_metric
+from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
 from .models import default_model_path, head_modules, load_model, resolve_model_path, resolve_targets
 from .outputs import draw_figures, finish, rank_pattern
 from .settings import (
@@ -142,6 +143,13 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
         )
     if settings.tensorboard:
         summary_writer_class()
+    device = resolve_device(settings.device)  # decided once and saved, like the thread count
+    if world > 1 and device != "cpu":
+        raise RunError(
+            f"--device {settings.device}: runs of several processes train on the CPU (DDP over gloo); "
+            "use --device cpu, or one process"
+        )
+    settings = settings.replace(device=device)
     if settings.threads is None:  # decided once and saved in run.json: a resumed run computes the same way
         choice = choose_threads()
         settings = settings.replace(threads=choice.threads)
@@ -196,6 +204,9 @@ def describe(setup: Setup, log: Any) -> None:
     per_step = settings.batch_size * settings.grad_accum
     accumulated = f" ({settings.grad_accum} x {settings.batch_size})" if settings.grad_accum > 1 else ""
     processes = f" x {plural(world, 'process', 'processes')}" if world > 1 else ""
+    if setup.device != "cpu" or settings.precision != "fp32" or settings.gradient_checkpointing:
+        checkpointing = ", gradient checkpointing" if settings.gradient_checkpointing else ""
+        processes += f", on {setup.device} in {settings.precision}{checkpointing}"
     log(
         f"{settings.method} on {derived['task']}: {derived['train_examples']} train / {derived['eval_examples']} eval "
         f"examples{rows}, {plural(setup.total_steps, 'step')} of {per_step}{accumulated} examples, "
@@ -210,9 +221,11 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
     rank, world = distributed.get_rank(), distributed.get_world_size()
     describe(setup, log)
     if settings.task == causal_lm.CAUSAL_LM and "eval_before" not in state:
-        state["eval_before"] = evaluator(settings.task)(setup.model, setup.eval, settings.eval_batch_size)
+        with autocast(setup.device, settings.precision):
+            state["eval_before"] = evaluator(settings.task)(setup.model, setup.eval, settings.eval_batch_size)
         log(f"held-out perplexity before training {state['eval_before']['perplexity']:.2f}")
-    callbacks = RunCallbacks(setup, output_dir, state, progress)
+    scaler = grad_scaler(setup.device, settings.precision)
+    callbacks = RunCallbacks(setup, output_dir, state, progress, scaler)
     with warnings.catch_warnings():
         warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
         fit(
@@ -226,8 +239,10 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
             scheduler=setup.scheduler,
             max_grad_norm=settings.max_grad_norm,
             start_step=state["step"],
+            loss_fn=DeviceLoss(setup.device, settings.precision),
             on_step=callbacks.on_step,
             on_epoch_end=callbacks.on_epoch_end,
+            grad_scaler=scaler,
         )
     callbacks.close()
     return callbacks.seconds()
