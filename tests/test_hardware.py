@@ -143,3 +143,24 @@ def test_auto_is_saved_resolved_and_runs_from_before_the_flag_ran_on_the_cpu() -
     del old["device"], old["precision"], old["gradient_checkpointing"]
     restored = RunSettings.from_dict(old)
     assert (restored.device, restored.precision, restored.gradient_checkpointing) == ("cpu", "fp32", False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_resuming_a_gpu_run_without_the_gpu_is_one_line(assets, tmp_path, monkeypatch, capsys) -> None:
+    import adalora.run.train as train_module
+
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train", interrupted)
+        assert main(tiny_train_args(*assets, out, "--method", "lora")) == 130
+    run = json.loads((out / "run.json").read_text())
+    run["settings"]["device"] = "cuda:0"  # as if it had started on a GPU machine
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and "trains on cuda:0" in err, err

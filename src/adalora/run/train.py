@@ -143,7 +143,12 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
         )
     if settings.tensorboard:
         summary_writer_class()
-    device = resolve_device(settings.device)  # decided once and saved, like the thread count
+    try:
+        device = resolve_device(settings.device)  # decided once and saved, like the thread count
+    except RunError as error:
+        if not resume:
+            raise
+        raise RunError(f"cannot resume {output_dir} here: it trains on {settings.device} ({error})") from None
     if world > 1 and device != "cpu":
         raise RunError(
             f"--device {settings.device}: runs of several processes train on the CPU (DDP over gloo); "
