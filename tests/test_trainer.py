@@ -14,6 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from adalora import AdaLoRAConfig, inject
 from adalora.integrations.trainer import ALLOCATOR_FILE, AdaLoRACallback, AdaLoRATrainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = AdaLoRAConfig(
     target_modules=("query", "value"),
     init_r=4,
@@ -24,15 +26,6 @@ CONFIG = AdaLoRAConfig(
     total_steps=None,
     modules_to_save=("classifier",),
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dataset(n: int = 24) -> list[dict]:

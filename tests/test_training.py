@@ -13,6 +13,8 @@ from torch import nn
 from adalora import AdaLoRAConfig, RankAllocator, inject
 from adalora.integrations.loop import StepResult, fit, steps_per_epoch, total_steps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = AdaLoRAConfig(
     target_modules=("query", "value"),
     init_r=4,
@@ -23,15 +25,6 @@ CONFIG = AdaLoRAConfig(
     total_steps=None,
     modules_to_save=("classifier",),
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run as fast on one thread, and a shared machine's busy cores do not slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro_batches(n: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

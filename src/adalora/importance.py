@@ -88,19 +88,22 @@ METRICS: dict[str, ImportanceMetric] = {
     for m in (
         ImportanceMetric(
             "smoothed",
-            "Ibar x Ubar: smoothed sensitivity times its uncertainty (eq. 11, the paper's score)",
+            "the paper's score: sensitivity |w dL/dw| smoothed by an EMA (beta1) times its uncertainty "
+            "(EMA beta2), eq. 8-11",
             2,
             _fold_smoothed,
             lambda stats, workspace: torch.mul(stats[0], stats[1], out=workspace),
         ),
         ImportanceMetric(
             "sensitivity",
-            "|w dL/dw| of the latest step, unsmoothed (eq. 8; ablation of section 4.4)",
+            "the sensitivity |w dL/dw| alone, eq. 8 (ablation of section 4.4)",
             1,
             _fold_latest,
             lambda stats, workspace: stats[0],
         ),
-        ImportanceMetric("magnitude", "|lambda| alone (ablation of section 4.4)", 0, None, None),
+        ImportanceMetric(
+            "magnitude", "the singular value |lambda| alone, no gradients (ablation of section 4.4)", 0, None, None
+        ),
     )
 }
 

@@ -98,6 +98,7 @@ def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         if directory.exists():
             if not _exchange(tmp, directory):
@@ -117,6 +118,19 @@ def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _follow_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the permissions a new file or directory gets from the umask.
+
+    ``mkdtemp`` makes the directory 0700, and some writers (safetensors) make 0600 files: without this, another
+    user of a shared machine could not read a saved adapter or model.
+    """
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -96,6 +96,7 @@ def fit(
     start_step: int = 0,
     on_step: Callable[[StepResult], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> int:
     """Train ``model`` for ``epochs`` epochs with AdaLoRA's regulariser and allocator.
 
@@ -118,6 +119,8 @@ def fit(
         start_step: optimizer steps already done (to continue after restoring a checkpoint).
         on_step: called after every optimizer step with a :class:`StepResult`.
         on_epoch_end: called as ``on_epoch_end(epoch, step)`` after the last step of each epoch.
+        grad_scaler: for float16 autocast: scales the loss before ``backward``, unscales the gradients before
+            clipping and the allocator read them, and skips the optimizer step when they overflowed.
 
     Returns:
         The number of optimizer steps done in all (``start_step`` included).
@@ -149,13 +152,20 @@ def fit(
                 # The regulariser is added to every micro-batch and divided like the task loss, so that one
                 # optimizer step carries exactly gamma * R whatever the accumulation.
                 reg = allocator.regularization() if allocator is not None else torch.zeros((), device=loss.device)
-                ((loss + reg) / group_size).backward()
+                total = (loss + reg) / group_size
+                (grad_scaler.scale(total) if grad_scaler is not None else total).backward()
             losses.append(loss.detach())
             if not last:
                 continue
+            if grad_scaler is not None:
+                grad_scaler.unscale_(optimizer)  # the true gradients, for clipping and the importance scores
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-            optimizer.step()
+            if grad_scaler is not None:
+                grad_scaler.step(optimizer)  # skipped if a gradient overflowed
+                grad_scaler.update()
+            else:
+                optimizer.step()
             report = allocator.step() if allocator is not None else None
             learning_rate = float(optimizer.param_groups[0]["lr"])
             if scheduler is not None:

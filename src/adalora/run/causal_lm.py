@@ -1,6 +1,6 @@
 """Causal language modelling: next-token fine-tuning of decoders (Llama-style, GPT-2), evaluated by perplexity.
 
-What ``adalora train --task causal-lm`` uses, and what a Python user needs around :func:`adalora.training.fit`:
+What ``adalora train --task causal-lm`` uses, and what a Python user needs around :func:`adalora.integrations.loop.fit`:
 
 - data: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
   text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines);
@@ -349,9 +349,10 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
     n, length = tensors["input_ids"].shape
     vocab = _vocab_size(model)
     rows = max(1, min(batch_size, _LOGITS_PER_CHUNK // max(1, length * vocab)))
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, rows):
-        batch = {key: value[start : start + rows] for key, value in tensors.items()}
+        batch = {key: value[start : start + rows].to(device) for key, value in tensors.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
         targets = labels[:, 1:].to(logits.device)
@@ -377,7 +378,7 @@ def run_inputs(settings: Any) -> tuple[LMTask, Path, Any, nn.Module, dict[str, t
     """What ``adalora train --task causal-lm`` trains on: task, model path, tokenizer, model, train/eval tensors.
 
     Args:
-        settings: the run's :class:`adalora.experiment.RunSettings` (files, columns, limits, ``max_length``, model).
+        settings: the run's :class:`adalora.run.settings.RunSettings` (files, columns, limits, ``max_length``, model).
     """
     task = lm_task(settings.train_file, settings.eval_file, settings.text_column, settings.max_train, settings.max_eval)
     path = resolve_lm_path(settings.model)

@@ -140,6 +140,15 @@ def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
         return None
 
 
+def default_export_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """Where ``adalora export`` writes without ``--out``: ``<run>/peft``, or ``<adapter dir>-peft`` beside an
+    adapter directory."""
+    adapter_dir = find_adapter_dir(output_dir)
+    if adapter_dir != Path(output_dir):
+        return Path(output_dir) / "peft"
+    return adapter_dir.with_name(adapter_dir.name + "-peft")
+
+
 def export_output_dir(
     output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, format: str = "peft"
 ) -> Path:
@@ -158,8 +167,7 @@ def export_output_dir(
         raise ValueError(f"unknown export format {format!r}; supported: peft.")
     adapter_dir = find_adapter_dir(output_dir)
     if out_dir is None:
-        in_run = adapter_dir != Path(output_dir)
-        out_dir = Path(output_dir) / "peft" if in_run else adapter_dir.with_name(adapter_dir.name + "-peft")
+        out_dir = default_export_dir(output_dir)
     info = read_adapter_config(adapter_dir)
     tensors = _read_weights(adapter_dir, info)
     config = AdaLoRAConfig.from_dict(info["config"])

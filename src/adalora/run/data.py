@@ -165,10 +165,16 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if suffix not in _DELIMITERS and suffix not in _JSON_LINES:
         raise DataError(f"{path}: unknown file type '{suffix}'; use .csv, .tsv or .jsonl")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); re-save it as UTF-8") from None
+        line = raw[: error.start].count(b"\n") + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at character {column} of the line: "
+            f"{error.reason}); re-save the file as UTF-8"
+        ) from None
     records: list[dict[str, Any]] = []
     if suffix in _JSON_LINES:
         for number, line in enumerate(text.splitlines(), start=1):
@@ -186,9 +192,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             for record in reader:
                 if None in record or any(v is None for v in record.values()):
+                    expected = len(reader.fieldnames or [])
+                    got = sum(v is not None for k, v in record.items() if k is not None) + len(record.get(None) or [])
                     raise DataError(
-                        f"{path}, line {reader.line_num}: expected {len(reader.fieldnames or [])} fields "
-                        f"as in the header, got another number (an unquoted delimiter in a text?)"
+                        f"{path}, line {reader.line_num}: expected {expected} fields as in the header, got {got} "
+                        f"({'an unquoted delimiter in a text?' if got > expected else 'a missing value or delimiter?'})"
                     )
                 records.append(record)
         except csv.Error as error:

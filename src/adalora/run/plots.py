@@ -99,23 +99,27 @@ def plot_rank_heatmap(
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
     vmax = init_r if init_r is not None else max(1.0, float(np.nanmax(values)))
     # At least 6 inches wide so that a title naming the method and the task fits above 6 layers.
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 0.55 * len(layers)), 1.0 + 0.45 * max(len(types), 3)))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 + 0.6 * len(layers)), 1.4 + 0.5 * max(len(types), 3)))
     image = ax.imshow(values, cmap="YlGnBu", vmin=0, vmax=vmax, aspect="auto")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             if value is not None:
                 dark = value > 0.6 * vmax
-                ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black", fontsize=8)
+                ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black", fontsize=9)
     ax.set_xticks(range(len(layers)), ["-" if layer is None else str(layer + 1) for layer in layers])
     ax.set_yticks(range(len(types)), types)
     ax.set_xlabel("layer")
     fig.colorbar(image, ax=ax, label="final rank")
-    ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})", fontsize=10)
+    ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+PHASES = (("warm-up", "#e8f1fa"), ("budget decreasing", "#ffffff"), ("final phase", "#f3f3f3"))
+DPI = 150  # with the figure sizes below: 1200 x 675 pixels for the budget curve
 
 
 def plot_budget_curve(
@@ -128,45 +132,50 @@ def plot_budget_curve(
 ) -> Path:
     """Save the budget b(t) over optimizer steps, with the kept total at each allocation as points.
 
+    The three phases of the schedule (warm-up, budget decreasing, final) are shaded and named in a band above
+    the plot area, so that no label covers the curve or a boundary line.
+
     Args:
         budgets: b(t) for t = 0, 1, ... (one value per optimizer step).
         path: PNG file to write.
         allocations: allocation records with ``step`` and ``ranks`` (kept ranks; a list or a dict).
-        phases: optional ``{"warmup_steps": t_i, "final_start": T - t_f}`` drawn as vertical lines.
+        phases: optional ``{"warmup_steps": t_i, "final_start": T - t_f}``: phase boundaries.
         title: figure title.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(range(1, len(budgets) + 1), budgets, label="budget b(t)", color="tab:blue")
+    fig, ax = plt.subplots(figsize=(8.0, 4.5))
+    ax.plot(range(1, len(budgets) + 1), budgets, label="budget b(t)", color="tab:blue", linewidth=1.8)
     if allocations:
         steps = [record["step"] + 1 for record in allocations]
         kept = [
             sum(record["ranks"].values() if isinstance(record["ranks"], Mapping) else record["ranks"])
             for record in allocations
         ]
-        ax.scatter(steps, kept, s=8, color="tab:orange", label="kept at allocation", zorder=3)
+        ax.scatter(steps, kept, s=12, color="tab:orange", label="kept at allocation", zorder=3)
+    ax.set_xlim(0, max(1, len(budgets)))
     if phases:
-        for key, label in (("warmup_steps", "end of warm-up"), ("final_start", "final phase")):
-            if key in phases:
-                ax.axvline(phases[key], color="grey", linestyle="--", linewidth=0.8)
-                # x in data units, y in axes units: the label sits at the bottom of the line, whatever the scale.
-                transform = ax.get_xaxis_transform()
-                ax.text(
-                    phases[key],
-                    0.03,
-                    f" {label}",
-                    rotation=90,
-                    va="bottom",
-                    fontsize=7,
-                    color="grey",
-                    transform=transform,
-                )
+        _draw_phases(ax, phases, len(budgets))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("total rank (singular values kept)")
-    ax.set_title(title or "Budget schedule")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or "Budget schedule", pad=22)  # room for the phase names between title and plot
+    ax.legend(loc="upper right", fontsize=9, framealpha=0.95)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _draw_phases(ax: Any, phases: Mapping[str, int], steps: int) -> None:
+    """Shade the phases, draw their boundaries, and name each phase above the plot area (clear of all lines)."""
+    bounds = [0, phases.get("warmup_steps", 0), phases.get("final_start", steps), steps]
+    transform = ax.get_xaxis_transform()  # x in steps, y in axes units (1 = top of the plot area)
+    for (name, colour), left, right in zip(PHASES, bounds, bounds[1:], strict=False):
+        if right <= left:
+            continue
+        ax.axvspan(left, right, color=colour, zorder=0, linewidth=0)
+        ax.text((left + right) / 2, 1.01, name, ha="center", va="bottom", fontsize=8, color="dimgrey",
+                transform=transform, clip_on=False)  # fmt: skip
+    for boundary in bounds[1:3]:
+        if 0 < boundary < steps:
+            ax.axvline(boundary, color="grey", linestyle="--", linewidth=0.8, zorder=1)

@@ -1,0 +1,72 @@
+"""``adalora merge`` (fold a run's adapter into its base model) and ``adalora export`` (a PEFT adapter)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+SubParsers = Any
+
+
+def _check_source(path: str, command: str) -> None:
+    """A run directory with an ``adapter/``, or an adapter directory: refused in one line before a model loads."""
+    from ..run.convert import find_adapter_dir
+
+    if Path(path).is_file():
+        raise FileNotFoundError(f"adalora {command} {path}: a file, not a run or adapter directory")
+    find_adapter_dir(path)  # FileNotFoundError saying what was expected where
+
+
+def _check_target(out: Path, marker: str, option: str) -> None:
+    """``out`` may be created or replaced (new, empty, or holding ``marker``) and can be written."""
+    from ..run.directory import check_writable
+    from ..run.settings import RunError
+
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{option} {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+        raise RunError(
+            f"{option} {out} is not empty and holds no {marker}: refusing to replace it; choose another {option} "
+            "or an empty directory"
+        )
+    check_writable(out, option)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..run.convert import merge_output_dir
+
+    _check_source(args.output_dir, "merge")
+    _check_target(Path(args.out), "config.json", "--out")
+    out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
+    print(f"merged model written to {out} (load it with from_pretrained; no adalora needed)")
+    return 0
+
+
+def register_merge(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("merge", help="fold a trained adapter into its base model and save a plain model")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (save_pretrained)")
+    p.add_argument("--base", metavar="PATH", help="the base model (default: the one recorded at training time)")
+    p.add_argument("--unsafe", action="store_true", help="merge even if a merged weight is NaN or inf")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..files.peft import PEFT_CONFIG_NAME
+    from ..run.convert import default_export_dir, export_output_dir
+
+    _check_source(args.output_dir, "export")
+    out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir)
+    _check_target(out, PEFT_CONFIG_NAME, "--out" if args.out is not None else "the default --out")
+    out = export_output_dir(args.output_dir, args.out, format=args.format)
+    print(f"{args.format} adapter written to {out}")
+    return 0
+
+
+def register_export(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("export", help="convert a trained adapter for other tools (a PEFT LoRA adapter)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
+    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
+    p.add_argument("--out", metavar="DIR", help="where to write it (default: OUTPUT_DIR/peft)")
+    p.set_defaults(func=cmd_export)

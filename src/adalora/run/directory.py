@@ -1,0 +1,154 @@
+"""Which directories a run may write into, recognised by our own marker file, and what ``--overwrite`` removes.
+
+A run writes :data:`~adalora.run.settings.MARKER_FILE` first, before anything else. A directory is *a run of
+ours* when it holds that marker (or, for runs written before the marker existed, a ``run.json`` whose content is
+a run's settings); file names a user might also have (``metrics.json``, ``adapter/``) prove nothing. The checks
+here only read: they run before a model loads and before anything is written, so a refused command leaves the
+directory as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..files.atomic import write_json
+from .settings import (
+    CHECKPOINT_FILE,
+    MARKER_FILE,
+    METRICS_FILE,
+    OUTPUT_DIRS,
+    OUTPUTS,
+    RUN_FILE,
+    RunError,
+    RunSettings,
+)
+
+MARKER = {"format": "adalora-run", "format_version": 1}
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory that a run of ours wrote (see the module docstring)."""
+    path = Path(path)
+    marker = _read_json(path / MARKER_FILE)
+    if isinstance(marker, dict) and marker.get("format") == MARKER["format"]:
+        return True
+    run = _read_json(path / RUN_FILE)  # a run written before the marker: recognised by what run.json says
+    if not (isinstance(run, dict) and isinstance(run.get("settings"), dict) and isinstance(run.get("derived"), dict)):
+        return False
+    known = {field.name for field in dataclasses.fields(RunSettings)}
+    return set(run["settings"]) <= known and "method" in run["settings"]
+
+
+def require_run_dir(path: str | Path, command: str) -> Path:
+    """``path`` if it is a run of ours, else :class:`RunError` saying so (for inspect, plot, --resume)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"{command} {path}: no such directory")
+    if not path.is_dir():
+        raise RunError(f"{command} {path}: a file, not an adalora run directory")
+    if not is_run_dir(path):
+        raise RunError(
+            f"{path} is not an adalora run directory (no {MARKER_FILE}, nor a {RUN_FILE} of a run): {command} "
+            "needs a directory written by adalora train"
+        )
+    return path
+
+
+def check_writable(path: Path, option: str = "--output-dir", fix: str | None = None) -> None:
+    """Raise :class:`RunError` if ``path`` (or, when it does not exist yet, the directory it would be made in)
+    cannot be written: a read-only file system, missing permission, or a file in the way.
+
+    Args:
+        path: the directory to write.
+        option: how the user named it, for the message (``--output-dir``).
+        fix: what to do about it; default: choose another ``option`` or make it writable.
+    """
+    fix = fix or f"choose another {option} or make it writable"
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise RunError(f"{option} {path}: {existing} is a file, not a directory; {fix}")
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1))
+    if read_only or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+        where = "" if existing == path else f" (it would be created in {existing}, which {why})"
+        raise RunError(
+            f"cannot write to {option} {path}{where or ': it ' + why}; choose another {option} or make it writable"
+        )
+
+
+def check_new_run(path: Path, overwrite: bool) -> None:
+    """Where a new run may go: a new or empty directory, or a run of ours (finished or not) with --overwrite.
+
+    Raises:
+        RunError: for a file, a directory holding other files, or a run without ``--overwrite``.
+    """
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--output-dir {path} is a file; choose a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run_dir(path):
+            raise RunError(
+                f"--output-dir {path} holds files that are not an adalora run; choose a new or empty directory "
+                "(--overwrite only replaces runs of adalora)"
+            )
+        if not overwrite:
+            raise RunError(
+                f"{path} already holds a run: continue it with `adalora train --resume {path}`, "
+                "start over with --overwrite, or choose another --output-dir"
+            )
+    check_writable(path)
+
+
+def check_resumable(path: Path) -> None:
+    """A run of ours that has not finished, in a directory that can be written."""
+    require_run_dir(path, "--resume")
+    if not (path / RUN_FILE).is_file():
+        raise RunError(f"--resume {path}: no run to continue there ({RUN_FILE} is missing)")
+    if (path / METRICS_FILE).is_file():
+        raise RunError(f"the run in {path} is already complete; see `adalora inspect {path}`")
+    check_writable(path, "--resume", "make it writable, or copy the run somewhere writable and resume it there")
+
+
+def claim(path: Path) -> None:
+    """Create ``path`` if needed and mark it as a run of ours (the first thing a run writes)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER_FILE).is_file():
+        write_json(path / MARKER_FILE, MARKER)
+
+
+def clear_outputs(path: Path) -> None:
+    """Remove what a run of ours wrote in ``path`` (its files, folders and torn temporary files), and nothing
+    else: files the user put beside them stay. Does nothing unless ``path`` is a run of ours."""
+    if not is_run_dir(path):
+        return
+    for name in (RUN_FILE, *OUTPUTS):
+        (path / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (path / name).is_dir():
+            shutil.rmtree(path / name)
+    for name in (MARKER_FILE, RUN_FILE, *OUTPUTS):  # temporary files of writes killed half-way (files/atomic.py)
+        for torn in path.glob(f".{name}.*.tmp"):
+            torn.unlink()
+    for name in OUTPUT_DIRS:  # temporary directories of directory swaps killed half-way
+        for torn in [*path.glob(f".{name}.tmp-*"), *path.glob(f".{name}.old-*")]:
+            shutil.rmtree(torn, ignore_errors=True)
+
+
+def remove_torn_checkpoints(path: Path) -> None:
+    """Temporary checkpoint files left by a process killed while writing one."""
+    for torn in path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        torn.unlink()

@@ -1,0 +1,44 @@
+"""Scoring a model on the held-out split: accuracy for classification, perplexity for causal-lm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import causal_lm
+
+Evaluator = Callable[[nn.Module, dict[str, torch.Tensor], int], dict[str, float]]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, tensors: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on pre-tokenised tensors (eval mode, no RNG used).
+
+    Args:
+        tensors: ``input_ids`` etc. of shape ``(n, length)`` and ``labels`` of shape ``(n,)`` (moved to the
+            model's device batch by batch).
+        batch_size: rows per forward pass.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss_sum, n = 0, 0.0, len(tensors["labels"])
+    for start in range(0, n, batch_size):
+        batch = {key: value[start : start + batch_size].to(device) for key, value in tensors.items()}
+        out = model(**batch)
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        loss_sum += float(out.loss) * len(batch["labels"])
+    model.train(was_training)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
+
+
+def primary_metric(task: str) -> str:
+    """The eval metric a run reports: perplexity (lower is better) for causal-lm, accuracy otherwise."""
+    return "perplexity" if task == causal_lm.CAUSAL_LM else "accuracy"
+
+
+def evaluator(task: str) -> Evaluator:
+    """The function that scores a model on ``task``'s held-out tensors."""
+    return causal_lm.evaluate_perplexity if task == causal_lm.CAUSAL_LM else evaluate

@@ -1,0 +1,151 @@
+"""What a finished run leaves in its output directory: the trained weights, the rank pattern, the allocation
+history, the figures and, last (it marks the run complete), ``metrics.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import parallel as distributed
+from ..files.atomic import atomic_directory, read_json, write_json
+from .evaluate import primary_metric
+from .settings import BUDGET_FILE, CHECKPOINT_FILE, HEATMAP_FILE, HISTORY_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE
+from .setup import Setup
+
+
+def rank_pattern(setup: Setup) -> dict[str, int]:
+    """Final rank of every adapted matrix (empty for full fine-tuning)."""
+    if setup.allocator is not None:
+        return setup.allocator.rank_pattern()
+    from ..layers import find_adapters
+
+    return {name: adapter.kept_rank() for name, adapter in find_adapters(setup.model)}
+
+
+def save_weights(setup: Setup, output_dir: Path) -> Path:
+    """``adapter/`` (adapter methods, via :func:`adalora.files.adapter.save_adapter`) or ``model/`` (full
+    fine-tuning). Every process calls it (FSDP2 gathers the shards); rank 0 writes."""
+    if setup.config is None:
+        target = output_dir / "model"
+        if distributed.is_main_process():
+            # Written aside and swapped in whole; its files then follow the umask (safetensors makes them 0600).
+            with atomic_directory(target, marker="config.json") as tmp:
+                setup.model.save_pretrained(tmp)
+                setup.tokenizer.save_pretrained(tmp)
+        return target
+    metadata = {
+        "model": str(setup.model_path),
+        "task": setup.task.name,
+        "num_labels": setup.task.num_labels,
+        "label_names": list(setup.task.label_names),
+        "method": setup.settings.method,
+        "max_length": setup.settings.max_length,
+    }
+    target = output_dir / "adapter"
+    distributed.save_adapter_collective(setup.model, target, setup.config, metadata)
+    return target
+
+
+def allocation_history(setup: Setup, budgets: list[int]) -> dict[str, Any]:
+    """The schedule, b(t) at every step and every allocation ``{step, budget, ranks}`` (needs an allocator)."""
+    allocator = setup.allocator
+    assert allocator is not None
+    names, config = allocator.names, allocator.config
+    return {
+        "schedule": {
+            "init_budget": allocator.init_budget,
+            "target_budget": allocator.target_budget,
+            "warmup_steps": config.warmup_steps,
+            "final_steps": config.final_steps,
+            "total_steps": config.total_steps,
+            "mask_interval": config.mask_interval,
+        },
+        "budget": budgets,
+        "allocations": [
+            {"step": a.step, "budget": a.budget, "ranks": dict(zip(names, a.ranks, strict=True))}
+            for a in allocator.history
+        ],
+    }
+
+
+def draw_figures(output_dir: str | Path) -> list[Path]:
+    """(Re)draw ``rank_heatmap.png`` and ``budget_curve.png`` from a run's JSON files; returns the files drawn."""
+    from .plots import plot_budget_curve, plot_rank_heatmap
+
+    output_dir = Path(output_dir)
+    drawn: list[Path] = []
+    run = read_json(output_dir / RUN_FILE)
+    settings, derived = run["settings"], run["derived"]
+    ranks = read_json(output_dir / RANKS_FILE) if (output_dir / RANKS_FILE).is_file() else {}
+    if ranks:
+        label = {"lora": "LoRA", "pruned-lora": "pruned LoRA", "adalora": "AdaLoRA"}.get(settings["method"], "")
+        title = f"{label} final ranks on {derived['task']} (total {sum(ranks.values())})"
+        init_r = settings["lora_r"] or settings["target_r"] if settings["method"] == "lora" else settings["init_r"]
+        drawn.append(plot_rank_heatmap(ranks, output_dir / HEATMAP_FILE, init_r=init_r, title=title))
+    history = read_json(output_dir / HISTORY_FILE) if (output_dir / HISTORY_FILE).is_file() else {}
+    if history.get("budget"):
+        schedule = history["schedule"]
+        phases = {
+            "warmup_steps": schedule["warmup_steps"],
+            "final_start": schedule["total_steps"] - schedule["final_steps"],
+        }
+        drawn.append(
+            plot_budget_curve(
+                history["budget"],
+                output_dir / BUDGET_FILE,
+                allocations=history["allocations"],
+                phases=phases,
+                title=f"Budget b(t): {schedule['init_budget']} -> {schedule['target_budget']} singular values",
+            )
+        )
+    return drawn
+
+
+def run_metrics(
+    setup: Setup, state: dict[str, Any], ranks: dict[str, int], seconds: float, weights: Path, figures: list[Path]
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: per-epoch records, final and best score, sizes, time, what was written."""
+    settings, derived = setup.settings, setup.derived
+    final = state["epochs"][-1] if state["epochs"] else {}
+    metric = primary_metric(settings.task)
+    best = min if metric == "perplexity" else max
+    metrics = {
+        "task": setup.task.name,
+        "method": settings.method,
+        "model": str(setup.model_path),
+        f"eval_{metric}": final.get(f"eval_{metric}"),
+        "eval_loss": final.get("eval_loss"),
+        f"best_eval_{metric}": best((e[f"eval_{metric}"] for e in state["epochs"]), default=None),
+        "epochs": state["epochs"],
+        "train_examples": derived["train_examples"],
+        "eval_examples": derived["eval_examples"],
+        "total_steps": setup.total_steps,
+        "trainable_parameters": derived["trainable_parameters"],
+        "final_total_rank": sum(ranks.values()) if ranks else None,
+        "train_seconds": round(seconds, 1),
+        "weights": weights.name,
+        "figures": [f.name for f in figures],
+        "completed": True,
+    }
+    if "eval_before" in state:  # causal-lm: the held-out split measured before training
+        metrics.update({f"eval_{k}_before": v for k, v in state["eval_before"].items()})
+    return metrics
+
+
+def finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Write weights, rank pattern, allocation history, figures and (last, as the completion mark) metrics;
+    remove the checkpoint. Every process calls it (saving the adapter is collective); only rank 0 writes and
+    returns the metrics (the others return an empty dict)."""
+    weights = save_weights(setup, output_dir)
+    ranks = rank_pattern(setup)
+    if not distributed.is_main_process():
+        return {}
+    if ranks:
+        write_json(output_dir / RANKS_FILE, ranks)
+    if setup.allocator is not None:
+        write_json(output_dir / HISTORY_FILE, allocation_history(setup, state["budgets"]))
+    figures = draw_figures(output_dir)
+    metrics = run_metrics(setup, state, ranks, seconds, weights, figures)
+    write_json(output_dir / METRICS_FILE, metrics)
+    (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return metrics
