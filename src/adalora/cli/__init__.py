@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"adalora: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into a program that stopped reading (| head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush stays quiet
+        return 0
     except OSError as error:  # a write refused by the system after the checks (disk full, permissions changed)
         if os.environ.get("ADALORA_DEBUG"):
             raise

@@ -10,6 +10,7 @@ from typing import Any
 from ..files.atomic import read_json
 from ..run.directory import require_run_dir
 from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE, RunError
+from ..run.words import plural
 
 SubParsers = Any
 
@@ -61,7 +62,8 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
         f"run: {settings['method']} on {derived['task']} ({derived['train_examples']} train / "
         f"{derived['eval_examples']} eval examples), model {derived['model_path']}"
     )
-    print(f"     {derived['total_steps']} optimizer steps, {derived['trainable_parameters']:,} trainable parameters")
+    steps = plural(derived["total_steps"], "optimizer step")
+    print(f"     {steps}, {derived['trainable_parameters']:,} trainable parameters")
     if not (directory / METRICS_FILE).is_file():
         where = "not started"
         if (directory / CHECKPOINT_FILE).is_file():

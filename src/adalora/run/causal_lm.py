@@ -284,7 +284,10 @@ def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
         LMError: if ``gguf`` is needed but missing, or loading fails (one line).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even for a mistyped name
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import quiet_imports
+
+    with quiet_imports():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = Path(path)

@@ -67,7 +67,10 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
             f"the adapter's base model class {class_path or '(unknown)'} is not a transformers model, so it cannot "
             "be rebuilt from the adapter directory. Load the base model yourself and call adalora.load_adapter."
         )
-    model_class = getattr(importlib.import_module(module_name), class_name)
+    from .models import quiet_imports
+
+    with quiet_imports():
+        model_class = getattr(importlib.import_module(module_name), class_name)
     kwargs: dict[str, Any] = {}
     if base.get("config") is not None:
         # The saved config restores what the checkpoint alone does not say (e.g. num_labels of a new head).

@@ -3,8 +3,10 @@ which of its modules are the task head (trained fully) and which matrices get ad
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,32 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+# Loggers of optional packages that transformers imports when they are installed (torchao at least), whose
+# import-time warnings (missing CUDA kernels, no triton, torch's pytree deprecations) say nothing about a run.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Importing transformers' model classes without the import-time warnings of optional packages."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import transformers.modeling_utils  # noqa: F401  (imports the optional packages once, quietly)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    yield
+
+
 def load_model(path: Path, label_names: Sequence[str]) -> tuple[Any, nn.Module, set[str]]:
     """Tokenizer, sequence-classification model with a head for ``label_names``, and the names of the
     weights the checkpoint did not provide (the freshly initialised head)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even for a mistyped name
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    with quiet_imports():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     # The expected "newly initialised head" report and the weight-loading progress bar are noise here.
