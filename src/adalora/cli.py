@@ -282,16 +282,41 @@ def register_merge(subparsers: SubParsers) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from .run.convert import export_output_dir
 
-    out = export_output_dir(args.output_dir, args.out, format=args.format)
-    print(f"{args.format} adapter written to {out}")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank must be a positive rank, got {args.rank}")
+    out = export_output_dir(
+        args.output_dir,
+        args.out,
+        format=args.format,
+        layout=args.layout or "compact",
+        rank=args.rank,
+        base_model_name_or_path=args.base_model_name,
+    )
+    print(f"{args.format} export written to {out}")
     return 0
 
 
 def register_export(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("export", help="convert a trained adapter for other tools (a PEFT LoRA adapter)")
+    from .files.exports import EXPORT_FORMATS
+    from .files.lora_layout import LAYOUTS
+
+    formats = "; ".join(f"{name}: {entry.help}" for name, entry in EXPORT_FORMATS.items())
+    p = subparsers.add_parser(
+        "export",
+        help="convert a trained adapter for other tools (PEFT, llama.cpp GGUF, a rank pattern for LoRA)",
+        description=f"Formats: {formats}. Which PEFT layout each serving tool reads exactly: docs/adapter-files.md.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
-    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
-    p.add_argument("--out", metavar="DIR", help="where to write it (default: OUTPUT_DIR/peft)")
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
+    p.add_argument("--out", metavar="PATH", help="where to write it (default: inside OUTPUT_DIR, named by format)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="peft: compact (default; per-module ranks: PEFT, llama.cpp, diffusers) or uniform (one padded rank, "
+        "r = lora_alpha: also vLLM, SGLang)",
+    )
+    p.add_argument("--rank", type=int, metavar="R", help="peft --layout uniform: pad to R (default: largest rank)")
+    p.add_argument("--base-model-name", metavar="NAME", help="base model recorded in the export (default: training's)")
     p.set_defaults(func=cmd_export)
 
 
