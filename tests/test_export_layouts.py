@@ -163,7 +163,7 @@ def test_export_from_a_run_directory_records_task_type_and_a_meaningful_base_nam
     save_adapter(model, tmp_path / "run" / "adapter", config, metadata={"model": packaged})
 
     assert main(["export", str(tmp_path / "run"), "--layout", "uniform"]) == 0
-    assert "peft export written to" in capsys.readouterr().out
+    assert "peft adapter written to" in capsys.readouterr().out
     written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
     assert written["task_type"] == "SEQ_CLS"  # from the recorded BertForSequenceClassification
     assert written["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not the venv path

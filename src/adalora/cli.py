@@ -280,6 +280,7 @@ def register_merge(subparsers: SubParsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .files.exports import EXPORT_FORMATS
     from .run.convert import export_output_dir
 
     if args.rank is not None and args.rank < 1:
@@ -292,7 +293,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         rank=args.rank,
         base_model_name_or_path=args.base_model_name,
     )
-    print(f"{args.format} export written to {out}")
+    print(f"{args.format} {EXPORT_FORMATS[args.format].noun} written to {out}")
     return 0
 
 

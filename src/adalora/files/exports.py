@@ -61,18 +61,23 @@ class ExportFormat:
         default_name: the output's name inside a run directory (beside an adapter directory it is prefixed
             with the adapter directory's name and a dash).
         help: one line for ``adalora export --help``.
+        noun: what is written, for the CLI's report (``"peft adapter written to ..."``).
     """
 
     write: Callable[[ExportSource, Path, ExportOptions], Path]
     default_name: str
     help: str
+    noun: str = "adapter"
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {
     "peft": ExportFormat(_write_peft, "peft", "a PEFT LoRA adapter directory (--layout compact or uniform)"),
     "gguf": ExportFormat(_write_gguf, "lora.gguf", "a llama.cpp LoRA adapter file, for decoders"),
     "rank-pattern": ExportFormat(
-        _write_rank_pattern, "rank-pattern.json", "the per-module ranks as a LoRA recipe (PEFT kwargs, YAML keys)"
+        _write_rank_pattern,
+        "rank-pattern.json",
+        "the per-module ranks as a LoRA recipe (PEFT kwargs, YAML keys)",
+        "recipe",
     ),
 }
 
