@@ -313,7 +313,7 @@ def register_export(subparsers: SubParsers) -> None:
     p.add_argument(
         "--layout",
         choices=LAYOUTS,
-        help="peft: compact (default; per-module ranks: PEFT, llama.cpp, diffusers) or uniform (one padded rank, "
+        help="peft: compact (default; per-module ranks: exact in PEFT, llama.cpp) or uniform (one padded rank, "
         "r = lora_alpha: also vLLM, SGLang)",
     )
     p.add_argument("--rank", type=int, metavar="R", help="peft --layout uniform: pad to R (default: largest rank)")
