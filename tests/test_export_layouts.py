@@ -187,3 +187,21 @@ def test_base_model_name_keeps_what_the_user_gave():
     assert base_model_name(smollm2) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_name("/x/lib/python3.11/site-packages/other_pkg/model") == "other_pkg"
     assert base_model_name(None) is None
+
+
+def test_every_format_from_the_same_run(tmp_path, capsys):
+    _, model, config, _ = _trained("gpt2")
+    save_adapter(model, tmp_path / "run" / "adapter", config, metadata={"model": "org/gpt2-base"})
+    run = str(tmp_path / "run")
+    assert main(["export", run]) == 0
+    assert main(["export", run, "--layout", "uniform", "--out", str(tmp_path / "run" / "peft-uniform")]) == 0
+    assert main(["export", run, "--format", "gguf"]) == 0
+    assert main(["export", run, "--format", "rank-pattern"]) == 0
+    out = capsys.readouterr().out
+    for written in ("peft", "peft-uniform", "lora.gguf", "rank-pattern.json"):
+        assert (tmp_path / "run" / written).exists()
+        assert str(tmp_path / "run" / written) in out
+    compact = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    uniform = json.loads((tmp_path / "run" / "peft-uniform" / "adapter_config.json").read_text())
+    assert compact["target_modules"] == uniform["target_modules"]
+    assert compact["base_model_name_or_path"] == uniform["base_model_name_or_path"] == "org/gpt2-base"
