@@ -73,6 +73,7 @@ class ExportSource:
         base_class: the base model's class path (``transformers.models....LlamaForCausalLM``), if known.
         base_config: the base model's transformers config as a dict (head counts, layer count, ...), if known.
         base_model_name: the name to record for the base model (a hub id or the path the user gave), if known.
+        metadata: the adapter file's user metadata (``save_adapter(..., metadata=...)``); empty for a model.
     """
 
     updates: list[ModuleUpdate]
