@@ -2,6 +2,7 @@
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -47,13 +48,17 @@ def test_exported_lora_loads_in_peft_with_the_same_outputs(tmp_path, case):
     peft_config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     nonzero = {n: k for n, k in kept.items() if k > 0}
     assert peft_config["rank_pattern"] == nonzero
-    assert peft_config["alpha_pattern"] == pytest.approx({n: config.scale * k for n, k in nonzero.items()})
+    # compact layout (the default): one lora_alpha = r = the most common kept rank, no alpha_pattern
+    assert peft_config["alpha_pattern"] == {}
+    counts = Counter(nonzero.values())
+    common = max(counts, key=lambda k: (counts[k], k))  # the most common kept rank; ties -> the largest
+    assert peft_config["r"] == peft_config["lora_alpha"] == common
     assert peft_config["fan_in_fan_out"] == (case == "gpt2")
     lora_layers = {n: m for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A")}
     assert sorted(lora_layers) == sorted(nonzero)  # modules whose rank went to 0 are left out
     for name, layer in lora_layers.items():
         assert layer.r["default"] == kept[name]
-        assert layer.scaling["default"] == pytest.approx(config.scale)
+        assert layer.scaling["default"] == pytest.approx(common / kept[name])  # PEFT's lora_alpha / k per module
 
 
 def test_export_folds_lambda_into_lora_a(tmp_path):
@@ -66,7 +71,10 @@ def test_export_folds_lambda_into_lora_a(tmp_path):
     m = adapter.rank_mask
     a = tensors[f"base_model.model.{name}.lora_A.weight"]
     b = tensors[f"base_model.model.{name}.lora_B.weight"]
-    torch.testing.assert_close(a, torch.diag(adapter.E[m]) @ adapter.Q[m])
+    k = int(m.sum())
+    lora_alpha = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["lora_alpha"]
+    # the compact layout folds scale * k / lora_alpha into lambda, so that lora_alpha / k * B A = scale * P diag(E) Q
+    torch.testing.assert_close(a, config.scale * k / lora_alpha * torch.diag(adapter.E[m]) @ adapter.Q[m])
     torch.testing.assert_close(b, adapter.P[:, m])
     torch.testing.assert_close(tensors["base_model.model.classifier.weight"], model.classifier.weight)
 

