@@ -85,8 +85,9 @@ def _autograd_gradients(adapters, weight, form):
     return value.detach(), grads
 
 
-# Mixed shapes: two groups of equal shapes (3 and 2 members) and a lone adapter, so grouping and ordering matter.
-MIXED = [(6, 3, 5), (4, 2, 7), (6, 3, 5), (4, 2, 7), (6, 3, 5), (9, 4, 3)]
+# Mixed shapes: two groups of equal shapes (3 and 2 members), a lone adapter, and one whose P shares a shape with
+# the first group's but whose Q does not (factors are grouped by their own shape), so grouping and order matter.
+MIXED = [(6, 3, 5), (4, 2, 7), (6, 3, 5), (4, 2, 7), (6, 3, 5), (9, 4, 3), (6, 3, 8)]
 
 
 @pytest.mark.parametrize("form", ["reference", "paper"])

@@ -54,6 +54,37 @@ class StepReport:
     allocation: Allocation | None
 
 
+# --- integrations (issue 16): optimizer wrappers. Kept to this helper and one call in __init__.
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers that expose it as ``.optimizer`` or ``._optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), however deeply nested; None stays None.
+
+    The allocator registers step hooks on the optimizer. accelerate's wrapper subclasses ``torch.optim.Optimizer``
+    without initialising it, so it has no hook registry (``AttributeError: ... _optimizer_step_post_hooks``); the
+    inner optimizer's hooks fire when the wrapper steps it.
+
+    Raises:
+        TypeError: what is left after unwrapping cannot register step hooks (not an optimizer).
+    """
+    original = optimizer
+    while optimizer is not None:
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
+    if optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks"):
+        raise TypeError(
+            f"RankAllocator: optimizer is a {type(original).__name__}, which is neither a torch.optim.Optimizer nor "
+            "a wrapper exposing one as .optimizer; pass the torch optimizer that trains the adapters."
+        )
+    return optimizer
+
+
+# --- end integrations
+
+
 def top_b_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:
     """Bool mask keeping exactly ``budget`` highest scores; ties go to the earlier position.
 
@@ -107,6 +138,7 @@ class RankAllocator:
         check_consistency: bool | None = None,
     ) -> None:
         model = unwrap_model(model)  # DDP's "module." prefix would change every module name
+        optimizer = unwrap_optimizer(optimizer)  # integrations (issue 16): accelerate's AcceleratedOptimizer
         named = find_adapters(model)
         if not named:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
