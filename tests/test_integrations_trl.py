@@ -160,3 +160,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path: Path, build) -> None:
     expected = adapter_state(uninterrupted.model)
     for key, value in adapter_state(resumed.model).items():
         torch.testing.assert_close(value, expected[key])
+
+
+def test_an_adapter_on_the_fused_lm_head_is_named_as_the_cause(tmp_path: Path) -> None:
+    config = CONFIG.replace(target_modules=("q_proj", "lm_head"), warmup_steps=1, final_steps=1)
+    trainer, _ = sft_trainer(tmp_path, config, num_train_epochs=1)
+    with pytest.warns(RuntimeWarning, match=r"lm_head is a language-model head.*SFTTrainer"):
+        trainer.train()

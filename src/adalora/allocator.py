@@ -82,6 +82,20 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
+def _no_gradient_cause(names: list[str]) -> str:
+    """The likeliest reason adapters on ``names`` got no gradient, read from the module names."""
+    heads = [n for n in names if n.rsplit(".", 1)[-1] in ("lm_head", "embed_out", "output_projection")]
+    if heads:
+        return (
+            f"{heads[0]} is a language-model head: trainers with a fused LM-head loss (TRL's SFTTrainer and "
+            "DPOTrainer) compute log-probabilities from its weight directly and never call the module, so its "
+            "adapter takes no part in the loss."
+        )
+    if any("pooler" in n for n in names):
+        return "The pooler is unused when the loss reads hidden states only (e.g. BERT's pooler under a custom head)."
+    return "They do not feed the loss (modules the forward pass never calls, or whose output is discarded)."
+
+
 # --- end integrations
 
 
@@ -372,8 +386,8 @@ class RankAllocator:
                 self._warn_once(
                     "no_grad",
                     f"AdaLoRA adapters received no gradient and count as unimportant (zero sensitivity): "
-                    f"{', '.join(owners[:6])}{' ...' if len(owners) > 6 else ''}. They do not feed the loss "
-                    "(e.g. BERT's pooler when only hidden states are used); drop them from target_modules.",
+                    f"{', '.join(owners[:6])}{' ...' if len(owners) > 6 else ''}. {_no_gradient_cause(owners)} "
+                    "Drop them from target_modules.",
                 )
             grads = [torch.zeros_like(params[i]) if g is None else g for i, g in enumerate(grads)]
         return grads  # type: ignore[return-value]
