@@ -37,6 +37,7 @@ from ..allocator import OnMisuse, RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..parallel import ShardedImportanceTracker, get_rank
+from . import sentence_transformers as st
 from .gradient import add_regularizer_gradient
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
@@ -96,6 +97,7 @@ class AdaLoRACallback(TrainerCallback):
         self.resume_from: str | None = None
         self._regularized = False
         self._pre_step_seen = False
+        self._guard: st._Guard | None = None  # set for sentence-transformers models (see protect)
 
     # ------------------------------------------------------------------ loss
     def regularization(self) -> torch.Tensor:
@@ -116,6 +118,16 @@ class AdaLoRACallback(TrainerCallback):
         return self.allocator.regularization()
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        # Before train(resume_from_checkpoint=...) loads a checkpoint, which for a SentenceTransformer drops the
+        # adapters' keys: the guard lets that load through and the adapters are restored in on_train_begin.
+        if model is not None and st.is_sentence_transformer(model):
+            self._guard = st.protect(model)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._guard is not None:
+            self._guard.training = False
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -133,13 +145,16 @@ class AdaLoRACallback(TrainerCallback):
                 f"AdaLoRAConfig.total_steps={self.config.total_steps} but the Trainer will take {total} optimizer "
                 f"steps; the schedule uses the Trainer's {total}. Leave total_steps=None with the Trainer."
             )
+        if st.is_sentence_transformer(model):
+            self._guard = st.protect(model)
+            self._guard.training = True  # the trainer's checkpoints save the unmerged model (see on_save)
         if self.allocator is not None:  # a second train() call: detach the old allocator from its optimizer
             self.allocator.remove_hooks()
         config = self.config.replace(total_steps=total)
         self.allocator = RankAllocator(model, config, optimizer=optimizer, on_misuse=self.on_misuse)
         self._regularized = False
         if state.global_step > 0:
-            self._restore(args, state)
+            self._restore(args, state, model)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kwargs
@@ -171,7 +186,7 @@ class AdaLoRACallback(TrainerCallback):
         self._pre_step_seen = False
         self.last_report = self.allocator.step()
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any):
         if self.allocator is None:
             return
         # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
@@ -183,6 +198,8 @@ class AdaLoRACallback(TrainerCallback):
         if directory.is_dir():
             allocator_state = self.allocator.state_dict()
             atomic_write(directory / self._state_file(), lambda file: torch.save(allocator_state, file))
+            if self._guard is not None and model is not None and args.should_save:
+                st.save_adapters_file(model, directory)
 
     # ------------------------------------------------------------------ helpers
     def _state_file(self) -> str:
@@ -191,7 +208,7 @@ class AdaLoRACallback(TrainerCallback):
             return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
         return ALLOCATOR_FILE
 
-    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         assert self.allocator is not None
         directory = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = Path(directory) / self._state_file()
@@ -201,6 +218,9 @@ class AdaLoRACallback(TrainerCallback):
                 "not written with AdaLoRACallback, so the allocation cannot continue where it stopped."
             )
         self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if self._guard is not None:
+            st.restore_adapters_file(model, Path(directory))
+            self._guard.adapters_pending = False
         self.resume_from = None
 
     def _misuse(self, message: str) -> None:
