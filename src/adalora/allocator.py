@@ -67,19 +67,44 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
         TypeError: what is left after unwrapping cannot register step hooks (not an optimizer).
     """
     original = optimizer
-    while optimizer is not None:
+    while optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks"):
         inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
+        if inner is None:
             inner = getattr(optimizer, "_optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
+        if inner is None or inner is optimizer:
+            raise TypeError(
+                f"RankAllocator: optimizer is a {type(original).__name__}, which is neither a torch.optim.Optimizer "
+                "nor a wrapper exposing one as .optimizer; pass the torch optimizer that trains the adapters."
+            )
         optimizer = inner
-    if optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks"):
-        raise TypeError(
-            f"RankAllocator: optimizer is a {type(original).__name__}, which is neither a torch.optim.Optimizer nor "
-            "a wrapper exposing one as .optimizer; pass the torch optimizer that trains the adapters."
-        )
     return optimizer
+
+
+def launch_problem(check_consistency: bool) -> str | None:
+    """What is wrong with the process setup, as seen from here, or None.
+
+    A launcher (``torchrun``, ``accelerate launch``) sets ``WORLD_SIZE``; when it says several processes but no
+    process group is running, each process trains on its own (``accelerate launch --multi_gpu`` on a machine
+    without GPUs and without ``Accelerator(cpu=True)`` does this), so the allocations are never compared or
+    averaged. A consistency check asked for in a single process has nothing to compare.
+    """
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    running = distributed.is_distributed()
+    if world.isdigit() and int(world) > 1 and not running:
+        return (
+            f"RankAllocator: the launcher set WORLD_SIZE={world} but no torch.distributed process group with "
+            "several processes is running: each process is training on its own, on its own data, and its "
+            "allocation is never compared with the others'. On a CPU, build Accelerator(cpu=True) (or call "
+            "torch.distributed.init_process_group('gloo')) before the model and the RankAllocator."
+        )
+    if check_consistency and not running:
+        return (
+            "RankAllocator: a consistency check was requested (check_consistency=True or ADALORA_CHECK_CONSISTENCY=1) "
+            "but this is a single process: there is nothing to compare, and the check does nothing."
+        )
+    return None
 
 
 def _no_gradient_cause(names: list[str]) -> str:
@@ -200,6 +225,11 @@ class RankAllocator:
                 "adapters cut to their kept ranks)."
             )
         self.check_consistency = distributed.consistency_check_requested(check_consistency)
+        problem = launch_problem(self.check_consistency)  # integrations (issue 16): independent runs
+        if problem is not None:
+            if on_misuse == "error":
+                raise RuntimeError(problem)
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
         # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
         self._owner = torch.repeat_interleave(
             torch.arange(len(self.adapters), device=self.tracker.device),
