@@ -80,6 +80,33 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
+DEEPSPEED_REFUSAL = (
+    "AdaLoRA does not support DeepSpeed: under ZeRO the gradients live in DeepSpeed's partitioned buffers, not in the "
+    "parameters' .grad (and ZeRO-3 partitions the parameters themselves), so the importance scores would read "
+    "nothing and every triplet would look unimportant. Supported: one process, DDP (torchrun / accelerate launch / "
+    "the Trainer with several processes) and FSDP2 (fully_shard); see docs/scaling-out.md."
+)
+
+
+def deepspeed_in_use(model: Any, optimizer: Any, adapters: list[Any]) -> str | None:
+    """What shows that DeepSpeed manages ``model``/``optimizer``, or None: an engine around the model, a DeepSpeed
+    optimizer, or ZeRO-3 partitioned adapter parameters (``ds_id``/``ds_numel``). Read from types and attributes,
+    without importing deepspeed."""
+
+    def from_deepspeed(obj: Any) -> bool:
+        return any(cls.__module__.split(".")[0] == "deepspeed" for cls in type(obj).__mro__)
+
+    if from_deepspeed(model):
+        return f"the model is a {type(model).__name__}"
+    if optimizer is not None and from_deepspeed(optimizer):
+        return f"the optimizer is DeepSpeed's {type(optimizer).__name__}"
+    for adapter in adapters:
+        for p in adapter.adapter_parameters():
+            if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
+                return "the adapters' parameters are partitioned by ZeRO-3 (ds_id/ds_numel)"
+    return None
+
+
 def launch_problem(check_consistency: bool) -> str | None:
     """What is wrong with the process setup, as seen from here, or None.
 
@@ -176,9 +203,13 @@ class RankAllocator:
         on_misuse: OnMisuse = "warn",
         check_consistency: bool | None = None,
     ) -> None:
+        engine = model
         model = unwrap_model(model)  # DDP's "module." prefix would change every module name
         optimizer = unwrap_optimizer(optimizer)  # integrations (issue 16): accelerate's AcceleratedOptimizer
         named = find_adapters(model)
+        deepspeed = deepspeed_in_use(engine, optimizer, [a for _, a in named])  # integrations (issue 16)
+        if deepspeed is not None:
+            raise ValueError(f"RankAllocator: {deepspeed}. {DEEPSPEED_REFUSAL}")
         if not named:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
         if config.total_steps is None:

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..allocator import OnMisuse, RankAllocator, StepReport
+from ..allocator import DEEPSPEED_REFUSAL, OnMisuse, RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..parallel import ShardedImportanceTracker, get_rank
@@ -119,6 +119,8 @@ class AdaLoRACallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
+            raise ValueError(f"AdaLoRACallback: TrainingArguments(deepspeed=...) is set. {DEEPSPEED_REFUSAL}")
         # Before train(resume_from_checkpoint=...) loads a checkpoint, which for a SentenceTransformer drops the
         # adapters' keys: the guard lets that load through and the adapters are restored in on_train_begin.
         if model is not None and st.is_sentence_transformer(model):
@@ -268,6 +270,8 @@ class AdaLoRATrainer(Trainer):
             )
         self.adalora = AdaLoRACallback(adalora_config, on_misuse=on_misuse, regularizer=regularizer)
         self.add_callback(self.adalora)
+        # Added after Trainer.__init__ fired on_init_end: run its construction-time checks and set-up now.
+        self.adalora.on_init_end(self.args, self.state, self.control, model=self.model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         # Tell the callback where the Trainer resumes from (it only sees the restored global step).
