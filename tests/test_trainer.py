@@ -290,3 +290,26 @@ def test_a_total_steps_that_disagrees_with_the_trainer_is_reported(tmp_path: Pat
     with pytest.warns(RuntimeWarning, match="the Trainer will take 12"):
         trainer.train()
     assert trainer.adalora.allocator.config.total_steps == 12
+
+
+def test_still_scaled_fp16_gradients_are_unscaled_before_the_regulariser_is_added() -> None:
+    """A GradScaler whose gradients were not unscaled yet (a subclass that neither clips nor measures the norm):
+    the callback unscales them first, so the regulariser's gradient is not added to gradients 4x too large, and
+    GradScaler.step does not unscale twice."""
+    from types import SimpleNamespace
+
+    from adalora.integrations.trainer import _unscale_gradients
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((weight * torch.tensor([1.0, 2.0, 3.0])).sum()).backward()
+    assert weight.grad.tolist() == [4.0, 8.0, 12.0]
+    wrapped = SimpleNamespace(optimizer=optimizer, scaler=scaler)  # what accelerate's AcceleratedOptimizer exposes
+    _unscale_gradients(wrapped)
+    assert weight.grad.tolist() == [1.0, 2.0, 3.0]
+    _unscale_gradients(wrapped)  # already unscaled: left alone (GradScaler would raise on a second unscale_)
+    weight.grad += 1.0  # stands for the regulariser's gradient
+    scaler.step(optimizer)
+    assert weight.detach().tolist() == [-1.0, -2.0, -3.0]  # 1 - (g + 1): unscaled once, not twice
+    _unscale_gradients(SimpleNamespace(optimizer=optimizer, scaler=None))  # no scaler: nothing to do
