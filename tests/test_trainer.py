@@ -197,12 +197,14 @@ def test_callback_alone_applies_the_regulariser_on_a_plain_trainer(tmp_path: Pat
     assert not torch.allclose(states[0.1][key], states[0.0][key])
 
 
-@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
-def test_gradient_form_equals_the_loss_form_but_for_clipping(tmp_path: Path, max_grad_norm: float) -> None:
+@pytest.mark.parametrize(("max_grad_norm", "timing"), [(0.0, "after_step"), (0.0, "before_step"), (1e-3, "after_step")])
+def test_gradient_form_equals_the_loss_form_but_for_clipping(tmp_path: Path, max_grad_norm: float, timing) -> None:
     """The callback alone (gradient before the optimizer step) against AdaLoRATrainer (gamma * R in the loss, scaled
-    for the accumulation): the same updates without clipping; with clipping active they differ (order)."""
+    for the accumulation): the same updates without clipping; with clipping active they differ (order). With
+    importance_timing="before_step" the allocator's pre-step hook measures after the regulariser's gradient was
+    added, as it does with R in the loss: the same allocations."""
     args = arguments(tmp_path, max_grad_norm=max_grad_norm, max_steps=6)
-    config = CONFIG.replace(orth_reg_weight=0.5)
+    config = CONFIG.replace(orth_reg_weight=0.5, importance_timing=timing)
     callback = AdaLoRACallback(config)
     gradient = Trainer(model=no_dropout_model(config), args=args, train_dataset=dataset(), callbacks=[callback])
     gradient.train()
