@@ -182,7 +182,7 @@ class AdaLoRACallback(TrainerCallback):
         if self.regularizer == "gradient" and not self._pre_step_seen and weighted:
             self._misuse(
                 "AdaLoRACallback: this Trainer stepped the optimizer without firing on_pre_optimizer_step, so the "
-                "regulariser's gradient was not added. Upgrade transformers (the event exists since 4.47), or use "
+                "regulariser's gradient was not added. Upgrade transformers (older versions lack the event), or use "
                 "AdaLoRATrainer / AdaLoRACallback(regularizer='loss') to put the regulariser in the loss."
             )
         self._pre_step_seen = False
