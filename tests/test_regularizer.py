@@ -56,3 +56,111 @@ def test_reference_form_matches_a_direct_computation():
     expected = sum(norms) / len(norms)
     assert orthogonal_penalty(adapters, "reference").item() == pytest.approx(expected.item(), rel=1e-6)
     assert math.isfinite(orthogonal_penalty([], "reference").item())
+
+
+# ---------------------------------------------------------------- closed-form gradient (add_orthogonal_gradient)
+
+
+def _adapters(shapes, dtype, seed=0):
+    """Adapters with random P (d_out, r), Q (r, d_in) of the given (d_out, r, d_in) shapes, in ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for d_out, r, d_in in shapes:
+        a = SVDLinear.from_base(nn.Linear(d_in, d_out), r=r, scale=1.0).to(dtype)
+        with torch.no_grad():
+            a.P.copy_(torch.randn(d_out, r, generator=generator, dtype=dtype))
+            a.Q.copy_(torch.randn(r, d_in, generator=generator, dtype=dtype))
+        out.append(a)
+    return out
+
+
+def _autograd_gradients(adapters, weight, form):
+    for a in adapters:
+        a.zero_grad(set_to_none=True)
+    value = weight * orthogonal_penalty(adapters, form)
+    value.backward()
+    grads = [(a.P.grad.clone(), a.Q.grad.clone()) for a in adapters]
+    for a in adapters:
+        a.zero_grad(set_to_none=True)
+    return value.detach(), grads
+
+
+# Mixed shapes: two groups of equal shapes (3 and 2 members), a lone adapter, and one whose P shares a shape with
+# the first group's but whose Q does not (factors are grouped by their own shape), so grouping and order matter.
+MIXED = [(6, 3, 5), (4, 2, 7), (6, 3, 5), (4, 2, 7), (6, 3, 5), (9, 4, 3), (6, 3, 8)]
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_closed_form_gradient_equals_autograd(form, dtype, tol):
+    from adalora.regularizer import add_orthogonal_gradient
+
+    adapters = _adapters(MIXED, dtype)
+    expected_value, expected = _autograd_gradients(adapters, 0.3, form)
+    value = add_orthogonal_gradient(adapters, 0.3, form)
+    torch.testing.assert_close(value, expected_value, rtol=tol, atol=tol)
+    for a, (gp, gq) in zip(adapters, expected, strict=True):
+        torch.testing.assert_close(a.P.grad, gp, rtol=tol, atol=tol)
+        torch.testing.assert_close(a.Q.grad, gq, rtol=tol, atol=tol)
+        assert a.E.grad is None  # R does not depend on lambda
+
+
+def test_closed_form_gradient_matches_a_hand_computation():
+    from adalora.regularizer import add_orthogonal_gradient
+
+    # P = [[2], [0]] (r = 1): D_P = [[3]]; Q = [[1, 1]]: D_Q = [[1]]. Paper: dR/dP = 4 P D_P = [[24], [0]],
+    # dR/dQ = 4 D_Q Q = [[4, 4]]. Reference (n = 1): P D_P / ||D_P|| = [[2], [0]], D_Q Q / ||D_Q|| = [[1, 1]].
+    a = _adapter([[2.0], [0.0]], [[1.0, 1.0]])
+    add_orthogonal_gradient([a], 1.0, "paper")
+    assert a.P.grad.tolist() == [[24.0], [0.0]] and a.Q.grad.tolist() == [[4.0, 4.0]]
+    a.zero_grad(set_to_none=True)
+    add_orthogonal_gradient([a], 1.0, "reference")
+    assert a.P.grad.tolist() == [[2.0], [0.0]] and a.Q.grad.tolist() == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_closed_form_gradient_adds_to_an_existing_gradient(form):
+    from adalora.regularizer import add_orthogonal_gradient
+
+    adapters = _adapters(MIXED, torch.float64)
+    _, expected = _autograd_gradients(adapters, 0.5, form)
+    existing = [(torch.randn_like(a.P), torch.randn_like(a.Q)) for a in adapters]
+    for a, (gp, gq) in zip(adapters, existing, strict=True):
+        a.P.grad, a.Q.grad = gp.clone(), gq.clone()
+    # Half the adapters with a gradient, half without (a factor that got none in the backward pass).
+    for a in adapters[::2]:
+        a.P.grad = None
+    add_orthogonal_gradient(adapters, 0.5, form)
+    for i, (a, (gp, gq), (ep, eq)) in enumerate(zip(adapters, expected, existing, strict=True)):
+        torch.testing.assert_close(a.P.grad, gp if i % 2 == 0 else gp + ep, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.Q.grad, gq + eq, rtol=1e-12, atol=1e-12)
+    # Set-from-None gradients own their storage (not views into one stacked tensor).
+    assert adapters[0].P.grad.untyped_storage().data_ptr() != adapters[2].P.grad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_closed_form_gradient_at_zero_deviation_and_rank_zero(form):
+    from adalora.regularizer import add_orthogonal_gradient
+
+    orthonormal = _adapters([(6, 3, 5)], torch.float64)[0]
+    with torch.no_grad():
+        orthonormal.P.copy_(torch.eye(6, 3, dtype=torch.float64))  # P^T P - I = 0 exactly
+    empty = _adapters([(6, 0, 5)], torch.float64)[0]  # rank 0: a compacted-away adapter
+    others = _adapters([(6, 3, 5), (4, 2, 7)], torch.float64, seed=1)
+    adapters = [orthonormal, empty, *others]
+    expected_value, expected = _autograd_gradients(adapters, 1.0, form)
+    value = add_orthogonal_gradient(adapters, 1.0, form)
+    torch.testing.assert_close(value, expected_value)
+    assert torch.all(orthonormal.P.grad == 0)  # the unsquared norm's gradient at D = 0 is taken as 0
+    assert empty.P.grad.shape == (6, 0) and empty.Q.grad.shape == (0, 5)
+    for a, (gp, gq) in zip(adapters, expected, strict=True):
+        assert torch.isfinite(a.P.grad).all() and torch.isfinite(a.Q.grad).all()
+        torch.testing.assert_close(a.P.grad, gp)
+        torch.testing.assert_close(a.Q.grad, gq)
+
+
+def test_closed_form_gradient_refuses_an_unknown_form():
+    from adalora.regularizer import add_orthogonal_gradient
+
+    with pytest.raises(ValueError, match="unknown form"):
+        add_orthogonal_gradient(_adapters([(4, 2, 3)], torch.float32), 1.0, "squared")

@@ -155,16 +155,126 @@ def test_resuming_from_a_checkpoint_without_allocator_state_fails_loudly(tmp_pat
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
-def test_callback_on_a_plain_trainer_reports_the_missing_regulariser(tmp_path: Path) -> None:
-    callback = AdaLoRACallback(CONFIG)
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def no_dropout_model(config: AdaLoRAConfig = CONFIG):
+    model = adapted_model(config)
+    for module in model.modules():  # runs with different batching or regulariser forms must agree exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_callback_alone_applies_the_regulariser_on_a_plain_trainer(tmp_path: Path) -> None:
+    states = {}
+    for gamma in (0.1, 0.0):
+        config = CONFIG.replace(orth_reg_weight=gamma)
+        callback = AdaLoRACallback(config)
+        trainer = Trainer(
+            model=no_dropout_model(config), args=arguments(tmp_path), train_dataset=dataset(), callbacks=[callback]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no "regulariser not in the loss" when it applies it
+            trainer.train()
+        assert callback.allocator.step_count == 12
+        assert (float(callback.last_regularization) > 0) == (gamma > 0)
+        states[gamma] = adapter_state(trainer.model)
+    key = "bert.encoder.layer.0.attention.self.query.P"
+    assert not torch.allclose(states[0.1][key], states[0.0][key])
+
+
+@pytest.mark.parametrize(("max_grad_norm", "timing"), [(0.0, "after_step"), (0.0, "before_step"), (1e-3, "after_step")])
+def test_gradient_form_equals_the_loss_form_but_for_clipping(tmp_path: Path, max_grad_norm: float, timing) -> None:
+    """The callback alone (gradient before the optimizer step) against AdaLoRATrainer (gamma * R in the loss, scaled
+    for the accumulation): the same updates without clipping; with clipping active they differ (order). With
+    importance_timing="before_step" the allocator's pre-step hook measures after the regulariser's gradient was
+    added, as it does with R in the loss: the same allocations."""
+    args = arguments(tmp_path, max_grad_norm=max_grad_norm, max_steps=6)
+    config = CONFIG.replace(orth_reg_weight=0.5, importance_timing=timing)
+    callback = AdaLoRACallback(config)
+    gradient = Trainer(model=no_dropout_model(config), args=args, train_dataset=dataset(), callbacks=[callback])
+    gradient.train()
+    loss = AdaLoRATrainer(model=no_dropout_model(config), args=args, train_dataset=dataset(), adalora_config=config)
+    loss.train()
+    assert callback.allocator.history == loss.adalora.allocator.history
+    expected = adapter_state(loss.model)
+    close = all(torch.allclose(v, expected[k], rtol=1e-4, atol=1e-6) for k, v in adapter_state(gradient.model).items())
+    assert close == (max_grad_norm == 0.0)
+
+
+def test_regulariser_weight_does_not_depend_on_the_accumulation(tmp_path: Path) -> None:
+    """BERT's loss accepts num_items_in_batch, so the Trainer leaves it undivided by the accumulation steps (the
+    task gradient then grows with them); the callback's gradient enters once per optimizer step either way. One
+    SGD step: the update with gamma minus the update without is -lr * gamma * dR/dP, whatever the accumulation."""
+    from adalora.regularizer import add_orthogonal_gradient
+
+    key = "bert.encoder.layer.0.attention.self.query.P"
+    initial = adapter_state(no_dropout_model())[key]
+    for batch, accumulation in ((2, 2), (4, 1), (1, 4)):
+        updates = {}
+        for gamma in (0.5, 0.0):
+            config = CONFIG.replace(orth_reg_weight=gamma)
+            args = arguments(
+                tmp_path,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                max_grad_norm=0.0,
+                max_steps=6,
+                optim="sgd",
+                lr_scheduler_type="constant",
+            )
+            trainer = Trainer(
+                model=no_dropout_model(config),
+                args=args,
+                train_dataset=dataset(),
+                callbacks=[AdaLoRACallback(config), StopAt(1)],
+            )
+            trainer.train()
+            updates[gamma] = adapter_state(trainer.model)[key] - initial
+        model = no_dropout_model()
+        adapters = [m for m in model.modules() if hasattr(m, "rank_mask")]
+        add_orthogonal_gradient(adapters, 0.5, CONFIG.regularizer)
+        expected = -1e-2 * model.get_submodule(key.removesuffix(".P")).P.grad
+        torch.testing.assert_close(updates[0.5] - updates[0.0], expected, rtol=1e-3, atol=1e-7)
+
+
+def test_loss_form_callback_on_a_plain_trainer_reports_the_missing_regulariser(tmp_path: Path) -> None:
+    callback = AdaLoRACallback(CONFIG, regularizer="loss")
     trainer = Trainer(model=adapted_model(), args=arguments(tmp_path), train_dataset=dataset(), callbacks=[callback])
     with pytest.warns(RuntimeWarning, match="regulariser is not in the training loss"):
         trainer.train()
     assert callback.allocator.step_count == 12  # it still allocates
-    strict = AdaLoRACallback(CONFIG, on_misuse="error")
+    strict = AdaLoRACallback(CONFIG, on_misuse="error", regularizer="loss")
     trainer = Trainer(model=adapted_model(), args=arguments(tmp_path), train_dataset=dataset(), callbacks=[strict])
     with pytest.raises(RuntimeError, match="regulariser"):
         trainer.train()
+
+
+def test_regulariser_in_the_loss_and_as_gradient_is_reported(tmp_path: Path) -> None:
+    callback = AdaLoRACallback(CONFIG, on_misuse="error")
+    trainer = Trainer(model=adapted_model(), args=arguments(tmp_path), train_dataset=dataset(), callbacks=[callback])
+    trainer.state.max_steps = 12
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    with pytest.raises(RuntimeError, match="counts it twice"):
+        callback.regularization()
+    with pytest.raises(ValueError, match="'gradient' or 'loss'"):
+        AdaLoRACallback(CONFIG, regularizer="both")
+
+
+def test_a_trainer_without_the_pre_optimizer_event_is_reported(tmp_path: Path) -> None:
+    callback = AdaLoRACallback(CONFIG, on_misuse="error")
+    trainer = Trainer(model=adapted_model(), args=arguments(tmp_path), train_dataset=dataset(), callbacks=[callback])
+    trainer.state.max_steps = 12
+    callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    with pytest.raises(RuntimeError, match="without firing on_pre_optimizer_step"):
+        callback.on_optimizer_step(trainer.args, trainer.state, trainer.control)
 
 
 def test_a_total_steps_that_disagrees_with_the_trainer_is_reported(tmp_path: Path) -> None:
@@ -175,3 +285,26 @@ def test_a_total_steps_that_disagrees_with_the_trainer_is_reported(tmp_path: Pat
     with pytest.warns(RuntimeWarning, match="the Trainer will take 12"):
         trainer.train()
     assert trainer.adalora.allocator.config.total_steps == 12
+
+
+def test_still_scaled_fp16_gradients_are_unscaled_before_the_regulariser_is_added() -> None:
+    """A GradScaler whose gradients were not unscaled yet (a subclass that neither clips nor measures the norm):
+    the callback unscales them first, so the regulariser's gradient is not added to gradients 4x too large, and
+    GradScaler.step does not unscale twice."""
+    from types import SimpleNamespace
+
+    from adalora.integrations.trainer import _unscale_gradients
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((weight * torch.tensor([1.0, 2.0, 3.0])).sum()).backward()
+    assert weight.grad.tolist() == [4.0, 8.0, 12.0]
+    wrapped = SimpleNamespace(optimizer=optimizer, scaler=scaler)  # what accelerate's AcceleratedOptimizer exposes
+    _unscale_gradients(wrapped)
+    assert weight.grad.tolist() == [1.0, 2.0, 3.0]
+    _unscale_gradients(wrapped)  # already unscaled: left alone (GradScaler would raise on a second unscale_)
+    weight.grad += 1.0  # stands for the regulariser's gradient
+    scaler.step(optimizer)
+    assert weight.detach().tolist() == [-1.0, -2.0, -3.0]  # 1 - (g + 1): unscaled once, not twice
+    _unscale_gradients(SimpleNamespace(optimizer=optimizer, scaler=None))  # no scaler: nothing to do

@@ -105,6 +105,44 @@ def test_regularizer_is_added_to_a_custom_loss() -> None:
     assert not torch.allclose(*updated)
 
 
+@pytest.mark.parametrize("form", ["reference", "paper"])
+def test_regulariser_as_gradient_equals_regulariser_in_the_loss(form: str) -> None:
+    """fit's default (closed-form gradient once per step, before clipping) against gamma * R in every micro-batch's
+    loss: the same run up to rounding, with accumulation, a short last group and clipping."""
+    batches = micro_batches(7, 2)
+    runs = []
+    for regularizer in ("gradient", "loss"):
+        model, optimizer, allocator = build(8, gamma=0.5)
+        allocator.config = allocator.config.replace(regularizer=form)
+        seen: list[StepResult] = []
+        fit(
+            model,
+            batches,
+            optimizer,
+            allocator,
+            epochs=2,
+            accumulation_steps=2,
+            max_grad_norm=0.5,
+            regularizer=regularizer,
+            on_step=seen.append,
+        )
+        runs.append((model, allocator, seen))
+    (model_g, alloc_g, seen_g), (model_l, alloc_l, seen_l) = runs
+    assert alloc_g.history == alloc_l.history
+    for a, b in zip(seen_g, seen_l, strict=True):
+        assert a.regularization == pytest.approx(b.regularization, rel=1e-5)
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    expected = adapter_state(model_l)
+    for key, value in adapter_state(model_g).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_regulariser_mode_is_refused() -> None:
+    model, optimizer, allocator = build(4)
+    with pytest.raises(ValueError, match="'gradient' or 'loss'"):
+        fit(model, micro_batches(2, 2), optimizer, allocator, regularizer="grad")
+
+
 def test_start_step_continues_exactly_mid_epoch() -> None:
     batches = micro_batches(6, 2)
     steps = total_steps(len(batches), epochs=2, accumulation_steps=2)  # 3 per epoch, 6 in all

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +62,61 @@ class StepReport:
     phase: Phase
     budget: int
     allocation: Allocation | None
+
+
+# --- integrations (issue 16): optimizer wrappers. Kept to this helper and one call in __init__.
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers that expose it as ``.optimizer`` or ``._optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), however deeply nested; None stays None.
+
+    The allocator registers step hooks on the optimizer. accelerate's wrapper subclasses ``torch.optim.Optimizer``
+    without initialising it, so it has no hook registry (``AttributeError: ... _optimizer_step_post_hooks``); the
+    inner optimizer's hooks fire when the wrapper steps it.
+
+    Raises:
+        TypeError: what is left after unwrapping cannot register step hooks (not an optimizer).
+    """
+    original = optimizer
+    while optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            inner = getattr(optimizer, "_optimizer", None)
+        if inner is None or inner is optimizer:
+            raise TypeError(
+                f"RankAllocator: optimizer is a {type(original).__name__}, which is neither a torch.optim.Optimizer "
+                "nor a wrapper exposing one as .optimizer; pass the torch optimizer that trains the adapters."
+            )
+        optimizer = inner
+    return optimizer
+
+
+# --- the outer ring's checks of how training is set up (adalora.parallel registers DeepSpeed and launcher checks)
+SetupCheck = Callable[[nn.Module, "torch.optim.Optimizer | None", list[SVDAdapter], bool], "tuple[str, bool] | None"]
+"""``check(model as given, optimizer, adapters, check_consistency)`` -> ``(message, fatal)`` or None."""
+_SETUP_CHECKS: list[SetupCheck] = []
+
+
+def register_setup_check(check: SetupCheck) -> None:
+    """Have every new :class:`RankAllocator` run ``check``: a fatal problem raises, another is reported as misuse."""
+    if check not in _SETUP_CHECKS:
+        _SETUP_CHECKS.append(check)
+
+
+def _no_gradient_cause(names: list[str]) -> str:
+    """The likeliest reason adapters on ``names`` got no gradient, read from the module names."""
+    heads = [n for n in names if n.rsplit(".", 1)[-1] in ("lm_head", "embed_out", "output_projection")]
+    if heads:
+        return (
+            f"{heads[0]} is a language-model head: trainers with a fused LM-head loss (TRL's SFTTrainer and "
+            "DPOTrainer) compute log-probabilities from its weight directly and never call the module, so its "
+            "adapter takes no part in the loss."
+        )
+    if any("pooler" in n for n in names):
+        return "The pooler is unused when the loss reads hidden states only (e.g. BERT's pooler under a custom head)."
+    return "They do not feed the loss (modules the forward pass never calls, or whose output is discarded)."
+
+
+# --- end integrations
 
 
 def top_b_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -115,8 +171,16 @@ class RankAllocator:
         on_misuse: OnMisuse = "warn",
         check_consistency: bool | None = None,
     ) -> None:
+        engine = model
         model = unwrap_model(model)  # DDP's "module." prefix would change every module name
+        optimizer = unwrap_optimizer(optimizer)  # integrations (issue 16): accelerate's AcceleratedOptimizer
         named = find_adapters(model)
+        self.check_consistency = consistency_check_requested(check_consistency)
+        found = (check(engine, optimizer, [a for _, a in named], self.check_consistency) for check in _SETUP_CHECKS)
+        problems = [problem for problem in found if problem is not None]
+        for message, fatal in problems:
+            if fatal:
+                raise ValueError(f"RankAllocator: {message}")
         if not named:
             raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
         if config.total_steps is None:
@@ -160,7 +224,10 @@ class RankAllocator:
                 "on to the parameters that compaction replaces. Leave it off (save_adapter still saves the "
                 "adapters cut to their kept ranks)."
             )
-        self.check_consistency = consistency_check_requested(check_consistency)
+        for message, _ in problems:  # not fatal: reported like any other misuse
+            if on_misuse == "error":
+                raise RuntimeError(f"RankAllocator: {message}")
+            warnings.warn(f"RankAllocator: {message}", RuntimeWarning, stacklevel=2)
         # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
         self._owner = torch.repeat_interleave(
             torch.arange(len(self.adapters), device=self.tracker.device),
@@ -294,8 +361,8 @@ class RankAllocator:
                 self._warn_once(
                     "no_grad",
                     f"AdaLoRA adapters received no gradient and count as unimportant (zero sensitivity): "
-                    f"{', '.join(owners[:6])}{' ...' if len(owners) > 6 else ''}. They do not feed the loss "
-                    "(e.g. BERT's pooler when only hidden states are used); drop them from target_modules.",
+                    f"{', '.join(owners[:6])}{' ...' if len(owners) > 6 else ''}. {_no_gradient_cause(owners)} "
+                    "Drop them from target_modules.",
                 )
             grads = [torch.zeros_like(params[i]) if g is None else g for i, g in enumerate(grads)]
         return grads  # type: ignore[return-value]
@@ -371,6 +438,19 @@ class RankAllocator:
             return torch.zeros((), device=self.adapters[0].E.device)
         penalty = self.tracker.penalty(self.config.regularizer)
         return self.config.orth_reg_weight * penalty
+
+    def add_regularization_gradient(self) -> torch.Tensor:
+        """Add gamma * dR/dP and dR/dQ to the adapters' ``.grad`` instead of putting R in the loss; once per step.
+
+        The same update as ``(loss + regularization()).backward()`` contributes, in closed form and without an
+        autograd graph (see ``adalora.integrations.gradient`` for when to call it).
+
+        Returns:
+            gamma * R before the update, detached (zero when ``orth_reg_weight`` is 0).
+        """
+        if self.config.orth_reg_weight == 0:
+            return torch.zeros((), device=self.adapters[0].E.device)
+        return self.tracker.add_penalty_gradient(self.config.orth_reg_weight, self.config.regularizer)
 
     def rank_pattern(self) -> dict[str, int]:
         """{module name: kept rank} of the latest allocation (init rank before the first one)."""

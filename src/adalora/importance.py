@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .layers import SVDAdapter
-from .regularizer import orthogonal_penalty
+from .regularizer import add_orthogonal_gradient, orthogonal_penalty
 
 # ---------------------------------------------------------------------------------------------- the metrics
 Fold = Callable[[list[torch.Tensor], torch.Tensor, "float | torch.Tensor", float, float], None]
@@ -385,6 +385,10 @@ class ImportanceTracker:
     def penalty(self, form: str) -> torch.Tensor:
         """R(P, Q) over the adapters (see :func:`adalora.regularizer.orthogonal_penalty`), with gradient."""
         return orthogonal_penalty(self.adapters, form)  # type: ignore[arg-type]
+
+    def add_penalty_gradient(self, weight: float, form: str) -> torch.Tensor:
+        """Add ``weight * dR/dP, dR/dQ`` to the adapters' ``.grad`` in closed form; returns ``weight * R``, detached."""
+        return add_orthogonal_gradient(self.adapters, weight, form)  # type: ignore[arg-type]
 
     def verify(self, step: int, budget: int, keep: torch.Tensor, scores: torch.Tensor, names: Sequence[str]) -> None:
         """Check an allocation against the other processes' (nothing to compare with in one process)."""

@@ -2,7 +2,10 @@
 
 The loop owns the three things that are easy to get wrong by hand:
 
-- the orthogonality regulariser is added to *whatever* loss the batch gives (eq. 4);
+- the orthogonality regulariser enters every optimizer step exactly once (eq. 4): by default its gradient is
+  added to the accumulated gradients before clipping (:func:`~adalora.integrations.gradient.add_regularizer_gradient`,
+  the mechanism the Trainer and Lightning callbacks use), or with ``regularizer="loss"`` gamma * R is added to
+  every micro-batch's loss and divided like it (the same update up to rounding);
 - the allocator steps once per *optimizer* step, after ``optimizer.step()`` and before ``zero_grad()``,
   however many micro-batches are accumulated;
 - ``start_step`` continues mid-epoch after a restart, skipping the micro-batches already consumed.
@@ -23,13 +26,14 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..allocator import RankAllocator, StepReport
+from .gradient import add_regularizer_gradient
 
 Batch = Any  # whatever the loader yields; by default a mapping of model keyword arguments including labels
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -43,7 +47,8 @@ class StepResult:
         step: optimizer steps completed, this one included (1-based; the allocator's t is ``step - 1``).
         epoch: 0-based epoch of this step.
         loss: task loss averaged over the step's micro-batches (without the regulariser).
-        regularization: gamma * R(P, Q) added to the loss (0.0 without an allocator).
+        regularization: gamma * R(P, Q) of the step (0.0 without an allocator): before the update, at the values
+            the gradient (or loss) was computed at.
         learning_rate: learning rate of the first parameter group for this step.
         report: the allocator's :class:`~adalora.StepReport`, or None without an allocator.
     """
@@ -97,12 +102,13 @@ def fit(
     on_step: Callable[[StepResult], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    regularizer: Literal["gradient", "loss"] = "gradient",
 ) -> int:
     """Train ``model`` for ``epochs`` epochs with AdaLoRA's regulariser and allocator.
 
-    Per micro-batch: ``(loss_fn(model, batch) + allocator.regularization()) / group size`` is backpropagated.
-    Per optimizer step: gradient clipping, ``optimizer.step()``, ``allocator.step()``, ``scheduler.step()``,
-    ``optimizer.zero_grad()``, then ``on_step``.
+    Per micro-batch: ``loss_fn(model, batch) / group size`` is backpropagated. Per optimizer step: gamma * dR/dP,
+    dR/dQ added to the gradients, gradient clipping, ``optimizer.step()``, ``allocator.step()``,
+    ``scheduler.step()``, ``optimizer.zero_grad()``, then ``on_step``.
 
     Args:
         model: the model (put into train mode at the start of every epoch); a ``DistributedDataParallel``-wrapped
@@ -121,12 +127,19 @@ def fit(
         on_epoch_end: called as ``on_epoch_end(epoch, step)`` after the last step of each epoch.
         grad_scaler: for float16 autocast: scales the loss before ``backward``, unscales the gradients before
             clipping and the allocator read them, and skips the optimizer step when they overflowed.
+        regularizer: ``"gradient"`` (default): add the regulariser's closed-form gradient once per optimizer step,
+            before clipping, without an autograd graph; ``"loss"``: add ``allocator.regularization() / group
+            size`` to every micro-batch's loss. Both give the same update up to rounding (tested); the loss form
+            is for a ``loss_fn`` compiled together with the regulariser into one graph.
 
     Returns:
         The number of optimizer steps done in all (``start_step`` included).
     """
     if accumulation_steps < 1 or epochs < 0 or start_step < 0:
         raise ValueError("fit: accumulation_steps must be >= 1, epochs and start_step >= 0")
+    if regularizer not in ("gradient", "loss"):
+        raise ValueError(f"fit: regularizer must be 'gradient' or 'loss', got {regularizer!r}")
+    in_loss = allocator is not None and regularizer == "loss"
     epoch_batches = batches if callable(batches) else (lambda epoch: batches)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     step = start_step
@@ -149,16 +162,25 @@ def fit(
             sync = model.no_sync() if not last and isinstance(model, DistributedDataParallel) else nullcontext()
             with sync:
                 loss = loss_fn(model, batch)
-                # The regulariser is added to every micro-batch and divided like the task loss, so that one
-                # optimizer step carries exactly gamma * R whatever the accumulation.
-                reg = allocator.regularization() if allocator is not None else torch.zeros((), device=loss.device)
-                total = (loss + reg) / group_size
+                if in_loss:
+                    # Added to every micro-batch and divided like the task loss, so that one optimizer step
+                    # carries exactly gamma * R whatever the accumulation.
+                    reg = allocator.regularization()  # type: ignore[union-attr]
+                    total = (loss + reg) / group_size
+                else:
+                    total = loss / group_size
                 (grad_scaler.scale(total) if grad_scaler is not None else total).backward()
             losses.append(loss.detach())
             if not last:
                 continue
             if grad_scaler is not None:
                 grad_scaler.unscale_(optimizer)  # the true gradients, for clipping and the importance scores
+            if allocator is None:
+                reg = torch.zeros((), device=loss.device)
+            elif not in_loss:
+                # Once per optimizer step, on the gradients DDP has already averaged (the regulariser's gradient
+                # is the same on every process), and before clipping so that clipping sees the whole objective.
+                reg = add_regularizer_gradient(allocator)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             if grad_scaler is not None:

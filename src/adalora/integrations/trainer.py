@@ -1,18 +1,24 @@
 """Hugging Face ``transformers.Trainer`` integration.
 
-Two pieces, because the Trainer splits the work the same way:
+Two pieces:
 
-- :class:`AdaLoRACallback` builds the :class:`~adalora.RankAllocator` when training begins, with ``T`` read
-  from the Trainer (``state.max_steps``: epochs, batch size, gradient accumulation and ``max_steps`` already
-  accounted for), steps it once per optimizer step (``on_optimizer_step``: after ``optimizer.step()``,
-  before ``zero_grad()``, so the gradients are still there), saves its state into every Trainer checkpoint
-  and restores it when training resumes, so ``resume_from_checkpoint`` continues the allocation exactly.
-- :class:`AdaLoRATrainer` adds the orthogonality regulariser to whatever loss ``compute_loss`` produces
-  (the model's own, a ``compute_loss_func``, or a subclass's), and wires the callback in.
+- :class:`AdaLoRACallback` is all any ``transformers.Trainer`` subclass needs (the Trainer itself, TRL's
+  ``SFTTrainer``/``DPOTrainer``, sentence-transformers' trainer, ``Seq2SeqTrainer``). It builds the
+  :class:`~adalora.RankAllocator` when training begins, with ``T`` read from the Trainer (``state.max_steps``:
+  epochs, batch size, gradient accumulation and ``max_steps`` already accounted for); adds the regulariser's
+  gradient ``gamma * dR/dP, dR/dQ`` once per optimizer step in ``on_pre_optimizer_step`` (after the last
+  backward pass and after gradient clipping, just before ``optimizer.step()``), so gamma does not depend on how
+  the trainer scales or fuses its loss; steps the allocator once per optimizer step (``on_optimizer_step``:
+  after ``optimizer.step()``, before ``zero_grad()``, so the gradients are still there); saves its state into
+  every Trainer checkpoint and restores it when training resumes, so ``resume_from_checkpoint`` continues the
+  allocation exactly.
+- :class:`AdaLoRATrainer`, for those who want ``gamma * R`` in the loss: it adds the regulariser to whatever loss
+  ``compute_loss`` produces (the model's own, a ``compute_loss_func``, or a subclass's), scaled so that every
+  optimizer step carries it once, and wires the callback in with ``regularizer="loss"``.
 
-Using the callback with a plain ``Trainer`` works but leaves the regulariser out of the loss; the callback
-notices (nobody called :meth:`AdaLoRACallback.regularization`) and warns, or raises with
-``on_misuse="error"``. Custom trainers add ``callback.regularization()`` to their loss instead.
+The two differ only in where clipping happens: the loss form clips task and regulariser gradients together, the
+gradient form clips the task gradient and then adds the regulariser's (transformers fires no event between the
+last backward pass and clipping). Without clipping they give the same updates (tested).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -30,19 +36,30 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..allocator import OnMisuse, RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
-from ..parallel import get_rank
+from ..parallel import DEEPSPEED_REFUSAL, get_rank
+from . import sentence_transformers as st
+from .gradient import add_regularizer_gradient
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
+RegularizerMode = Literal["gradient", "loss"]
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (whose own step hooks never fire)."""
-    while optimizer is not None and not type(optimizer).__module__.startswith("torch.optim"):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
+def _unscale_gradients(optimizer: Any) -> None:
+    """Unscale fp16 gradients of accelerate's ``AcceleratedOptimizer`` if its ``GradScaler`` has not yet.
+
+    The Trainer unscales them when it clips or measures the gradient norm, which it does before
+    ``on_pre_optimizer_step``; this covers a subclass that skips that, so that the regulariser's (unscaled) gradient
+    is never added to still-scaled ones. ``GradScaler.step`` then sees them unscaled and does not unscale twice.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    inner = getattr(optimizer, "optimizer", None)
+    if scaler is None or inner is None or not scaler.is_enabled():
+        return
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(inner)]
+    if state["stage"] is OptState.READY:
+        scaler.unscale_(inner)
 
 
 class AdaLoRACallback(TrainerCallback):
@@ -52,32 +69,67 @@ class AdaLoRACallback(TrainerCallback):
         config: the configuration the model was injected with. ``total_steps`` may be None: the Trainer's
             ``max_steps`` is used. If it is set and differs, the Trainer's count wins and a misuse is reported.
         on_misuse: ``"warn"`` or ``"error"`` for every misuse the allocator detects (stepped more or less often
-            than the optimizer, past ``total_steps``) and for a loss without the regulariser.
+            than the optimizer, past ``total_steps``) and for a regulariser missing or counted twice.
+        regularizer: ``"gradient"`` (default): the callback adds ``gamma * dR/dP, dR/dQ`` to the gradients in
+            ``on_pre_optimizer_step``, once per optimizer step, whatever the trainer does to its loss. ``"loss"``:
+            the trainer adds :meth:`regularization` to its loss (what :class:`AdaLoRATrainer` does); the callback
+            reports a step without it.
 
     Attributes:
         allocator: the allocator, built at ``on_train_begin`` (None before).
         last_report: the :class:`~adalora.StepReport` of the latest step.
+        last_regularization: gamma * R at the latest step, a detached 0-dim tensor (gradient form only).
         resume_from: checkpoint directory to restore the allocator from; :class:`AdaLoRATrainer` sets it. When
             None and the Trainer resumes, ``<output_dir>/checkpoint-<global_step>`` is used.
     """
 
-    def __init__(self, config: AdaLoRAConfig, *, on_misuse: OnMisuse = "warn") -> None:
+    def __init__(
+        self, config: AdaLoRAConfig, *, on_misuse: OnMisuse = "warn", regularizer: RegularizerMode = "gradient"
+    ) -> None:
+        if regularizer not in ("gradient", "loss"):
+            raise ValueError(f"AdaLoRACallback: regularizer must be 'gradient' or 'loss', got {regularizer!r}")
         self.config = config
         self.on_misuse = on_misuse
+        self.regularizer = regularizer
         self.allocator: RankAllocator | None = None
         self.last_report: StepReport | None = None
+        self.last_regularization: torch.Tensor | None = None
         self.resume_from: str | None = None
         self._regularized = False
+        self._pre_step_seen = False
+        self._guard: st._Guard | None = None  # set for sentence-transformers models (see protect)
 
     # ------------------------------------------------------------------ loss
     def regularization(self) -> torch.Tensor:
-        """gamma * R(P, Q) to add to the training loss (zero before training begins)."""
+        """gamma * R(P, Q) to add to the training loss (zero before training begins); ``regularizer="loss"`` only.
+
+        With the default ``regularizer="gradient"`` the callback applies the regulariser itself, and adding this
+        to the loss as well would count it twice: that is reported as a misuse.
+        """
         if self.allocator is None:
             return torch.zeros(())
+        if self.regularizer == "gradient":
+            self._misuse(
+                "AdaLoRACallback(regularizer='gradient') already adds the regulariser's gradient before every "
+                "optimizer step; adding callback.regularization() to the loss as well counts it twice. Either "
+                "drop it from the loss, or build the callback with regularizer='loss'."
+            )
         self._regularized = True
         return self.allocator.regularization()
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
+            raise ValueError(f"AdaLoRACallback: TrainingArguments(deepspeed=...) is set. {DEEPSPEED_REFUSAL}")
+        # Before train(resume_from_checkpoint=...) loads a checkpoint, which for a SentenceTransformer drops the
+        # adapters' keys: the guard lets that load through and the adapters are restored in on_train_begin.
+        if model is not None and st.is_sentence_transformer(model):
+            self._guard = st.protect(model)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self._guard is not None:
+            self._guard.training = False
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -95,25 +147,48 @@ class AdaLoRACallback(TrainerCallback):
                 f"AdaLoRAConfig.total_steps={self.config.total_steps} but the Trainer will take {total} optimizer "
                 f"steps; the schedule uses the Trainer's {total}. Leave total_steps=None with the Trainer."
             )
+        if st.is_sentence_transformer(model):
+            self._guard = st.protect(model)
+            self._guard.training = True  # the trainer's checkpoints save the unmerged model (see on_save)
         if self.allocator is not None:  # a second train() call: detach the old allocator from its optimizer
             self.allocator.remove_hooks()
         config = self.config.replace(total_steps=total)
-        self.allocator = RankAllocator(model, config, optimizer=_unwrap_optimizer(optimizer), on_misuse=self.on_misuse)
+        self.allocator = RankAllocator(model, config, optimizer=optimizer, on_misuse=self.on_misuse)
         self._regularized = False
         if state.global_step > 0:
-            self._restore(args, state)
+            self._restore(args, state, model)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer: Any = None, **kwargs
+    ):
+        assert self.allocator is not None, "on_pre_optimizer_step before on_train_begin"
+        self._pre_step_seen = True
+        if self.regularizer == "gradient":
+            _unscale_gradients(optimizer)
+            # Before optimizer.step(), hence before the allocator's importance_timing="before_step" hook: importance
+            # is measured on the gradient of task loss + gamma * R, as with the regulariser in the loss.
+            self.last_regularization = add_regularizer_gradient(self.allocator)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         assert self.allocator is not None, "on_optimizer_step before on_train_begin"
-        if not self._regularized and self.allocator.config.orth_reg_weight > 0:
+        weighted = self.allocator.config.orth_reg_weight > 0
+        if self.regularizer == "loss" and not self._regularized and weighted:
             self._misuse(
                 "AdaLoRA's orthogonality regulariser is not in the training loss: train with "
-                "adalora.integrations.trainer.AdaLoRATrainer, or add callback.regularization() to your loss "
+                "adalora.integrations.trainer.AdaLoRATrainer, or add callback.regularization() to your loss, or "
+                "build the callback with regularizer='gradient' (the default), which applies it itself "
                 "(or set orth_reg_weight=0 to train without it)."
             )
+        if self.regularizer == "gradient" and not self._pre_step_seen and weighted:
+            self._misuse(
+                "AdaLoRACallback: this Trainer stepped the optimizer without firing on_pre_optimizer_step, so the "
+                "regulariser's gradient was not added. Upgrade transformers (older versions lack the event), or use "
+                "AdaLoRATrainer / AdaLoRACallback(regularizer='loss') to put the regulariser in the loss."
+            )
+        self._pre_step_seen = False
         self.last_report = self.allocator.step()
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any):
         if self.allocator is None:
             return
         # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
@@ -124,6 +199,8 @@ class AdaLoRACallback(TrainerCallback):
         if directory.is_dir():
             allocator_state = self.allocator.state_dict()
             atomic_write(directory / self._state_file(), lambda file: torch.save(allocator_state, file))
+            if self._guard is not None and model is not None and args.should_save:
+                st.save_adapters_file(model, directory)
 
     # ------------------------------------------------------------------ helpers
     def _state_file(self) -> str:
@@ -132,7 +209,7 @@ class AdaLoRACallback(TrainerCallback):
             return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
         return ALLOCATOR_FILE
 
-    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         assert self.allocator is not None
         directory = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = Path(directory) / self._state_file()
@@ -142,6 +219,9 @@ class AdaLoRACallback(TrainerCallback):
                 "not written with AdaLoRACallback, so the allocation cannot continue where it stopped."
             )
         self.allocator.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if self._guard is not None:
+            st.restore_adapters_file(model, Path(directory))
+            self._guard.adapters_pending = False
         self.resume_from = None
 
     def _misuse(self, message: str) -> None:
@@ -158,13 +238,22 @@ class AdaLoRATrainer(Trainer):
         *args: as for ``Trainer``; the model must have been prepared by :func:`adalora.inject`.
         adalora_config: the configuration of the injected model (``total_steps`` may be None).
         on_misuse: see :class:`AdaLoRACallback`.
+        regularizer: ``"loss"`` (default): gamma * R is added to the loss; ``"gradient"``: as the callback alone,
+            its gradient is added before the optimizer step (see the module docstring for the difference).
         **kwargs: as for ``Trainer``.
 
     Attributes:
         adalora: the :class:`AdaLoRACallback` (its ``allocator`` gives rank patterns and history).
     """
 
-    def __init__(self, *args: Any, adalora_config: AdaLoRAConfig, on_misuse: OnMisuse = "warn", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        adalora_config: AdaLoRAConfig,
+        on_misuse: OnMisuse = "warn",
+        regularizer: RegularizerMode = "loss",
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         if self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", False):
             # transformers 5.x multiplies the loss by the number of processes when forward accepts **kwargs,
@@ -178,8 +267,10 @@ class AdaLoRATrainer(Trainer):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.adalora = AdaLoRACallback(adalora_config, on_misuse=on_misuse)
+        self.adalora = AdaLoRACallback(adalora_config, on_misuse=on_misuse, regularizer=regularizer)
         self.add_callback(self.adalora)
+        # Added after Trainer.__init__ fired on_init_end: run its construction-time checks and set-up now.
+        self.adalora.on_init_end(self.args, self.state, self.control, model=self.model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         # Tell the callback where the Trainer resumes from (it only sees the restored global step).
@@ -204,7 +295,7 @@ class AdaLoRATrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not model.training:
+        if not model.training or self.adalora.regularizer != "loss":
             return result
         loss, outputs = result if return_outputs else (result, None)
         reg = self.adalora.regularization()

@@ -19,9 +19,10 @@ partial triplet scores over the shard group at each allocation, so the global to
 scores on every process. Masks are applied to the local shard of lambda.
 """
 
-from ..allocator import CHECK_ENV, consistency_check_requested
+from ..allocator import CHECK_ENV, consistency_check_requested, register_setup_check
 from ..importance import register_tracker
 from .consistency import ConsistencyError, check_allocation_consistency, mask_fingerprint
+from .launch import DEEPSPEED_REFUSAL, deepspeed_in_use, launch_problem, setup_problem
 from .processes import (
     barrier,
     get_local_world_size,
@@ -45,12 +46,14 @@ from .sharded import (
 
 __all__ = [
     "CHECK_ENV",
+    "DEEPSPEED_REFUSAL",
     "ConsistencyError",
     "ReplicatedImportanceTracker",
     "ShardedImportanceTracker",
     "barrier",
     "check_allocation_consistency",
     "consistency_check_requested",
+    "deepspeed_in_use",
     "gathered_adapters",
     "get_local_world_size",
     "get_rank",
@@ -59,14 +62,17 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "is_sharded",
+    "launch_problem",
     "mask_fingerprint",
     "mean_over_processes",
     "parallel_tracker",
     "reapply_sharded_masks",
     "save_adapter_collective",
+    "setup_problem",
     "sharded_adapters",
     "sharded_orthogonal_penalty",
 ]
 
 # Offer the allocator's importance tracker a layout over processes before the one-process default.
 register_tracker(parallel_tracker)
+register_setup_check(setup_problem)

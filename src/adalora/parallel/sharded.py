@@ -190,6 +190,13 @@ class ShardedImportanceTracker(ImportanceTracker):
     def penalty(self, form: str) -> torch.Tensor:
         return sharded_orthogonal_penalty(self.adapters, form)  # type: ignore[arg-type]
 
+    def add_penalty_gradient(self, weight: float, form: str) -> torch.Tensor:
+        """Autograd on R alone, through the same all-gather as :meth:`penalty`: the backward pass accumulates each
+        process's shard of the gradient into its ``.grad``."""
+        value = weight * self.penalty(form)
+        value.backward()
+        return value.detach()
+
     def verify(self, step: int, budget: int, keep: torch.Tensor, scores: torch.Tensor, names: Sequence[str]) -> None:
         check_allocation_consistency(step, budget, keep, scores, names, self.ranks)
 
