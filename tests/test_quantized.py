@@ -273,6 +273,9 @@ def test_merge_gives_float_layers_that_compute_the_adapted_model(llama: nn.Modul
         adapter.E.data.mul_(0.05)  # a moderate update, so that the comparison below is not dominated by it
     expected = logits(model, x)
     float_error = (logits(llama, x) - logits(quantized(llama, kind), x)).abs().max()
+    model.eval()
+    with torch.no_grad():
+        model(x)  # bitsandbytes repacks 4-bit CPU weights for its inference kernel here: merge must undo that
     merged = merge(model)
     assert not find_adapters(merged)
     layers = [m for n, m in merged.named_modules() if n.endswith(LLAMA_TARGETS)]
@@ -282,6 +285,10 @@ def test_merge_gives_float_layers_that_compute_the_adapted_model(llama: nn.Modul
     if kind == "bnb-8bit":
         # LLM.int8() also quantizes the activations, row by row; the merged float layer does not.
         assert error < float_error
+    elif kind.startswith("bnb"):
+        # bitsandbytes' CPU inference repacking (above) rounds the block scales to bfloat16, for good: the layer's
+        # own weights are now within ~1e-3 (relative) of those it trained with, and so are the merged ones.
+        assert error < float_error / 10
     else:
         # The quantized layers compute with exactly the weights that are dequantized: only float rounding differs.
         assert error < 1e-4

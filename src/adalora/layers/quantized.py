@@ -190,15 +190,34 @@ class SVDLinear4bit(_QuantizedLayerAdapter):
         """The dequantized weight ``(d_out, d_in)`` in the dtype it was quantized from."""
         import bitsandbytes.functional as bnbf
 
-        data, state = self._storage()
-        return bnbf.dequantize_4bit(data, state).to(state.dtype)
+        state = self.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            return self._weight_by_forward().to(getattr(state, "original_dtype", state.dtype))
+        return bnbf.dequantize_4bit(self.weight.data, state).to(state.dtype)
+
+    @torch.no_grad()
+    def _weight_by_forward(self, rows: int = 1024) -> torch.Tensor:
+        """``W`` read back through the layer's own forward, ``layer(I) - bias = W^T``, ``rows`` inputs at a time.
+
+        bitsandbytes repacks a CPU layer's weight for its AVX512-BF16 inference kernel at the first eval-mode
+        forward without gradients (and rounds the block scales to bfloat16); its inverse conversion does not
+        restore every shape, so the weight is read from what the layer now computes, to bfloat16 precision.
+        """
+        layer = self.base_layer
+        dtype = layer.compute_dtype or torch.float32
+        parts = []
+        for start in range(0, self.d_in, rows):
+            eye = torch.eye(self.d_in, device=self.P.device, dtype=dtype)[start : start + rows]
+            out = layer(eye).float()  # (rows, d_out) = rows of W^T, plus the bias
+            if self.bias is not None:
+                out = out - self.bias.float()
+            parts.append(out)
+        return torch.cat(parts).T.contiguous()
 
     def _storage(self) -> tuple[torch.Tensor, Any]:
-        """The packed weight and its quantization state in bitsandbytes' standard layout."""
+        """The packed weight and its quantization state in bitsandbytes' standard layout (for requantizing)."""
         data, state = self.weight.data, self.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks a CPU layer's weight for its AVX512-BF16 kernel at the first eval-mode forward
-            # without gradients; undo that on copies (the layer keeps its kernel layout).
             import bitsandbytes.functional as bnbf
 
             data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
