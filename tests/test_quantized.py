@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from adapter_helpers import fake_training
-from conftest import tiny_bert, tiny_llama, token_batch
+from conftest import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, compact, export_peft, find_adapters, inject, merge, unload
@@ -427,3 +427,38 @@ def test_cuda_quantized_bases_forward_backward_and_merge(llama: nn.Module, kind:
     merged = merge(model)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert (merged(x).logits.float() - expected).abs().max() < 0.1  # bf16 rounding of the merged weights
+
+
+def test_gpt2_loaded_in_4bit_by_transformers(tmp_path) -> None:
+    """transformers turns GPT-2's Conv1D (weight (in, out)) into Linear4bit (logical weight (out, in))."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_gpt2(hidden=64).save_pretrained(tmp_path / "gpt2")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+
+    def load() -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=config, device_map="cpu")
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        return model
+
+    base = load()
+    x = token_batch(vocab=100)
+    expected = logits(base, x)
+    gpt2_config = AdaLoRAConfig(
+        target_modules=("c_attn", "c_proj", "c_fc"), init_r=4, target_r=2, total_steps=10, warmup_steps=1,
+        final_steps=1,
+    )  # fmt: skip
+    model = inject(base, gpt2_config)
+    adapter = model.transformer.h[0].attn.c_attn
+    assert type(adapter) is SVDLinear4bit and adapter.P.shape == (192, 4) and adapter.Q.shape == (4, 64)
+    assert torch.equal(logits(model, x), expected)
+    fake_training(model, ranks=[2])
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert all(a.E.grad is not None and a.E.grad.abs().sum() > 0 for _, a in find_adapters(model))
+    expected = logits(model, x)
+    save_adapter(model, tmp_path / "adapter", gpt2_config)
+    torch.testing.assert_close(logits(load_adapter(load(), tmp_path / "adapter"), x), expected, rtol=1e-5, atol=1e-5)
+    assert (logits(merge(model), x) - expected).abs().max() < 1e-4
