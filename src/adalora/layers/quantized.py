@@ -151,8 +151,11 @@ class _QuantizedLayerAdapter(SVDAdapter):
         """A plain ``nn.Linear`` holding ``weight`` ``(d_out, d_in)`` (dequantized, merged) and the layer's bias."""
         module = nn.Linear(self.d_in, self.d_out, bias=self.bias is not None, device="meta")
         module.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            module.bias = self.bias
+        bias = self.bias
+        if bias is not None:
+            # bitsandbytes keeps the bias in its compute dtype, which may not be the dequantized weight's.
+            same = bias.dtype == weight.dtype
+            module.bias = bias if same else nn.Parameter(bias.detach().to(weight.dtype), bias.requires_grad)
         return module
 
     def requantized(self, weight: torch.Tensor) -> nn.Module:
