@@ -4,6 +4,10 @@
 layout (a transposed matrix for GPT-2 ``Conv1D`` and ``nn.Embedding``, a kernel for ``nn.Conv*d``), and puts a
 plain layer of the base type holding W where the adapter was, so the result needs no adapter code at inference
 and saves with ``save_pretrained`` like the original model.
+
+A quantized base (bitsandbytes 4-bit/8-bit, torchao NF4/int8) is dequantized and merged into a plain float
+``nn.Linear`` by default; ``requantize=True`` quantizes the merged weight again into the base's format instead
+(smaller, but with a second rounding error: see docs/layer-types.md).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import torch
 from torch import nn
 
 from .inject import _set_submodule
-from .layers import SVDAdapter, find_adapters, unwrap_model
+from .layers import SVDAdapter, find_adapters, is_quantized_adapter, unwrap_model
 
 
-def merge(model: nn.Module, safe: bool = True) -> nn.Module:
+def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
     """Replace every adapter by its base layer type with the update folded in, in place.
 
     The sum is formed in the adapter's dtype (float32 for half-precision bases) and rounded once to the base
@@ -28,6 +32,10 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
         model: a model with AdaLoRA adapters (masked or compacted: masked triplets have lambda = 0).
         safe: check every merged weight for NaN/inf before replacing anything, and refuse (raising, with the
             model unchanged) if one is not finite. Costs one extra product per layer.
+        requantize: for adapters on quantized bases, quantize the merged weight again into the base layer's
+            format (same quantization type, block size and compute dtype) instead of returning a float layer.
+            The result is as small as the quantized base but computes the merged model only to within the
+            quantization's rounding error. No effect on unquantized bases.
 
     A merged layer whose base weight was shared with another module (an input embedding tied to the output
     projection, as in GPT-2 or SmolLM2) gets its own merged weight, while the other module keeps the original:
@@ -59,7 +67,8 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
     untied = False
     for name, adapter in named:
         untied |= uses[id(adapter.weight)] > 1  # another module (a tied output layer) keeps using the original
-        base = adapter.to_base(_merged_weight(adapter))
+        weight = _merged_weight(adapter)
+        base = adapter.requantized(weight) if requantize and is_quantized_adapter(adapter) else adapter.to_base(weight)
         base.train(adapter.training)
         _set_submodule(model, name, base)
     config = getattr(model, "config", None)
@@ -83,8 +92,7 @@ def unload(model: nn.Module) -> nn.Module:
     """
     wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     for name, adapter in _adapters_or_raise(model, "unload"):
-        base = adapter.to_base(adapter.weight)
-        base.weight = adapter.weight  # the original Parameter object, not a new one sharing its storage
+        base = adapter.unloaded()
         base.train(adapter.training)
         _set_submodule(model, name, base)
     return wrapped
@@ -94,7 +102,8 @@ def unload(model: nn.Module) -> nn.Module:
 def _merged_weight(adapter: SVDAdapter) -> torch.Tensor:
     """W0 + delta in the base layout and dtype; the sum is taken in the adapter's (at least float32) dtype."""
     delta = adapter.delta_weight()
-    return (adapter.weight.to(delta.dtype) + delta).to(adapter.weight.dtype)
+    base = adapter.dense_weight()  # a quantized base is dequantized (to the dtype it computes in)
+    return (base.to(delta.dtype) + delta).to(base.dtype)
 
 
 def _adapters_or_raise(model: nn.Module, caller: str) -> list[tuple[str, SVDAdapter]]:

@@ -25,6 +25,8 @@ import hashlib
 import json
 import math
 import os
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,15 @@ from torch import nn
 from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
 from ..inject import inject, name_matches
-from ..layers import SVDAdapter, adapter_class_for, find_adapters, kept_triplets, unwrap_model
+from ..layers import (
+    SVDAdapter,
+    adapter_class_for,
+    find_adapters,
+    kept_triplets,
+    logical_shape,
+    precision_of,
+    unwrap_model,
+)
 from .atomic import atomic_directory
 
 CONFIG_NAME = "adalora_config.json"
@@ -96,7 +106,7 @@ def save_adapter(
             "d_out": adapter.d_out,
             "d_in": adapter.d_in,
             # P and Q are 2-D whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
-            "weight_shape": list(adapter.weight.shape),
+            "weight_shape": list(adapter.base_shape()),  # logical: a packed 4-bit weight has another shape
             "layer": adapter.layer_options(),
             # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
             "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
@@ -189,7 +199,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
         raise ValueError("load_adapter: the base model already has AdaLoRA adapters. Load onto a fresh base model.")
     try:
         config = AdaLoRAConfig.from_dict(info["config"])
-        check_fingerprint(base_model, info["base_model"].get("fingerprint"), source=str(directory))
+        base = info["base_model"]
+        check_fingerprint(base_model, base.get("fingerprint"), str(directory), base.get("precision"))
         tensors = _read_weights(directory, info)
         _check_against_model(base_model, info, config, tensors, directory)
     except (KeyError, TypeError, AttributeError) as error:  # a hand-edited config with fields missing or mistyped
@@ -215,14 +226,16 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
 
 # ---------------------------------------------------------------------- fingerprint
 def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Parameter names and shapes of the base model (adapter factors excluded), with their SHA-256.
+    """Parameter names and logical shapes of the base model (adapter factors excluded), with their SHA-256.
 
     Equal for a fresh base model and the same model after :func:`adalora.inject`, since adapters keep the
-    base layers' ``weight``/``bias`` under their original names. Dtypes are left out on purpose: an adapter
-    trained on a float32 base loads onto a bfloat16 copy of it.
+    base layers' ``weight``/``bias`` under their original names. Shapes are logical: a bitsandbytes 4-bit weight,
+    stored packed as ``(out * in / 2, 1)`` bytes, counts as ``(out, in)``, so a quantized model has the fingerprint
+    of its float original (and a float model the one it had before quantized bases were supported). Dtypes and
+    quantization are left out on purpose: an adapter trained on a float32 base loads onto a bfloat16 or 4-bit copy
+    of it, and vice versa; :func:`base_model_precision` records them beside the fingerprint.
     """
-    adapter_params = {id(p) for _, a in find_adapters(model) for p in a.adapter_parameters()}
-    shapes = {n: list(p.shape) for n, p in model.named_parameters() if id(p) not in adapter_params}
+    shapes = {name: list(logical_shape(param)) for name, param in _base_parameters(model)}
     digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
     return {
         "sha256": digest,
@@ -231,12 +244,70 @@ def base_model_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any] | None, source: str) -> None:
-    """Raise a ValueError naming the differences if ``model`` is not the base model ``fingerprint`` describes."""
+def base_model_precision(model: nn.Module) -> dict[str, int]:
+    """How the base model's parameters are stored: number of tensors per dtype or quantization kind, e.g.
+    ``{"bnb-nf4-dq": 210, "float32": 63}`` (see ``adalora.layers.precision_of``)."""
+    return dict(sorted(Counter(precision_of(param) for _, param in _base_parameters(model)).items()))
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of the base model: adapter factors left out, names as in the model before inject."""
+    named = find_adapters(model)
+    adapter_params = {id(p) for _, a in named for p in a.adapter_parameters()}
+    # Adapters of quantized layers hold the layer itself: its parameters are named '<name>.base_layer.weight'.
+    nested = tuple(f"{n}.base_layer." for n, a in named if "base_layer" in a._modules)
+    params = []
+    for name, param in model.named_parameters():
+        if id(param) in adapter_params:
+            continue
+        if name.startswith(nested):
+            head, _, tail = name.partition(".base_layer.")
+            name = f"{head}.{tail}"
+        params.append((name, param))
+    return params
+
+
+def _quantization(precision: dict[str, int]) -> dict[str, int]:
+    """The quantized part of a fingerprint's ``precision`` (bitsandbytes and torchao storage kinds)."""
+    return {k: v for k, v in precision.items() if k.startswith(("bnb-", "torchao"))}
+
+
+def _describe_precision(precision: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in precision.items()) + " tensors"
+
+
+def check_fingerprint(
+    model: nn.Module, fingerprint: dict[str, Any] | None, source: str, precision: dict[str, int] | None = None
+) -> None:
+    """Raise a ValueError naming the differences if ``model`` is not the base model ``fingerprint`` describes.
+
+    When the models match but one is quantized differently from the other (a 4-bit base against its float
+    original, nf4 against int8), a UserWarning says so: the adapter loads, and the adapted model's outputs differ
+    from those it was trained with by the difference between the two bases' weights. A difference of dtype alone
+    (float32 against bfloat16) passes silently, as it always has.
+
+    Args:
+        precision: the saved :func:`base_model_precision` (None for adapters saved before it was recorded).
+    """
     if not fingerprint:
         return
     current = base_model_fingerprint(model)
+    precision_note = ""
+    if precision is not None:
+        ours = base_model_precision(model)
+        if _quantization(precision) != _quantization(ours):
+            precision_note = (
+                f"the adapter was saved from a base stored as {_describe_precision(precision)}; this base is "
+                f"stored as {_describe_precision(ours)}"
+            )
     if current["sha256"] == fingerprint.get("sha256"):
+        if precision_note:
+            warnings.warn(
+                f"Loading the adapter in '{source}' onto a differently quantized base: {precision_note}. The update "
+                "is the same; the outputs differ by the difference between the two bases' weights.",
+                UserWarning,
+                stacklevel=3,
+            )
         return
     saved: dict[str, list[int]] = fingerprint.get("parameters", {})
     ours: dict[str, list[int]] = current["parameters"]
@@ -247,6 +318,8 @@ def check_fingerprint(model: nn.Module, fingerprint: dict[str, Any] | None, sour
     for label, items in (("missing here", missing), ("not in the saved base", extra), ("shape differs", reshaped)):
         if items:
             details.append(f"{label}: {', '.join(items[:4])}{f' ... ({len(items)} in all)' if len(items) > 4 else ''}")
+    if precision_note:
+        details.append(precision_note)
     raise ValueError(
         f"The base model does not match the one the adapter in '{source}' was saved from "
         f"({'; '.join(details) or 'parameter order differs'}). Load the same base model (same checkpoint, "
@@ -296,6 +369,7 @@ def _describe_base_model(model: nn.Module) -> dict[str, Any]:
         "name_or_path": getattr(hf_config, "_name_or_path", None) or None,
         "config": config_dict,
         "fingerprint": base_model_fingerprint(model),
+        "precision": base_model_precision(model),
     }
 
 
@@ -375,7 +449,8 @@ def _check_against_model(
                 )
         if adapter_cls.dims(module) != (d_out, d_in):
             raise ValueError(
-                f"module '{name}' has weight shape {list(module.weight.shape)} (an update of {adapter_cls.dims(module)}"
+                f"module '{name}' has weight shape {list(logical_shape(module.weight))} (an update of "
+                f"{adapter_cls.dims(module)}"
                 f" as (d_out, d_in)), the adapter expects ({d_out}, {d_in})."
             )
     for key in info.get("modules_to_save_tensors", []):

@@ -52,7 +52,7 @@ def updates_from_model(model: nn.Module) -> list[ModuleUpdate]:
             name,
             adapter.layer_type_for(adapter),
             adapter.kept_factors(keep).to("cpu"),
-            tuple(adapter.weight.shape),
+            adapter.base_shape(),
             adapter.layer_options(),
         )
         for (name, adapter), keep in zip(named, kept_triplets([a for _, a in named]), strict=True)

@@ -23,8 +23,10 @@ last backward pass and clipping). Without clipping they give the same updates (t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..allocator import OnMisuse, RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
+from ..layers import find_adapters
 from ..parallel import DEEPSPEED_REFUSAL, get_rank
 from . import sentence_transformers as st
 from .gradient import add_regularizer_gradient
@@ -230,6 +233,26 @@ class AdaLoRACallback(TrainerCallback):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@contextlib.contextmanager
+def _accepted_as_adapted(model: Any) -> Iterator[None]:
+    """Let ``Trainer.__init__`` accept a quantized transformers model that carries AdaLoRA adapters.
+
+    transformers refuses to train a model with ``is_quantized`` set ("purely quantized models") unless it is a PEFT
+    model or ``_hf_peft_config_loaded`` is set (adapters loaded through its PEFT integration). The flag is set only
+    while the Trainer checks, because ``save_pretrained`` reads it too (to save PEFT adapters only).
+    """
+    if not (getattr(model, "is_quantized", False) and find_adapters(model)) or getattr(
+        model, "_hf_peft_config_loaded", False
+    ):
+        yield
+        return
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = False
+
+
 class AdaLoRATrainer(Trainer):
     """``transformers.Trainer`` that trains an AdaLoRA model: regulariser in the loss, allocator stepped,
     saved and restored with checkpoints.
@@ -254,7 +277,8 @@ class AdaLoRATrainer(Trainer):
         regularizer: RegularizerMode = "loss",
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        with _accepted_as_adapted(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
         if self.args.world_size > 1 and getattr(self.args, "average_tokens_across_devices", False):
             # transformers 5.x multiplies the loss by the number of processes when forward accepts **kwargs,
             # expecting a token-count-normalised loss; classification losses are not, so gradients (and the

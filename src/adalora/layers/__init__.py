@@ -2,6 +2,7 @@
 
 - :mod:`.base`: :class:`SVDAdapter` (what every adapter shares), kept factors, finding adapters in a model;
 - :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`: one adapter class per kind of base layer;
+- :mod:`.quantized`: adapters for bitsandbytes and torchao quantized linear layers (QLoRA-style);
 - :mod:`.registry`: the table of supported layer types (the one place a new layer type is added).
 """
 
@@ -18,6 +19,14 @@ from .base import (
 from .conv import SVDConv
 from .embedding import SVDEmbedding
 from .linear import SVDConv1D, SVDLinear
+from .quantized import (
+    SVDLinear4bit,
+    SVDLinear8bitLt,
+    SVDTorchAOLinear,
+    is_quantized_adapter,
+    logical_shape,
+    precision_of,
+)
 from .registry import LAYER_TYPES, LayerType, adapter_class_for, adapter_class_named, layer_type_of, supported_layers
 
 __all__ = [
@@ -30,13 +39,19 @@ __all__ = [
     "SVDConv1D",
     "SVDEmbedding",
     "SVDLinear",
+    "SVDLinear4bit",
+    "SVDLinear8bitLt",
+    "SVDTorchAOLinear",
     "adapter_class_for",
     "adapter_class_named",
     "disable_adapters",
     "find_adapters",
+    "is_quantized_adapter",
     "kept_triplets",
     "layer_type_of",
+    "logical_shape",
     "overrides",
+    "precision_of",
     "supported_layers",
     "unwrap_model",
 ]

@@ -114,10 +114,17 @@ class SVDAdapter(nn.Module):
         scale: float,
         dropout: float = 0.0,
         init_std: float = 0.02,
+        *,
+        base_layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.weight = weight
-        self.bias = bias
+        if base_layer is None:
+            self.weight = weight
+            self.bias = bias
+        else:
+            # A quantized base layer keeps its weight with its quantization state and computes itself: the adapter
+            # holds the whole layer, and the subclass reads ``weight``/``bias`` from it (see layers.quantized).
+            self.base_layer = base_layer
         self.d_out, self.d_in = d_out, d_in
         self.scale = float(scale)
         # Half-precision bases get float32 adapters: the adapter is what trains, and its updates and
@@ -142,6 +149,20 @@ class SVDAdapter(nn.Module):
     def layer_options(self) -> dict[str, Any]:
         """Settings of the base layer besides its weight shape, as JSON values (recorded in adapter files)."""
         return {}
+
+    def base_shape(self) -> tuple[int, ...]:
+        """The base weight's logical shape in the base layout (a quantized weight's storage may be packed)."""
+        return tuple(self.weight.shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a plain tensor in the base layout (quantized bases dequantize; for merging)."""
+        return self.weight
+
+    def unloaded(self) -> nn.Module:
+        """The base layer as it was before :func:`adalora.inject`, holding the original ``weight``/``bias``."""
+        base = self.to_base(self.weight)  # type: ignore[attr-defined]
+        base.weight = self.weight  # the original Parameter object, not a new one sharing its storage
+        return base
 
     def kept_rank(self) -> int:
         """Triplets kept by the latest allocation (reads the mask: a host sync on GPU)."""

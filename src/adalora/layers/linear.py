@@ -7,13 +7,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SVDAdapter
+from .base import SVDAdapter, overrides
 
 
 class SVDLinear(SVDAdapter):
     """Adapter for ``torch.nn.Linear``: ``weight`` is ``(d_out, d_in)``."""
 
     layer_type = "linear"
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Refuses ``nn.Linear`` subclasses that compute differently (quantized layers of other libraries, ...):
+        the adapter computes ``F.linear(x, weight, bias)``, which would silently replace their forward."""
+        from .quantized import SUPPORTED_QUANTIZED, torchao_kind
+
+        if overrides(module, nn.Linear, "forward"):
+            return (
+                f"{type(module).__module__}.{type(module).__qualname__} is an nn.Linear subclass with its own "
+                f"forward, which an adapter cannot reproduce; supported linear layers are nn.Linear, GPT-2 Conv1D "
+                f"and the quantized {SUPPORTED_QUANTIZED}"
+            )
+        kind = torchao_kind(module.weight)
+        if kind is not None:
+            return f"its weight is a {kind} tensor; supported quantized layers are {SUPPORTED_QUANTIZED}"
+        return None
 
     @classmethod
     def from_base(

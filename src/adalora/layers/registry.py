@@ -18,6 +18,7 @@ from .base import SVDAdapter
 from .conv import SVDConv
 from .embedding import SVDEmbedding
 from .linear import SVDConv1D, SVDLinear, conv1d_type
+from .quantized import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, is_bnb_4bit, is_bnb_8bit, is_torchao_linear
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ def _is_gpt2_conv1d(module: nn.Module) -> bool:
 
 
 LAYER_TYPES: tuple[LayerType, ...] = (
+    # Quantized linear layers first (nn.Linear subclasses, or nn.Linear holding a quantized weight). They record
+    # the layer type "linear" in adapter files (no names of their own): an adapter moves between a quantized base
+    # and the float one.
+    LayerType((), "bitsandbytes Linear4bit (nf4/fp4)", is_bnb_4bit, SVDLinear4bit),
+    LayerType((), "bitsandbytes Linear8bitLt", is_bnb_8bit, SVDLinear8bitLt),
+    LayerType((), "nn.Linear with a torchao NF4 or int8 weight-only weight", is_torchao_linear, SVDTorchAOLinear),
     LayerType(("linear",), "nn.Linear", lambda m: isinstance(m, nn.Linear), SVDLinear),
     LayerType(
         ("nn_conv1d", "nn_conv2d", "nn_conv3d"),

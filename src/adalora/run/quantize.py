@@ -1,0 +1,173 @@
+"""Quantize a loaded model's linear layers in place (QLoRA-style bases): what ``adalora train --quantize`` calls.
+
+Works on any model already in memory, including the packaged SmolLM2 GGUF that transformers dequantizes to float32
+on load (transformers' ``BitsAndBytesConfig``/``TorchAoConfig`` only apply when loading a checkpoint directory;
+models loaded that way are supported by :func:`adalora.inject` as they are). Methods:
+
+- ``bnb-4bit``: bitsandbytes ``Linear4bit``, nf4 with double quantization (QLoRA's choice), blocks of 64;
+- ``bnb-8bit``: bitsandbytes ``Linear8bitLt`` with int8 weights (LLM.int8(), outlier threshold 6);
+- ``torchao-nf4``: the weight becomes a torchao ``NF4Tensor`` (pure PyTorch; blocks of 64);
+- ``torchao-int8``: torchao int8 weight-only quantization (one scale per output row).
+
+bitsandbytes and torchao are imported only here and only when asked for (both print warnings at import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+METHODS: tuple[str, ...] = ("bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8")
+_PACKAGES = {"bnb": "bitsandbytes", "torchao": "torchao"}
+
+
+class QuantizationUnavailable(ImportError):
+    """The package a quantization method needs is not installed."""
+
+
+def require_package(method: str) -> None:
+    """Import the package ``method`` needs, or raise :class:`QuantizationUnavailable` in one line.
+
+    Raises:
+        ValueError: if ``method`` is not one of :data:`METHODS`.
+        QuantizationUnavailable: if its package is missing.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
+    package = _PACKAGES[method.split("-")[0]]
+    try:
+        importlib.import_module(package)
+    except ImportError as error:
+        raise QuantizationUnavailable(
+            f"--quantize {method} needs {package}, which is not installed: pip install 'adalora[quant]'"
+        ) from error
+
+
+def quantize_model(
+    model: nn.Module,
+    method: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    skip: Iterable[str] = (),
+) -> list[str]:
+    """Replace ``model``'s ``nn.Linear`` layers by quantized ones, in place, on the device each layer is on.
+
+    Left in floating point: the output embedding (``lm_head``: it is usually tied to the input embedding and is
+    the most sensitive layer), any layer whose weight another module shares, layers whose names end with an entry
+    of ``skip`` (e.g. a classification head that trains), and for ``torchao-nf4`` layers with fewer than 64
+    weights or a weight count not a multiple of 64. ``nn.Linear`` subclasses are left alone.
+
+    Args:
+        model: a float model (e.g. ``AutoModelForCausalLM.from_pretrained(...)``).
+        method: one of :data:`METHODS`.
+        compute_dtype: the dtype ``bnb-4bit`` layers compute in (default: each weight's dtype); ignored otherwise.
+        skip: module-name suffixes to keep in floating point.
+
+    Returns:
+        The names of the layers that were quantized.
+
+    Raises:
+        ValueError: unknown ``method``, or nothing to quantize.
+        QuantizationUnavailable: the method's package is missing (the message says what to install).
+    """
+    require_package(method)
+    skip = tuple(skip)
+    keep = _tied_or_output_weights(model)
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and id(module.weight) not in keep
+        and not any(name == s or name.endswith("." + s) for s in skip)
+        and (method != "torchao-nf4" or module.weight.numel() % 64 == 0)
+    ]
+    if not chosen:
+        raise ValueError(f"quantize_model: the model has no nn.Linear layer to quantize with {method}.")
+    convert = {
+        "bnb-4bit": lambda m: _bnb_4bit(m, compute_dtype),
+        "bnb-8bit": _bnb_8bit,
+        "torchao-nf4": _torchao_nf4,
+        "torchao-int8": _torchao_int8,
+    }[method]
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, convert(module))
+    return [name for name, _ in chosen]
+
+
+def _tied_or_output_weights(model: nn.Module) -> set[int]:
+    """Ids of weights to keep in floating point: the output embedding's and any weight two modules share."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            seen[id(weight)] = seen.get(id(weight), 0) + 1
+    keep = {k for k, n in seen.items() if n > 1}
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None and isinstance(getattr(output, "weight", None), torch.Tensor):
+        keep.add(id(output.weight))
+    return keep
+
+
+def _bnb_4bit(linear: nn.Linear, compute_dtype: torch.dtype | None) -> nn.Module:
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach()
+    module = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype or weight.dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="cpu",
+    )
+    module.weight = bnb.nn.Params4bit(
+        weight.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+    )
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+    return module.to(weight.device)  # bitsandbytes quantizes when the layer is moved to its device
+
+
+def _bnb_8bit(linear: nn.Linear) -> nn.Module:
+    import bitsandbytes as bnb
+
+    weight = linear.weight.detach()
+    module = bnb.nn.Linear8bitLt(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        has_fp16_weights=False,
+        threshold=6.0,
+        device="cpu",
+    )
+    module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+    return module.to(weight.device)
+
+
+def _torchao_nf4(linear: nn.Linear) -> nn.Module:
+    from torchao.quantization import to_nf4
+
+    weight = linear.weight.detach()
+    blocks = weight.numel() // 64
+    # torchao quantizes the 64-weight blocks' scales again in groups; the largest power of two <= 256 that
+    # divides the number of blocks.
+    scaler_block = next(s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0)
+    linear.weight = nn.Parameter(to_nf4(weight, 64, scaler_block), requires_grad=False)
+    return linear
+
+
+def _torchao_int8(linear: nn.Linear) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(linear, Int8WeightOnlyConfig())
+    linear.weight.requires_grad_(False)
+    return linear
