@@ -164,3 +164,30 @@ def test_resuming_a_gpu_run_without_the_gpu_is_one_line(assets, tmp_path, monkey
     assert main(["train", "--resume", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot resume" in err and "trains on cuda:0" in err, err
+
+
+def test_a_4bit_run_trains_adapters_that_load_onto_the_float_base_and_merge(assets, tmp_path, capsys) -> None:
+    """--quantize bnb-4bit: the base is stored in 4 bits, the adapter is saved as usual and loads onto the float
+    model (the fingerprint uses logical shapes); merge then gives plain float layers."""
+    from transformers import AutoModelForSequenceClassification
+
+    from adalora import load_adapter, merge
+
+    # 64 inputs at least: bitsandbytes' CPU inference kernel repacks 4-bit weights in blocks of 64 inputs.
+    assets = write_tiny_model(tmp_path / "model", hidden=64), assets[1]
+    out = tmp_path / "run"
+    assert main(tiny_train_args(*assets, out, "--quantize", "bnb-4bit", "--precision", "bf16")) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["quantize"] == "bnb-4bit"
+    assert json.loads((out / "run.json").read_text())["derived"]["quantized_layers"] > 0
+    base = AutoModelForSequenceClassification.from_pretrained(assets[0], num_labels=2)
+    with pytest.warns(UserWarning, match="quantiz"):  # trained on a 4-bit base, loaded onto a float one
+        load_adapter(base, out / "adapter")
+    merged = merge(base)
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith(("query", "value")))
+
+
+def test_quantize_is_refused_with_full_fine_tuning(assets, tmp_path, capsys) -> None:
+    assert main(tiny_train_args(*assets, tmp_path / "run", "--quantize", "bnb-4bit", "--method", "full")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--method full has nothing to train" in err
+    assert not (tmp_path / "run").exists()

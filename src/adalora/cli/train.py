@@ -12,6 +12,7 @@ from typing import Any
 from ..importance import METRICS
 from ..run.causal_lm import CAUSAL_LM
 from ..run.data import BUILTIN_TASKS
+from ..run.quantize import METHODS as QUANTIZE_METHODS
 from ..run.settings import DEFAULT_LR, DEVICE_PATTERN, METHODS, PRECISIONS, RunSettings, flag
 from .arguments import HelpFormatter, UsageError, number
 
@@ -200,6 +201,11 @@ def _hardware_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
     group.add_argument(
         "--gradient-checkpointing", action="store_true",
         help="recompute activations in the backward pass instead of storing them: less memory, more compute",
+    )  # fmt: skip
+    group.add_argument(
+        "--quantize", default=d.quantize, choices=("none", *QUANTIZE_METHODS),
+        help="store the frozen base's linear layers in 4 or 8 bits (bitsandbytes or torchao; pip install "
+        "'adalora[quant]'); adapters stay float32, the task head and the output embedding stay as they are",
     )  # fmt: skip
 
 

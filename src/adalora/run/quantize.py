@@ -58,7 +58,8 @@ def quantize_model(
     Left in floating point: the output embedding (``lm_head``: it is usually tied to the input embedding and is
     the most sensitive layer), any layer whose weight another module shares, layers whose names end with an entry
     of ``skip`` (e.g. a classification head that trains), and for ``torchao-nf4`` layers with fewer than 64
-    weights or a weight count not a multiple of 64. ``nn.Linear`` subclasses are left alone.
+    weights or a weight count not a multiple of 64, and for ``bnb-4bit`` layers with fewer than 64 inputs (bitsandbytes'
+    CPU inference kernel fails on them). ``nn.Linear`` subclasses are left alone.
 
     Args:
         model: a float model (e.g. ``AutoModelForCausalLM.from_pretrained(...)``).
@@ -83,6 +84,8 @@ def quantize_model(
         and id(module.weight) not in keep
         and not any(name == s or name.endswith("." + s) for s in skip)
         and (method != "torchao-nf4" or module.weight.numel() % 64 == 0)
+        # bitsandbytes' CPU inference kernel repacks 4-bit weights in blocks of 64 inputs and fails on fewer.
+        and (method != "bnb-4bit" or module.in_features >= 64)
     ]
     if not chosen:
         raise ValueError(f"quantize_model: the model has no nn.Linear layer to quantize with {method}.")

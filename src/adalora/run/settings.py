@@ -116,6 +116,7 @@ class RunSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; resolved when the run starts and saved
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; parameters stay float32
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
+    quantize: str = "none"  # none | bnb-4bit | bnb-8bit | torchao-nf4 | torchao-int8: the frozen base's weights
 
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
@@ -131,6 +132,7 @@ class RunSettings:
             raise RunError(f"{RUN_FILE} has unknown settings {unknown}: written by another adalora version?")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         values.setdefault("device", "cpu")  # runs saved before --device existed ran on the CPU
+        values.setdefault("quantize", "none")
         return cls(**values)
 
     def check(self) -> None:
@@ -141,6 +143,8 @@ class RunSettings:
             raise RunError(f"unknown --precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise RunError(f"--device {self.device}: not a device; use auto, cpu, cuda, cuda:N or mps")
+        if self.quantize != "none":
+            _check_quantize(self.quantize, self.method)
         for name, limit in LIMITS.items():
             value = getattr(self, name)
             if value is not None:
@@ -223,3 +227,21 @@ LIMITS: dict[str, Limit] = {
     "save_every": _COUNT,
     "threads": _COUNT,
 }
+
+
+def _check_quantize(method: str, training: str) -> None:
+    """``--quantize``: a known method, not with full fine-tuning, and its package installed (checked up front)."""
+    from .quantize import METHODS as QUANTIZE_METHODS
+    from .quantize import QuantizationUnavailable, require_package
+
+    if method not in QUANTIZE_METHODS:
+        raise RunError(f"unknown --quantize '{method}'; choose none or one of {', '.join(QUANTIZE_METHODS)}")
+    if training == "full":
+        raise RunError(
+            f"--quantize {method} freezes the base weights in {method.split('-')[-1]}, so --method full has nothing "
+            "to train; use an adapter method (adalora, lora, pruned-lora) or drop --quantize"
+        )
+    try:
+        require_package(method)
+    except QuantizationUnavailable as error:
+        raise RunError(str(error)) from None

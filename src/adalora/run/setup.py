@@ -21,6 +21,7 @@ from . import causal_lm
 from .data import Task, builtin_task, encode, file_task
 from .hardware import enable_gradient_checkpointing, resolve_device
 from .models import head_modules, load_model, resolve_model_path, resolve_targets
+from .quantize import quantize_model
 from .settings import DEFAULT_LR, RunError, RunSettings
 from .threads import default_threads
 from .words import plural
@@ -196,6 +197,12 @@ def prepare(settings: RunSettings) -> Setup:
         derived.update(train_rows=rows, eval_rows=len(inputs.eval["labels"]))
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[settings.method]
     derived["lr"] = lr
+    if settings.quantize != "none":
+        # On the training device first: bitsandbytes quantizes its layers where they are (on a GPU when moved there).
+        inputs.model.to(device)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        quantized = quantize_model(inputs.model, settings.quantize, compute_dtype=compute, skip=heads)
+        derived["quantized_layers"] = len(quantized)
     config = apply_method(settings, inputs.model, heads, steps, batches, derived)
     inputs.model.to(device)  # before the optimizer and the allocator, whose state lives beside the parameters
 
