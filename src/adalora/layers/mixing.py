@@ -63,10 +63,7 @@ class _SVDMix(torch.autograd.Function):
         ctx: Any, out: torch.Tensor | None, h: torch.Tensor, P: torch.Tensor, E: torch.Tensor, scale: float
     ) -> torch.Tensor:
         pl = P * E  # (d_out, r)
-        if out is None:
-            y = _scaled_mm(h, pl.mT, scale, E[:1])
-        else:
-            y = torch.addmm(out, h, pl.mT, alpha=scale)
+        y = _scaled_mm(h, pl.mT, scale, E[:1]) if out is None else torch.addmm(out, h, pl.mT, alpha=scale)
         ctx.save_for_backward(h, P, E, pl)
         ctx.scale = scale
         # Under autocast the backward's products must run in the forward's precision, as torch.amp.custom_bwd does
