@@ -108,18 +108,28 @@ def test_column_dots_is_the_column_wise_dot_product():
     assert column_dots(a, b).shape == (4,) and column_dots(a, b).is_contiguous()
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_linear_with_dropout_matches_the_composition(dropout):
-    adapter = _trained(SVDLinear.from_base(nn.Linear(7, 5), r=3, scale=2.0, dropout=dropout)).train()
-    x = torch.randn(3, 7, requires_grad=True)
-    params = [x, adapter.P, adapter.E, adapter.Q, adapter.weight, adapter.bias]
+@pytest.mark.parametrize(
+    ("dropout", "frozen"),
+    [(0.0, "weight"), (0.0, "nothing"), (0.4, "weight"), (0.0, "weight and x")],
+    ids=["fused", "trained-weight", "dropout", "fused-no-input-grad"],
+)
+def test_linear_paths_match_the_composition(dropout, frozen):
+    # A frozen weight without dropout takes the fused base + adapter function (layers.mixing.linear_svd); a trained
+    # weight or dropout the generic path. The bias trains in every case.
+    base = nn.Linear(7, 5)
+    base.weight.requires_grad_(frozen == "nothing")
+    adapter = _trained(SVDLinear.from_base(base, r=3, scale=2.0, dropout=dropout)).train()
+    x = torch.randn(3, 7, requires_grad=frozen != "weight and x")
+    params = [adapter.P, adapter.E, adapter.Q, adapter.bias]
+    params += [x] if x.requires_grad else []
+    params += [adapter.weight] if adapter.weight.requires_grad else []
     torch.manual_seed(5)
     out = adapter(x)
     torch.manual_seed(5)  # the same dropout mask
     h = F.linear(F.dropout(x, dropout, training=True), adapter.Q)
     expected = F.linear(x, adapter.weight, adapter.bias) + F.linear(h * (adapter.E * 2.0), adapter.P)
     torch.testing.assert_close(out, expected)
-    for got, want in zip(_grads(out, params), _grads(expected, params), strict=True):  # base weight/bias too
+    for got, want in zip(_grads(out, params), _grads(expected, params), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -158,8 +168,15 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _adapter_ops(frozen_lambda: bool) -> int:
-    adapter = _trained(SVDLinear.from_base(nn.Linear(7, 5).requires_grad_(False), r=3, scale=2.0))
+class _RedefinedBase(SVDLinear):
+    """A subclass that computes its base layer itself (as a quantized one would): it takes the generic path."""
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _adapter_ops(cls: type[SVDLinear], frozen_lambda: bool) -> int:
+    adapter = _trained(cls.from_base(nn.Linear(7, 5).requires_grad_(False), r=3, scale=2.0))
     adapter.E.requires_grad_(not frozen_lambda)
     x = torch.randn(4, 7, requires_grad=True)
     upstream = torch.randn(4, 5)
@@ -168,10 +185,11 @@ def _adapter_ops(frozen_lambda: bool) -> int:
     return counter.ops
 
 
-def test_lambda_gradient_costs_one_operation_and_the_lora_path_eleven():
-    # Forward (4): base addmm, x Q^T, P * lambda, the mixing addmm. Backward (7): the products for h and for
-    # P diag(lambda), P's scaling, x's and Q's products, the base's x gradient and the sum of x's two gradients
-    # (autograd composing the same layer took 13). AdaLoRA adds one batched dot product for lambda (it took 3: 16).
-    lora = _adapter_ops(frozen_lambda=True)
-    assert lora == 11
-    assert _adapter_ops(frozen_lambda=False) == lora + 1
+@pytest.mark.parametrize(("cls", "lora_ops"), [(SVDLinear, 10), (_RedefinedBase, 11)], ids=["fused", "generic"])
+def test_lambda_gradient_costs_one_operation(cls, lora_ops):
+    # Generic path, forward (4): base addmm, x Q^T, P * lambda, the mixing addmm; backward (7): the products for h
+    # and for P diag(lambda), P's scaling, x's and Q's products, the base's x gradient and the sum of x's two
+    # gradients (autograd composing the same layer took 13). The fused linear function folds the last two into one
+    # addmm. AdaLoRA adds one batched dot product for lambda (it took 3).
+    assert _adapter_ops(cls, frozen_lambda=True) == lora_ops
+    assert _adapter_ops(cls, frozen_lambda=False) == lora_ops + 1

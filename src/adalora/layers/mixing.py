@@ -108,3 +108,76 @@ def svd_mix(
     h2 = h.reshape(-1, h.shape[-1])  # a view for the contiguous activations of linear layers
     out2 = None if out is None else out.reshape(-1, out.shape[-1])
     return _SVDMix.apply(out2, h2, P, E, scale).view(*lead, P.shape[0])
+
+
+class _LinearSVD(torch.autograd.Function):
+    """A frozen linear layer and its adapter as one function: ``x W^T + b + scale * (x Q^T) (P diag(lambda))^T``.
+
+    The same operations as the base layer followed by :func:`svd_mix`, but for the input's gradient: the base
+    layer's ``G W`` and the adapter's ``dh Q`` are one product and one accumulating product (``addmm``) instead of
+    two products and a sum.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        W: torch.Tensor,
+        b: torch.Tensor | None,
+        Q: torch.Tensor,
+        P: torch.Tensor,
+        E: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        out = torch.mm(x, W.mT) if b is None else torch.addmm(b, x, W.mT)
+        h = torch.mm(x, Q.mT)  # (M, r)
+        pl = P * E
+        ctx.save_for_backward(x, W, Q, P, E, pl, h)
+        ctx.scale = scale
+        return torch.addmm(out, h, pl.mT, alpha=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, W, Q, P, E, pl, h = ctx.saved_tensors
+        need_x, _, need_b, need_q, need_p, need_e, _ = ctx.needs_input_grad
+        ignored = E[:1]
+        grad_x = grad_b = grad_q = grad_p = grad_e = None
+        if need_x or need_q:
+            grad_h = _scaled_mm(grad, pl, ctx.scale, ignored)  # (M, r)
+            if need_q:
+                grad_q = torch.mm(grad_h.mT, x)
+            if need_x:
+                grad_x = torch.addmm(torch.mm(grad, W), grad_h, Q)
+        if need_p or need_e:
+            grad_pl = _scaled_mm(grad.mT, h, ctx.scale, ignored)
+            grad_p = grad_pl * E if need_p else None
+            grad_e = column_dots(grad_pl, P) if need_e else None
+        if need_b:
+            grad_b = grad.sum(0)
+        return grad_x, None, grad_b, grad_q, grad_p, grad_e, None
+
+
+def linear_svd(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    Q: torch.Tensor,
+    P: torch.Tensor,
+    E: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``F.linear(x, W, b) + scale * ((x Q^T) * lambda) P^T`` for a frozen ``W`` (no gradient is computed for it).
+
+    Args:
+        x: ``(..., d_in)``, in the dtype of ``W``, ``Q``, ``P`` and lambda; no autocast (the caller checks).
+        W: the frozen base weight ``(d_out, d_in)``.
+        b: the base bias ``(d_out,)`` (may train) or None.
+        Q: ``(r, d_in)``. P: ``(d_out, r)``. E: lambda, ``(r,)``.
+        scale: ``alpha / init_r``.
+
+    Returns:
+        ``(..., d_out)``.
+    """
+    lead = x.shape[:-1]
+    y = _LinearSVD.apply(x.reshape(-1, x.shape[-1]), W, b, Q, P, E, scale)
+    return y.view(*lead, W.shape[0])
