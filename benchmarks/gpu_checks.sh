@@ -4,15 +4,19 @@
 # and peft (nothing is installed: GPU machines here cannot reach a package index) and this checkout's src/.
 #
 #   bash benchmarks/gpu_checks.sh                     # results and a log under benchmarks/results/, a copy under $OUT
+#   BUDGET=540 bash benchmarks/gpu_checks.sh          # stop starting steps after 540 s (the default)
 #   DEVICE=cpu SMALL=1 bash benchmarks/gpu_checks.sh  # dry run of every step on the CPU at minimal sizes
 #
-# In order of what the GPU goals need most (each step has its own time limit, so one slow step cannot eat the rest):
+# In order of what the GPU goals need most. Each step has its own time limit, cut to what is left of BUDGET seconds,
+# and a step that would get under 20 s is skipped, so that one slow step cannot eat the rest and the whole run fits
+# one device call:
 # 1. the decoder-scale training step (SmolLM2-135M architecture, 210 adapters, batch 4 x 256): our AdaLoRA, our LoRA,
 #    our compacted final phase, PEFT's AdaLoRA and LoRA, eager, step time and peak memory;
-# 2. the same compiled (inductor), then with CUDA graphs (reduce-overhead), our cases only;
-# 3. the MiniLM step eager, compiled and with CUDA graphs;
-# 4. torch.profiler tables of our AdaLoRA and LoRA steps on both models (eager);
-# 5. the CUDA tests (no host sync outside allocation steps, sharded/compaction on CUDA), the adapter-autograd and
+# 2. the same compiled (inductor), our AdaLoRA and LoRA only (compiling takes most of the time);
+# 3. the MiniLM step eager, then compiled;
+# 4. both with CUDA graphs (reduce-overhead), our AdaLoRA and LoRA only;
+# 5. torch.profiler tables of our AdaLoRA and LoRA steps on both models (eager);
+# 6. the CUDA tests (no host sync outside allocation steps, sharded/compaction on CUDA), the adapter-autograd and
 #    compile tests; the allocator against PEFT and its profile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +25,11 @@ DEVICE=${DEVICE:-cuda}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 results=benchmarks/results
 mkdir -p "$results"
-if [ -n "${SMALL:-}" ]; then  # a dry run: every command once, at sizes that take seconds
+budget=${BUDGET:-540}
+scale=1
+if [ -n "${SMALL:-}" ]; then  # a dry run: every command once, at sizes that take seconds (on a CPU, slowly)
+  budget=${BUDGET:-3600}
+  scale=4
   size=(--rounds 1 --batch 2 --length 16)
   layers=(--layers 2)
   rounds=(--repeats 2)
@@ -36,10 +44,17 @@ else
 fi
 : >"$log"
 status=0
+deadline=$((SECONDS + budget))
 step() {  # step SECONDS command...: run it with a time limit, log it, remember a failure and go on
-  local limit=$1
+  local limit=$(($1 * scale)) left=$((deadline - SECONDS))
   shift
-  echo "== $*" | tee -a "$log"
+  if [ "$left" -lt 20 ]; then
+    echo "== skipped (budget spent): $*" | tee -a "$log"
+    status=1
+    return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
+  echo "== [${limit}s] $*" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "== exit $rc: $*" | tee -a "$log"; status=1; }
@@ -50,13 +65,14 @@ if [ "$DEVICE" = cuda ]; then
     2>&1 | tee -a "$log" || exit 1
 fi
 ts=(benchmarks/train_step.py --device "$DEVICE")
-ours=(--no-peft --no-full)
+ours=(--no-peft --no-full --cases "ours AdaLoRA" "ours LoRA")
+graphs=(--compile --compile-mode reduce-overhead)
 step 150 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}"
-step 200 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --compile "${ours[@]}"
-step 200 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --compile --compile-mode reduce-overhead "${ours[@]}"
+step 240 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --compile "${ours[@]}"
 step 60 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}"
 step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" --compile "${ours[@]}"
-step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" --compile --compile-mode reduce-overhead "${ours[@]}"
+step 240 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" "${graphs[@]}" "${ours[@]}"
+step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" "${graphs[@]}" "${ours[@]}"
 step 60 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --profile --no-peft
 step 60 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" --profile --no-peft
 if [ "$DEVICE" = cuda ]; then

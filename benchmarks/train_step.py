@@ -42,7 +42,7 @@ torch.profiler's per-operation table of two steps of ours AdaLoRA and ours LoRA.
 Usage: python benchmarks/train_step.py [--model minilm|smollm2] [--rounds 8] [--init-r 12] [--target-r 8]
                                        [--device cpu|cuda] [--threads N] [--count-ops | --profile]
                                        [--compile [--compile-mode MODE]] [--batch B --length L] [--no-peft]
-                                       [--layers N] [--tag SUFFIX]
+                                       [--layers N] [--cases NAME ...] [--tag SUFFIX]
 """
 
 from __future__ import annotations
@@ -373,6 +373,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (optimizer steps stay eager)")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile")
+    parser.add_argument("--cases", nargs="+", default=None, help="methods to keep, e.g. 'ours AdaLoRA' 'ours LoRA'")
     parser.add_argument("--tag", default="", help="suffix for the result file names (e.g. a machine)")
     args = parser.parse_args()
     if args.compile and args.count_ops:
@@ -396,6 +397,15 @@ def main() -> None:
         with_full=with_full and not args.profile,
         without_regulariser=args.count_ops,
     )
+    if args.cases:
+        keep = args.cases
+        unknown = sorted(set(keep) - {c.name for c in cases})
+        if unknown or "ours LoRA" not in keep:
+            parser.error(
+                f"--cases: unknown {unknown} or 'ours LoRA' missing (every ratio is over it); built: "
+                + ", ".join(c.name for c in cases)
+            )
+        cases = [c for c in cases if c.name in keep]
     vocab = base.get_input_embeddings().num_embeddings
     del base
     generator = torch.Generator().manual_seed(0)
