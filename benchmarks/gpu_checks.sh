@@ -69,7 +69,7 @@ ours=(--no-peft --no-full --cases "ours AdaLoRA" "ours LoRA")
 graphs=(--compile --compile-mode reduce-overhead)
 step 150 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}"
 step 240 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --compile "${ours[@]}"
-step 60 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}"
+step 90 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}"
 step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" --compile "${ours[@]}"
 step 240 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" "${graphs[@]}" "${ours[@]}"
 step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" "${graphs[@]}" "${ours[@]}"
