@@ -15,7 +15,10 @@ the incoming gradient); as one function it costs 5 (LoRA, lambda frozen) or 6 (A
 
 so lambda's gradient is one operation per adapter, and every elementwise pass is over ``(d_out, r)`` (never over
 the ``(M, r)`` activations, whose size grows with the batch). The activation kept for backward is ``h`` alone, as
-for a LoRA layer, so AdaLoRA's peak memory is LoRA's.
+for a LoRA layer: AdaLoRA's adapter path holds no more memory than LoRA's.
+
+:func:`linear_svd` is the same for a frozen linear base computed in the same function, so that the input's
+gradient of the base and of the adapter is one product and one accumulating product.
 """
 
 from __future__ import annotations
