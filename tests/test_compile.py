@@ -141,3 +141,19 @@ def test_the_regulariser_compiles_and_matches_eager():
     (compiled_grad,) = torch.autograd.grad(compiled, [allocator.adapters[0].P])
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("layer", ["linear", "gpt2_conv1d", "conv2d", "embedding"])
+def test_every_layer_type_compiles_as_one_graph_with_eager_gradients(layer):
+    # The adapter path is a custom autograd function (layers.mixing): dynamo must trace it, forward and backward.
+    from test_adapter_autograd import LAYERS
+
+    adapter, x, _ = LAYERS[layer](torch.float32)
+    params = [adapter.P, adapter.E, adapter.Q]
+    eager = adapter(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), params)
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled.square().sum(), params)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -234,7 +234,7 @@ def test_an_adapter_moves_between_quantized_and_float_bases(llama: nn.Module, ki
     # Onto the same quantized base: the same model (up to float rounding: the loaded adapters hold only the kept
     # triplets, the saved model masked ones too).
     reloaded = load_adapter(quantized(llama, kind), tmp_path / "q")
-    torch.testing.assert_close(logits(reloaded, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, x), expected, rtol=1e-4, atol=5e-5)  # sums over other ranks
     # Onto the float base: loads, with a warning naming both precisions; the update is the same.
     stored = {"bnb-8bit": "bnb-int8"}.get(kind, kind)
     with pytest.warns(UserWarning, match=rf"differently quantized base.*{stored}.*float32"):

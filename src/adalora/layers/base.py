@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixing import svd_mix
+
 # (attribute, dimension that indexes triplets): P is (d_out, r), E is (r,), Q is (r, d_in).
 TRIPLET_DIMS: tuple[tuple[str, int], ...] = (("P", 1), ("E", 0), ("Q", 0))
 
@@ -190,18 +192,36 @@ class SVDAdapter(nn.Module):
         return self.P, self.E, self.Q
 
     # ------------------------------------------------------------------ compute
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * ((dropout(x) Q^T) * lambda) P^T without forming the (d_out, d_in) product.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class that computes its own adapter_output (convolutions: the triplets act on the channel dimension)
+        # is added to the base output as it is; the others mix project(x) into the base output in one product.
+        cls._mixes_into_base = cls.adapter_output is SVDAdapter.adapter_output
+
+    _mixes_into_base: ClassVar[bool] = True
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The triplets' inputs ``h = dropout(x) Q^T``, in the adapter's dtype (subclasses: how Q reads ``x``).
 
         Args:
             x: input of shape ``(..., d_in)``.
 
         Returns:
-            Tensor of shape ``(..., d_out)`` in ``x``'s dtype.
+            Tensor of shape ``(..., r)``.
         """
-        h = F.linear(self.dropout(x).to(self.Q.dtype), self.Q)  # (..., r)
-        h = h * (self.E * self.scale)  # scale folded into the r-vector: cheaper than scaling (..., d_out)
-        return F.linear(h, self.P).to(x.dtype)
+        return F.linear(self.dropout(x).to(self.Q.dtype), self.Q)
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * (project(x) * lambda) P^T without forming the (d_out, d_in) product.
+
+        Args:
+            x: input of shape ``(..., d_in)`` (token ids for embeddings).
+
+        Returns:
+            Tensor of shape ``(..., d_out)`` in the base layer's output dtype: ``x``'s, or the weight's for token ids.
+        """
+        dtype = x.dtype if x.is_floating_point() else self.weight.dtype
+        return svd_mix(self.project(x), self.P, self.E, self.scale).to(dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * P diag(lambda) Q, shape ``(d_out, d_in)`` (for merging; never used in forward)."""
@@ -214,7 +234,12 @@ class SVDAdapter(nn.Module):
         out = self.base_forward(x)
         if not self.adapter_enabled or self.r == 0:  # rank 0 (compacted away): nothing to add
             return out
-        return out + self.adapter_output(x)
+        if not self._mixes_into_base:
+            return out + self.adapter_output(x)
+        h = self.project(x)
+        if h.dtype != out.dtype:  # a half-precision base: the float32 update is cast, then added
+            return out + svd_mix(h, self.P, self.E, self.scale).to(out.dtype)
+        return svd_mix(h, self.P, self.E, self.scale, out=out)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"

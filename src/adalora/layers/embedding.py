@@ -90,20 +90,19 @@ class SVDEmbedding(SVDAdapter):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.embedding(x, self.weight, self.padding_idx, None, self.norm_type, self.scale_grad_by_freq, self.sparse)
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * (Q[:, x] * lambda) P^T: r gathered numbers per token, then a ``(d_out, r)`` product.
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Q's column for every token id (zero at ``padding_idx``): r gathered numbers per token.
 
         Args:
             x: token ids of any shape ``(...)``.
 
         Returns:
-            Tensor of shape ``(..., embedding_dim)`` in the base table's dtype.
+            Tensor of shape ``(..., r)``; the base class mixes it with ``scale * P diag(lambda)``.
         """
-        h = F.embedding(x, self.Q.T)  # (..., r): column x of Q for every id
+        h = F.embedding(x, self.Q.T)
         if self.padding_idx is not None:
             h = h.masked_fill((x == self.padding_idx).unsqueeze(-1), 0.0)  # the padding row stays as it is
-        h = h * (self.E * self.scale)
-        return F.linear(h, self.P).to(self.weight.dtype)
+        return h
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the table's layout ``(num_embeddings, embedding_dim)``; zero at ``padding_idx``."""

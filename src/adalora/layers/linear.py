@@ -3,14 +3,57 @@ weight)."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import SVDAdapter, overrides
+from .mixing import linear_svd
 
 
-class SVDLinear(SVDAdapter):
+class _FusedLinear(SVDAdapter):
+    """A linear adapter that, when it can, runs its frozen base layer and its update as one function.
+
+    :func:`~adalora.layers.mixing.linear_svd` computes the input's gradient of both paths with one product less.
+    It applies when the base weight is frozen, dropout is off, input, weight and adapter share a dtype and autocast
+    is off; otherwise (and in any subclass that redefines how the base or the adapter computes, e.g. a quantized
+    base) the adapter computes as every other adapter does.
+    """
+
+    _fuses_base: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if _FusedLinear in cls.__bases__:  # SVDLinear, SVDConv1D: their base_forward is what linear_svd computes
+            cls._plain_base = cls.base_forward
+        plain = getattr(cls, "_plain_base", None)
+        cls._fuses_base = (
+            cls.base_forward is plain
+            and cls.project is SVDAdapter.project
+            and cls.adapter_output is SVDAdapter.adapter_output
+        )
+
+    def _base_matrix(self) -> torch.Tensor:
+        """The base weight as ``(d_out, d_in)`` (a view)."""
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self._fuses_base
+            and self.adapter_enabled
+            and self.r > 0
+            and not self.weight.requires_grad
+            and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
+            and x.dtype == self.weight.dtype == self.Q.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return linear_svd(x, self._base_matrix(), self.bias, self.Q, self.P, self.E, self.scale)
+        return super().forward(x)
+
+
+class SVDLinear(_FusedLinear):
     """Adapter for ``torch.nn.Linear``: ``weight`` is ``(d_out, d_in)``."""
 
     layer_type = "linear"
@@ -60,7 +103,7 @@ def conv1d_type() -> type[nn.Module] | None:
     return Conv1D
 
 
-class SVDConv1D(SVDAdapter):
+class SVDConv1D(_FusedLinear):
     """Adapter for transformers' GPT-2 ``Conv1D``, a linear layer with a transposed ``(d_in, d_out)`` weight."""
 
     layer_type = "conv1d"  # transformers' GPT-2 Conv1D (a linear layer); torch's nn.Conv1d is "nn_conv1d"
@@ -77,6 +120,9 @@ class SVDConv1D(SVDAdapter):
     ) -> SVDConv1D:
         d_out, d_in = cls.dims(module)
         return cls(module.weight, module.bias, d_out, d_in, r, scale, dropout, init_std)
+
+    def _base_matrix(self) -> torch.Tensor:
+        return self.weight.mT
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.addmm(self.bias, x.reshape(-1, self.d_in), self.weight)
