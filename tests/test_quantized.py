@@ -245,7 +245,7 @@ def test_an_adapter_moves_between_quantized_and_float_bases(llama: nn.Module, ki
     save_adapter(on_float, tmp_path / "f", CONFIG)
     with pytest.warns(UserWarning, match="differently quantized"):
         again = load_adapter(quantized(llama, kind), tmp_path / "f")
-    torch.testing.assert_close(logits(again, x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(again, x), expected, rtol=1e-4, atol=5e-5)  # sums over other ranks
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # float onto float: nothing to say
         load_adapter(copy.deepcopy(llama), tmp_path / "f")
