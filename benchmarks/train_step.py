@@ -67,6 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adalora
 from adalora.baselines import inject_lora, lora_config
+from adalora.integrations.gradient import add_regularizer_gradient
 
 
 @dataclass(frozen=True)
@@ -176,9 +177,9 @@ class Case:
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         loss = self.forward(input_ids=ids, labels=labels).loss  # PEFT's AdaLoRA adds its regulariser here
-        if self.allocator is not None and self.regularise:
-            loss = loss + self.allocator.regularization()
         loss.backward()
+        if self.allocator is not None and self.regularise:
+            add_regularizer_gradient(self.allocator)  # what fit and the callbacks do: gamma * dR in closed form
         self.optimizer.step()
         if self.allocator is not None:
             self.allocator.step()
