@@ -49,7 +49,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def register_train(subparsers: SubParsers) -> None:
-    from .run.train import DEFAULT_LR, METHODS, RunSettings
+    from .run.defaults import describe_defaults  # issue 21: scale-aware default lr
+    from .run.train import METHODS, RunSettings
 
     d = RunSettings()
     p = subparsers.add_parser(
@@ -109,8 +110,7 @@ def register_train(subparsers: SubParsers) -> None:
     optim.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
     optim.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step")
     optim.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    lrs = ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LR.items())
-    optim.add_argument("--lr", type=float, help=f"AdamW learning rate (default by method: {lrs})")
+    optim.add_argument("--lr", type=float, help=f"AdamW learning rate ({describe_defaults()})")  # issue 21
     optim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     optim.add_argument("--lr-warmup-fraction", type=float, default=d.lr_warmup_fraction, help="then linear decay")
     optim.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")

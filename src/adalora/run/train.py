@@ -39,7 +39,9 @@ from ..files.checkpoint import load_checkpoint, save_checkpoint
 from ..inject import inject
 from ..integrations.loop import StepResult, fit, total_steps
 from . import causal_lm
+from . import collapse as collapse_guard  # issue 21: collapse warning
 from .data import Task, builtin_task, encode, file_task, packaged_file
+from .defaults import default_lr, training_rank  # issue 21: scale-aware default lr
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
 METHODS: tuple[str, ...] = ("adalora", "lora", "pruned-lora", "full")
@@ -69,10 +71,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
-# Learning rates chosen by measurement on the default run (docs/cli.md). AdaLoRA's lambda starts at 0 and its
-# P, Q at std 0.02, so its update starts small and it wants a higher rate (5e-3: 0.844, 1e-2: 0.840, 2e-3
-# learns too slowly); LoRA on all 36 matrices collapsed at 5e-3 (0.51), 1e-3: 0.836, 2e-3: 0.846.
-DEFAULT_LR = {"adalora": 5e-3, "lora": 2e-3, "pruned-lora": 2e-3, "full": 5e-5}
+# issue 21: default learning rates (per method and adapter scale) live in run/defaults.py: default_lr().
 # Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
@@ -127,7 +126,7 @@ class RunSettings:
     epochs: int = 2
     batch_size: int = 32
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # AdamW learning rate; None = DEFAULT_LR of the method
+    lr: float | None = None  # AdamW learning rate; None = defaults.default_lr of the method and scale
     weight_decay: float = 0.0
     lr_warmup_fraction: float = 0.06  # linear LR warm-up, then linear decay to 0
     max_grad_norm: float | None = 1.0
@@ -425,7 +424,9 @@ def prepare(settings: RunSettings) -> Setup:
     if settings.task == causal_lm.CAUSAL_LM:
         derived.update(train_rows=rows, eval_rows=len(held_out["labels"]))
     config, allocator = None, None
-    lr = settings.lr if settings.lr is not None else DEFAULT_LR[settings.method]
+    # issue 21: the default lr depends on the method and the adapter scale alpha / r (run/defaults.py)
+    rank = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
+    lr = settings.lr if settings.lr is not None else default_lr(settings.method, rank or 1, settings.alpha)
     derived["lr"] = lr
     if settings.method == "full":
         for param in model.parameters():
@@ -607,6 +608,8 @@ def _finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: floa
         "figures": [f.name for f in figures],
         "completed": True,
     }
+    if metric == "accuracy":  # issue 21: the collapse guard's verdict on the final epoch (run/collapse.py)
+        metrics.update(collapse=state.get("collapse"), collapse_epochs=state.get("collapse_epochs", []))
     if "eval_before" in state:  # causal-lm: the held-out split measured before training
         metrics.update({f"eval_{k}_before": v for k, v in state["eval_before"].items()})
     write_json(output_dir / METRICS_FILE, metrics)
@@ -728,6 +731,13 @@ def _run(
         log(f"held-out perplexity before training {state['eval_before']['perplexity']:.2f}")
     writer = _tensorboard(output_dir, state["step"]) if settings.tensorboard and main else None
     per_epoch = setup.total_steps // settings.epochs
+    guard = None  # issue 21: (train label counts, eval label counts, lr, scale) for the collapse guard
+    if metric == "accuracy":
+        labels = len(setup.task.label_names)
+        counts = [torch.bincount(setup.train["labels"], minlength=labels).tolist()]
+        counts.append(torch.bincount(setup.eval["labels"], minlength=labels).tolist())
+        r = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
+        guard = (*counts, setup.optimizer.defaults["lr"], settings.alpha / r if r else None)
     started, seconds_before = time.perf_counter(), state["seconds"]
     bar = tqdm(total=setup.total_steps, initial=state["step"], desc=settings.method, unit="step", disable=not progress)
 
@@ -777,6 +787,10 @@ def _run(
                 f"epoch {epoch + 1}/{settings.epochs}: eval {metric} {scores[metric]:.4f}, eval loss "
                 f"{scores['loss']:.4f}, train loss {record['train_loss']:.4f} [{record['seconds']:.0f} s]"
             )
+        if guard is not None:  # issue 21: one warning when the run collapsed to a constant prediction
+            found = (state, epoch + 1, settings.epochs, record["train_loss"], scores["accuracy"], *guard)
+            if (warning := collapse_guard.guard_epoch(*found)) and main:
+                bar.write(warning)
         if writer is not None:
             for key, value in scores.items():
                 writer.add_scalar(f"eval/{key}", value, step)
