@@ -141,10 +141,11 @@ def execute(spec: Spec) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
     started = time.perf_counter()
-    with (run_dir / "log.txt").open("a") as log:
-        done = subprocess.run(command(spec, run_dir), env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec.key}: exit status {done.returncode}; see {run_dir / 'log.txt'}")
+    if not (run_dir / "metrics.json").is_file():  # else finished, but not yet recorded (the script was stopped)
+        with (run_dir / "log.txt").open("a") as log:
+            done = subprocess.run(command(spec, run_dir), env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{spec.key}: exit status {done.returncode}; see {run_dir / 'log.txt'}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     derived = json.loads((run_dir / "run.json").read_text())["derived"]
     return {
