@@ -65,7 +65,8 @@ def test_bad_input_is_a_clear_error(args, message: str) -> None:
 
 def test_the_help_text_quotes_the_values() -> None:
     text = describe_defaults()
-    assert "lora r=1 0.00071, r=2 0.001, r=8 0.001" in text and "full 5e-05" in text
+    assert "adalora 0.005, lora 0.001, pruned-lora 0.001 at alpha 16 and rank >= 3, 2, 3" in text
+    assert "lora r=1: 0.00071" in text and "full 5e-05" in text
 
 
 @pytest.mark.parametrize(("method", "extra", "expected"), [("lora", {"lora_r": 1}, 1e-3 / math.sqrt(2))])

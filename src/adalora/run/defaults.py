@@ -99,14 +99,13 @@ def default_lr(method: str, rank: int | None, alpha: float = 16.0) -> float:
 
 
 def describe_defaults() -> str:
-    """One line for ``--lr``'s help: the rule and a few values at alpha 16."""
-
-    def values(method: str, ranks: tuple[int, ...]) -> str:
-        return ", ".join(f"r={r} {default_lr(method, r):.2g}" for r in ranks)
-
+    """One line for ``--lr``'s help: the base rates, from which rank they hold at alpha 16, and one example."""
+    adapters = [m for m, rule in RULES.items() if rule.reference_scale is not None]
+    bases = ", ".join(f"{m} {RULES[m].base:g}" for m in adapters)
+    # alpha / sqrt(r) <= s_ref  <=>  r >= (alpha / s_ref)^2: the smallest rank at which the base rate holds
+    ranks = ", ".join(f"{math.ceil((16.0 / RULES[m].reference_scale) ** 2 - 1e-9)}" for m in adapters)  # type: ignore[operator]
     return (
-        f"default by method, lowered at small ranks / large --alpha so that lr x alpha/sqrt(r) stays at the "
-        f"measured safe value: lora {values('lora', (1, 2, 8))}; pruned-lora and adalora by --init-r: "
-        f"pruned-lora {values('pruned-lora', (2, 3, 12))}, adalora {values('adalora', (2, 3, 12))}; "
-        f"full {default_lr('full', None):g} (docs/cli.md)"
+        f"default by method: {bases} at alpha 16 and rank >= {ranks} (LoRA: --lora-r; others: --init-r), lowered "
+        f"in proportion to alpha/sqrt(r) beyond that (e.g. lora r=1: {default_lr('lora', 1):.2g}); "
+        f"full {RULES['full'].base:g}; see docs/cli.md"
     )
