@@ -140,8 +140,8 @@ def execute(spec: Spec) -> dict[str, Any]:
     run_dir = RUNS / spec.key.replace("/", "_")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
-    if not (run_dir / "metrics.json").is_file():  # else finished, but not yet recorded (the script was stopped)
+    started, ran = time.perf_counter(), not (run_dir / "metrics.json").is_file()
+    if ran:  # else finished, but not yet recorded (the script was stopped): record it, time unknown
         with (run_dir / "log.txt").open("a") as log:
             done = subprocess.run(command(spec, run_dir), env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
         if done.returncode != 0:
@@ -161,7 +161,7 @@ def execute(spec: Spec) -> dict[str, Any]:
         "collapse_reported": metrics.get("collapse"),  # what the run's own guard said (None before the guard)
         "trainable_parameters": metrics["trainable_parameters"],
         "total_steps": metrics["total_steps"],
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1) if ran else None,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="the lr probe (LoRA, validation slice)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="tasks of the sweep")
     parser.add_argument("--seeds", nargs="+", type=int, help="probe only: these seeds (default 0 1 2)")
-    parser.add_argument("--table", action="store_true", help="only print the tables")
+    parser.add_argument("--table", action="store_true", help="run nothing: record finished runs, print the tables")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
 
@@ -240,21 +240,22 @@ def main() -> None:
     else:
         specs = sweep_specs(tuple(args.tasks))
         planned = {"sweep": len(specs)}
-    if not args.table:
-        for spec in specs:
-            if spec.key in results["runs"]:
-                continue
-            print(f"{time.strftime('%H:%M:%S')} {spec.key} ...", flush=True)
-            record = execute(spec)
-            results = load_results()  # another invocation (the probe, the sweep) may have added runs meanwhile
-            results["runs"][spec.key] = record
-            save_results(results)
-            last = record["epochs"][-1]
-            print(
-                f"{time.strftime('%H:%M:%S')} {spec.key}: lr {record['lr']:g}, accuracy {record['accuracy']:.4f}, "
-                f"train loss {last['train_loss']:.4f}, {record['wall_seconds']:.0f} s",
-                flush=True,
-            )
+    for spec in specs:
+        if spec.key in results["runs"]:
+            continue
+        if args.table and not (RUNS / spec.key.replace("/", "_") / "metrics.json").is_file():
+            continue  # --table runs nothing; it only records runs that finished while no script was recording
+        print(f"{time.strftime('%H:%M:%S')} {spec.key} ...", flush=True)
+        record = execute(spec)
+        results = load_results()  # another invocation (the probe, the sweep) may have added runs meanwhile
+        results["runs"][spec.key] = record
+        save_results(results)
+        last = record["epochs"][-1]
+        print(
+            f"{time.strftime('%H:%M:%S')} {spec.key}: lr {record['lr']:g}, accuracy {record['accuracy']:.4f}, "
+            f"train loss {last['train_loss']:.4f}, {record['wall_seconds']} s",
+            flush=True,
+        )
     print_tables(results, planned)
 
 
