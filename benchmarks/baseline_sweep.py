@@ -77,14 +77,17 @@ def probe_specs(task: str, seeds: tuple[int, ...] = PROBE_SEEDS) -> list[Spec]:
 
 
 def sweep_specs(tasks: tuple[str, ...]) -> list[Spec]:
-    # Seed-major within a task: an interrupted sweep has every cell partly done rather than some cells empty.
-    return [
-        Spec("sweep", task, method, r, seed)
-        for task in tasks
-        for seed in SWEEP_SEEDS
-        for method in METHODS
-        for r in BUDGETS
-    ]
+    """Per task: the first seed of every cell, then every seed of LoRA r = 2 (the cell that collapsed at the
+    old default, issue 21), then the other cells seed by seed, so that an interrupted sweep has answered the
+    main question first and has every cell started."""
+    specs = []
+    for task in tasks:
+        cells = [(method, r) for method in METHODS for r in BUDGETS]
+        first = [Spec("sweep", task, m, r, SWEEP_SEEDS[0]) for m, r in cells]
+        lora_2 = [Spec("sweep", task, "lora", min(BUDGETS), seed) for seed in SWEEP_SEEDS[1:]]
+        rest = [Spec("sweep", task, m, r, s) for s in SWEEP_SEEDS[1:] for m, r in cells if (m, r) != ("lora", 2)]
+        specs += first + lora_2 + rest
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------- data
