@@ -88,7 +88,7 @@ def test_guard_warns_once_and_keeps_the_final_epochs_verdict() -> None:
     state: dict = {}
     counts = ([50, 50], [50, 50])
     first = guard_epoch(state, 1, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0)
-    assert first is not None and "epoch 1/3" in first and "2e-3" not in first  # printed as 0.002
+    assert first is not None and "after epoch 1 of 3:" in first and "2e-3" not in first  # printed as 0.002
     assert "0.002" in first and "alpha/r = 8" in first and "--lr" in first and "0.6931" in first
     assert guard_epoch(state, 2, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0) is None  # one warning per run
     assert state["collapse"]["epoch"] == 2 and state["collapse_epochs"] == [1, 2]

@@ -109,13 +109,14 @@ def detect_collapse(
 def collapse_message(collapse: Collapse, epoch: int, epochs: int, lr: float, scale: float | None) -> str:
     """The one warning a run logs: what was seen, the likely cause, and what to try."""
     scale_text = f" and adapter scale alpha/r = {scale:g}" if scale is not None else ""
+    c = collapse
     return (
-        f"warning: the run looks collapsed after epoch {epoch}/{epochs}: train loss {collapse.train_loss:.4f} is at or "
-        f"above the loss of always predicting the training class frequencies ({collapse.constant_loss:.4f}) and "
-        f"eval accuracy {collapse.eval_accuracy:.4f} is no better than the majority-class rate "
-        f"({collapse.majority_rate:.4f}). Likely cause: learning rate {lr:g} too high for this model"
-        f"{scale_text}. Try a learning rate 2-3x lower (--lr), or another --seed; if you lowered --lr yourself, "
-        "the run may instead be learning too slowly (train longer or raise it)."
+        f"warning: the run looks collapsed after epoch {epoch} of {epochs}: train loss {c.train_loss:.4f} is at "
+        f"or above the loss of always predicting the training class frequencies ({c.constant_loss:.4f}) and "
+        f"eval accuracy {c.eval_accuracy:.4f} is no better than the majority-class rate ({c.majority_rate:.4f}). "
+        f"Likely cause: learning rate {lr:g} too high for this model{scale_text}. Try a learning rate 2-3x lower "
+        "(--lr), or another --seed; if you lowered --lr yourself, the run may instead be learning too slowly "
+        "(train longer or raise it)."
     )
 
 
