@@ -12,8 +12,9 @@ from typing import Any
 from ..importance import METRICS
 from ..run.causal_lm import CAUSAL_LM
 from ..run.data import BUILTIN_TASKS
+from ..run.defaults import describe_defaults
 from ..run.quantize import METHODS as QUANTIZE_METHODS
-from ..run.settings import DEFAULT_LR, DEVICE_PATTERN, METHODS, PRECISIONS, RunSettings, flag
+from ..run.settings import DEVICE_PATTERN, METHODS, PRECISIONS, RunSettings, flag
 from .arguments import HelpFormatter, UsageError, number
 
 SubParsers = Any  # argparse's private _SubParsersAction
@@ -132,8 +133,7 @@ def _optimizer_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
         "--grad-accum", type=number("grad_accum"), default=d.grad_accum, metavar="K",
         help="micro-batches whose gradients are summed into one optimizer step",
     )  # fmt: skip
-    lrs = ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LR.items())
-    group.add_argument("--lr", type=number("lr"), help=f"AdamW learning rate, > 0 (default by method: {lrs})")
+    group.add_argument("--lr", type=number("lr"), help=f"AdamW learning rate, > 0 ({describe_defaults()})")
     group.add_argument(
         "--weight-decay", type=number("weight_decay"), default=d.weight_decay, metavar="WD", help="AdamW weight decay"
     )

@@ -15,6 +15,8 @@ import torch
 from .. import parallel as distributed
 from ..files.checkpoint import save_checkpoint
 from ..integrations.loop import StepResult
+from .collapse import guard_epoch
+from .defaults import training_rank
 from .evaluate import evaluator, primary_metric
 from .hardware import autocast
 from .settings import CHECKPOINT_FILE, RunError
@@ -69,6 +71,7 @@ class RunCallbacks:
             writer_class = summary_writer_class()
             self.writer = writer_class(log_dir=str(output_dir / "tensorboard"), purge_step=state["step"] or None)
         self.started, self.seconds_before = time.perf_counter(), state["seconds"]
+        self.guard = collapse_guard_inputs(setup) if self.metric == "accuracy" else None
         self.bar = tqdm(
             total=setup.total_steps, initial=state["step"], desc=self.settings.method, unit="step", disable=not progress
         )
@@ -141,6 +144,10 @@ class RunCallbacks:
                 f"epoch {epoch + 1}/{self.settings.epochs}: eval {self.metric} {scores[self.metric]:.4f}, eval loss "
                 f"{scores['loss']:.4f}, train loss {record['train_loss']:.4f} [{record['seconds']:.0f} s]"
             )
+        if self.guard is not None:  # one warning when the run collapsed to a constant prediction
+            found = (state, epoch + 1, self.settings.epochs, record["train_loss"], scores["accuracy"], *self.guard)
+            if (warning := guard_epoch(*found)) and self.main:
+                self.bar.write(warning)
         if self.writer is not None:
             for key, value in scores.items():
                 self.writer.add_scalar(f"eval/{key}", value, step)
@@ -150,3 +157,13 @@ class RunCallbacks:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def collapse_guard_inputs(setup: Setup) -> tuple[list[int], list[int], float, float | None]:
+    """(train label counts, eval label counts, lr, adapter scale) for :func:`adalora.run.collapse.guard_epoch`."""
+    settings = setup.settings
+    labels = len(setup.task.label_names)
+    train = torch.bincount(setup.train["labels"], minlength=labels).tolist()
+    held_out = torch.bincount(setup.eval["labels"], minlength=labels).tolist()
+    rank = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
+    return train, held_out, setup.optimizer.defaults["lr"], settings.alpha / rank if rank else None

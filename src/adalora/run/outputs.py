@@ -127,6 +127,8 @@ def run_metrics(
         "figures": [f.name for f in figures],
         "completed": True,
     }
+    if metric == "accuracy":  # the collapse guard's verdict on the final epoch (run/collapse.py)
+        metrics.update(collapse=state.get("collapse"), collapse_epochs=state.get("collapse_epochs", []))
     if "eval_before" in state:  # causal-lm: the held-out split measured before training
         metrics.update({f"eval_{k}_before": v for k, v in state["eval_before"].items()})
     return metrics

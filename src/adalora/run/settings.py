@@ -46,8 +46,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
-# Learning rates chosen by measurement on the default run (the comparison is in docs/cli.md, "Settings").
-DEFAULT_LR = {"adalora": 5e-3, "lora": 2e-3, "pruned-lora": 2e-3, "full": 5e-5}
 # Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
 HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
@@ -101,7 +99,7 @@ class RunSettings:
     epochs: int = 2
     batch_size: int = 32  # the micro-batch: examples per forward/backward pass (over all processes)
     grad_accum: int = 1  # micro-batches per optimizer step: a step sees batch_size x grad_accum examples
-    lr: float | None = None  # AdamW learning rate; None = DEFAULT_LR of the method
+    lr: float | None = None  # AdamW learning rate; None = run.defaults.default_lr of the method and scale
     weight_decay: float = 0.0
     lr_warmup_fraction: float = 0.06  # linear LR warm-up, then linear decay to 0
     max_grad_norm: float | None = 1.0

@@ -19,10 +19,11 @@ from ..inject import inject
 from ..integrations.loop import total_steps
 from . import causal_lm
 from .data import Task, builtin_task, encode, file_task
+from .defaults import default_lr, training_rank
 from .hardware import enable_gradient_checkpointing, resolve_device
 from .models import head_modules, load_model, resolve_model_path, resolve_targets
 from .quantize import quantize_model
-from .settings import DEFAULT_LR, RunError, RunSettings
+from .settings import RunError, RunSettings
 from .threads import default_threads
 from .words import plural
 
@@ -195,7 +196,9 @@ def prepare(settings: RunSettings) -> Setup:
     }
     if settings.task == causal_lm.CAUSAL_LM:
         derived.update(train_rows=rows, eval_rows=len(inputs.eval["labels"]))
-    lr = settings.lr if settings.lr is not None else DEFAULT_LR[settings.method]
+    # The default depends on the method and the adapter scale alpha / r (run/defaults.py).
+    rank = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
+    lr = settings.lr if settings.lr is not None else default_lr(settings.method, rank or 1, settings.alpha)
     derived["lr"] = lr
     if settings.quantize != "none":
         # On the training device first: bitsandbytes quantizes its layers where they are (on a GPU when moved there).

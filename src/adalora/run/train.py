@@ -35,6 +35,7 @@ from ..integrations.loop import fit
 from . import causal_lm
 from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
+from .defaults import DEFAULT_LR
 from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_checkpoints
 from .evaluate import evaluate, evaluator, primary_metric
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
@@ -43,7 +44,6 @@ from .outputs import draw_figures, finish, rank_pattern
 from .settings import (
     BUDGET_FILE,
     CHECKPOINT_FILE,
-    DEFAULT_LR,
     DEFAULT_TARGETS,
     HEAD_NAMES,
     HEATMAP_FILE,
