@@ -11,7 +11,7 @@ It prints the held-out perplexity before and after training and writes, under ``
 (``adalora.save_adapter``), ``rank_heatmap.png`` (final rank of every adapted matrix: rows q/k/v/o/gate/up/down,
 columns the 30 layers), ``budget_curve.png`` and ``metrics.json``. ``adalora merge OUT/adapter --out DIR`` then
 writes a merged float32 model that loads with ``from_pretrained`` (transformers refuses ``save_pretrained`` for a
-model loaded from GGUF; ``adalora.causal_lm.load_causal_lm`` removes that flag, the weights being plain float32).
+model loaded from GGUF; ``adalora.run.causal_lm.load_causal_lm`` removes that flag, the weights being plain float32).
 
 Measured on 2 shared CPU cores (load average ~5 from other jobs): perplexity on 100 held-out sentences
 199.4 -> 76.8 after 40 steps of 4 x 64 tokens (410 s of training); docs/causal-lm.md has the details.

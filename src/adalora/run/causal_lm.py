@@ -70,7 +70,7 @@ class LMExamples:
 
 @dataclass(frozen=True)
 class LMTask:
-    """A causal-LM task: train and held-out splits. ``label_names``/``num_labels`` mirror :class:`adalora.data.Task`
+    """A causal-LM task: train and held-out splits. ``label_names``/``num_labels`` mirror :class:`adalora.run.data.Task`
     (a language model has no classes), so that run bookkeeping treats both alike."""
 
     name: str
