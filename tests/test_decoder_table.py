@@ -4,6 +4,7 @@ and use it; PEFT's alpha / init_r is reproduced at our budget; prompts are cut t
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -72,3 +73,50 @@ def test_long_texts_are_cut_until_prompt_label_and_eos_fit(dt):
     prompt = tokenizer(task.prompt(cut))["input_ids"]
     assert len(prompt) + 2 + 1 <= 10 and text.startswith(cut) and cut
     assert dt.fit_text(tokenizer, task, "the cat", 10) == "the cat"  # short texts are kept whole
+
+
+def fake_record(spec, accuracy):
+    """A finished run's record as DecoderRunner writes it (the fields the renderer reads)."""
+    layers = range(30)
+    kinds = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+    pattern = {f"model.layers.{i}.{k}": (3 if "mlp" in k else 1) for i in layers for k in kinds}
+    return {"task": spec.cell.task, "variant": spec.cell.variant, "budget": spec.cell.budget, "phase": spec.phase,
+            "eval_split": "val" if spec.phase == "search" else "test", "lr": spec.lr, "seed": spec.seed,
+            "accuracy": accuracy, "eval_loss": 1 - accuracy, "perplexity": 1.5, "perplexity_before": 300.0,
+            "trainable_parameters": 1000, "kept_parameters": 800, "train_seconds": 10.0, "wall_seconds": 12.0,
+            "cpu_seconds": 600.0, "score_seconds": 2.0, "device": "cpu", "finished": "2026-12-02T04:00:00",
+            "rank_pattern": pattern}  # fmt: skip
+
+
+def test_render_partial_and_finished_tables(dt, tmp_path):
+    pt = sys.modules["paper_table"]
+    import render_decoder_table as rd
+
+    grid = dt.DecoderGrid(tasks=("trec",))
+    results, doc, readme = tmp_path / "r.json", tmp_path / "doc.md", tmp_path / "README.md"
+    doc.write_text("# Encoder\n\ntext\n")
+    readme.write_text("intro\n<!-- PAPER-TABLE -->\nx\n<!-- /PAPER-TABLE -->\nrest\n")
+    payload = {"grid": grid.describe(), "runs": {}, "failures": {}}
+    for spec in pt.pending_runs(grid, {})[:4]:  # a partial search: nothing final
+        payload["runs"][spec.key] = fake_record(spec, 0.8)
+    results.write_text(json.dumps(payload))
+    rd.render(results, doc, readme)
+    text = doc.read_text()
+    assert text.startswith("# Encoder") and rd.HEADING in text
+    assert "Status: 0 of 24 final runs and 4 of 18 planned lr-search runs done" in text
+    assert "lr-search runs (no final run yet)" in text  # the rank allocation is shown from the search runs
+    # Per layer: attention 4 matrices x rank 1, MLP 3 x rank 3: MLP share 9 / 13 = 69 %; uniform 3 of 7 = 43 %.
+    assert "| 1.00 | 1.00 | 1.00 | 1.00 | 3.00 | 3.00 | 3.00 | 69 % (uniform 43 %) |" in text
+    assert "| 1.86 (layers 1-10) | 1.86 (layers 11-20) | 1.86 (layers 21-30) |" in text  # 13 / 7 per matrix
+    assert rd.BEGIN not in readme.read_text()  # no README line without final runs
+
+    payload["runs"] = {}
+    run = lambda spec: fake_record(spec, 0.9 if spec.cell.variant == "adalora" else 0.8)  # noqa: E731
+    pt.run_table(grid, results, run, log=lambda line: None)
+    rd.render(results, doc, readme)
+    assert "Status: 24 of 24 final runs" in doc.read_text() and "| AdaLoRA (r 3 → 2, scale 5.33)" in doc.read_text()
+    line = readme.read_text()
+    assert rd.BEGIN in line and "TREC-6 r = 2: +10.00 ± 0.00" in line
+    rd.render(results, doc, readme)  # rendering again replaces the blocks, it does not add more
+    assert doc.read_text().count(rd.BEGIN) == 1 and readme.read_text().count(rd.BEGIN) == 1
