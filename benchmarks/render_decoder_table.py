@@ -4,13 +4,14 @@ heading if missing) and, once final runs exist, a summary line in README.md (bet
 after the encoder table's block the first time). Reuses the encoder renderer's statistics and tables.
 
 Can be run at any time, also while the table runs. Usage:
-    python benchmarks/render_decoder_table.py [--results PATH] [--doc PATH] [--readme PATH]
+    python benchmarks/render_decoder_table.py [--results PATH] [--doc PATH] [--readme PATH] [--figure PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,22 @@ def timing(payload: dict[str, Any], grid: DecoderGrid) -> str:
     )
 
 
-def block(payload: dict[str, Any], grid: DecoderGrid) -> str:
+def draw_figure(payload: dict[str, Any], grid: DecoderGrid, path: Path) -> Path | None:
+    """Heatmap (matrix type x layer) of one AdaLoRA run's final ranks: the largest budget, first task, a final
+    run if any (else a search run); None without one."""
+    from adalora.run.plots import plot_rank_heatmap
+
+    runs = [r for r in payload["runs"].values() if r["variant"] == "adalora" and r.get("rank_pattern")]
+    if not runs:
+        return None
+    r = max(runs, key=lambda r: (r["budget"], r["phase"] == "final", -grid.tasks.index(r["task"]), -r["seed"]))
+    start = round(grid.init_factor * r["budget"])
+    title = f"AdaLoRA on SmolLM2-135M, {PROMPT_TASKS[r['task']].label}, r {start} → {r['budget']}, {r['phase']} run"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return plot_rank_heatmap(r["rank_pattern"], path, init_r=start, title=f"{title}, lr {r['lr']:g}, seed {r['seed']}")
+
+
+def block(payload: dict[str, Any], grid: DecoderGrid, figure: Path | None = None, doc: Path | None = None) -> str:
     parts = [
         status_line(payload, grid),
         f"Setup: {setup_line(grid)}.",
@@ -215,6 +231,9 @@ def block(payload: dict[str, Any], grid: DecoderGrid) -> str:
         "### Where the rank went in the decoder",
         rank_summary(payload, grid),
     ]
+    if figure is not None and doc is not None:
+        relative = Path(os.path.relpath(figure.resolve(), doc.resolve().parent))
+        parts.append(f"![final ranks of one AdaLoRA run on SmolLM2-135M]({relative.as_posix()})")
     if timing(payload, grid):
         parts += ["### Run times", timing(payload, grid)]
     return "\n\n".join(parts)
@@ -241,17 +260,19 @@ def readme_line(payload: dict[str, Any], grid: DecoderGrid) -> str | None:
     )
 
 
-def render(results: Path, doc: Path, readme: Path | None) -> list[Path]:
+def render(results: Path, doc: Path, readme: Path | None, figure: Path | None = None) -> list[Path]:
+    """Write the figure (if ``figure`` and an AdaLoRA run exist), the doc section and the README line."""
     payload = json.loads(results.read_text())
     grid = grid_of(payload)
+    drawn = draw_figure(payload, grid, figure) if figure is not None else None
     text = doc.read_text()
     if BEGIN not in text:
         text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{BEGIN}\n{END}\n"
-    new = replace_between_markers(text, block(payload, grid), BEGIN, END)
+    new = replace_between_markers(text, block(payload, grid, drawn, doc), BEGIN, END)
     if new is None:
         raise SystemExit(f"{doc}: the markers {BEGIN} ... {END} are out of order")
     doc.write_text(new)
-    written = [doc]
+    written = [doc] + ([drawn] if drawn else [])
     line = readme_line(payload, grid)
     if readme is not None and readme.is_file() and line is not None:
         current = readme.read_text()
@@ -269,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/decoder_table.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs/paper-table.md")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--figure", type=Path, default=ROOT / "benchmarks/results/decoder_table_ranks.png")
     args = parser.parse_args(argv)
-    for path in render(args.results, args.doc, args.readme):
+    for path in render(args.results, args.doc, args.readme, args.figure):
         print(f"wrote {path}")
 
 

@@ -114,7 +114,8 @@ def test_render_partial_and_finished_tables(dt, tmp_path):
     payload["runs"] = {}
     run = lambda spec: fake_record(spec, 0.9 if spec.cell.variant == "adalora" else 0.8)  # noqa: E731
     pt.run_table(grid, results, run, log=lambda line: None)
-    rd.render(results, doc, readme)
+    written = rd.render(results, doc, readme, tmp_path / "ranks.png")
+    assert (tmp_path / "ranks.png").is_file() and tmp_path / "ranks.png" in written
     assert "Status: 24 of 24 final runs" in doc.read_text() and "| AdaLoRA (r 3 → 2, scale 5.33)" in doc.read_text()
     line = readme.read_text()
     assert rd.BEGIN in line and "TREC-6 r = 2: +10.00 ± 0.00" in line
