@@ -60,7 +60,7 @@ def status_line(payload: dict[str, Any], grid: DecoderGrid) -> str:
         per_run = statistics.median(cpu)
         left = max(0, search - done_search) + max(0, final - done_final)
         text += (
-            f" Median {per_run / 60:.0f} CPU minutes per run so far ({len(cpu)} runs); the {left} runs left need "
+            f" Median {per_run / 60:.1f} CPU minutes per run so far ({len(cpu)} runs); the {left} runs left need "
             f"about {left * per_run / 3600:.0f} CPU hours (one core per run), before any lr-grid extension."
         )
     return text
@@ -262,7 +262,10 @@ def readme_line(payload: dict[str, Any], grid: DecoderGrid) -> str | None:
 
 def render(results: Path, doc: Path, readme: Path | None, figure: Path | None = None) -> list[Path]:
     """Write the figure (if ``figure`` and an AdaLoRA run exist), the doc section and the README line."""
-    payload = json.loads(results.read_text())
+    if results.is_file():
+        payload = json.loads(results.read_text())
+    else:  # no run has finished yet: the plan alone
+        payload = {"grid": DecoderGrid().describe(), "runs": {}, "failures": {}}
     grid = grid_of(payload)
     drawn = draw_figure(payload, grid, figure) if figure is not None else None
     text = doc.read_text()

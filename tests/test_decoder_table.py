@@ -97,6 +97,8 @@ def test_render_partial_and_finished_tables(dt, tmp_path):
     results, doc, readme = tmp_path / "r.json", tmp_path / "doc.md", tmp_path / "README.md"
     doc.write_text("# Encoder\n\ntext\n")
     readme.write_text("intro\n<!-- PAPER-TABLE -->\nx\n<!-- /PAPER-TABLE -->\nrest\n")
+    rd.render(results, doc, None)  # no results file yet: the plan of the default grid
+    assert "Status: 0 of 48 final runs and 0 of 36 planned lr-search runs done" in doc.read_text()
     payload = {"grid": grid.describe(), "runs": {}, "failures": {}}
     for spec in pt.pending_runs(grid, {})[:4]:  # a partial search: nothing final
         payload["runs"][spec.key] = fake_record(spec, 0.8)
