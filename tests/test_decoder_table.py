@@ -17,8 +17,11 @@ _BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.fixture(scope="module")
 def dt():
     sys.path.insert(0, str(_BENCH))  # decoder_table imports paper_table and common
+    # paper_table as loaded (test_paper_table loads its own copy), decoder_table always afresh: it registers its
+    # variants in the paper_table that is loaded now; the renderer is imported again against both.
+    sys.modules.pop("render_decoder_table", None)
     for name in ("paper_table", "decoder_table"):
-        if name not in sys.modules:
+        if name not in sys.modules or name == "decoder_table":
             spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module  # dataclasses look their module up by name
