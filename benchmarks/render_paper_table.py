@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,9 @@ def markdown(headers: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def main_table(payload: dict[str, Any], grid: Grid) -> str:
+def main_table(payload: dict[str, Any], grid: Grid, label: Callable[[Grid, str, int | None], str] | None = None) -> str:
+    """Test accuracy per row and task, mean ± std over seeds; ``label`` names a row (default :func:`row_label`)."""
+    label = label or row_label
     runs, seeds = payload["runs"], len(grid.seeds)
     table_rows = rows_of(grid)
     stats = {(v, b, t): summary(final_runs(runs, t, v, b)) for v, b in table_rows for t in grid.tasks}
@@ -144,7 +146,7 @@ def main_table(payload: dict[str, Any], grid: Grid) -> str:
         shown = "pending" if average is None else f"{average:.2f}"
         if average is not None and best_average is not None and round(average, 2) == round(best_average, 2):
             shown = f"**{shown}**"
-        rows.append([row_label(grid, v, b), parameters(runs, grid, v, b), *(cell(v, b, t) for t in grid.tasks), shown])
+        rows.append([label(grid, v, b), parameters(runs, grid, v, b), *(cell(v, b, t) for t in grid.tasks), shown])
     headers = ["Method", "Trainable params", *(TASKS[t].label for t in grid.tasks), "Average"]
     return markdown(headers, rows)
 
@@ -322,13 +324,13 @@ def block(payload: dict[str, Any], grid: Grid, figure: Path | None, doc: Path, c
     return "\n\n".join(parts)
 
 
-def replace_between_markers(text: str, content: str) -> str | None:
-    """``text`` with everything between the markers replaced; None if it lacks them."""
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+def replace_between_markers(text: str, content: str, begin: str = BEGIN, end: str = END) -> str | None:
+    """``text`` with everything between the markers ``begin`` and ``end`` replaced; None if it lacks them."""
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
         return None
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{content}\n{END}{tail}"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{content}\n{end}{tail}"
 
 
 def draw_figure(payload: dict[str, Any], grid: Grid, path: Path) -> Path | None:
