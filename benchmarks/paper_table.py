@@ -449,15 +449,16 @@ def available_cores() -> int:
 
 def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
     """One :func:`adalora.run.train.run` into ``run_dir``, continuing an interrupted run from its checkpoint
-    when the directory holds one with the same settings (the thread count aside: a resumed run keeps the
-    count it started with). Returns the metrics and the CPU seconds this process spent on it (about what the
+    when the directory holds one with the same settings (the thread count and the device aside: run.json
+    holds the ones the run resolved, e.g. ``cpu`` for ``auto``, and a resumed run keeps them). Returns the metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""
     from adalora.files.atomic import read_json
     from adalora.run.train import METRICS_FILE, RUN_FILE, RunError, run
 
     same = False
     if (run_dir / RUN_FILE).is_file():
-        saved = read_json(run_dir / RUN_FILE)["settings"] | {"threads": settings.threads}
+        saved = read_json(run_dir / RUN_FILE)["settings"]
+        saved |= {"threads": settings.threads, "device": settings.device}
         same = saved == settings.to_dict()
     quiet: Callable[[str], None] = lambda line: log(f"  {line}")  # noqa: E731
     before = resource.getrusage(resource.RUSAGE_SELF)
