@@ -450,7 +450,8 @@ def available_cores() -> int:
 def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
     """One :func:`adalora.run.train.run` into ``run_dir``, continuing an interrupted run from its checkpoint
     when the directory holds one with the same settings (the thread count and the device aside: run.json
-    holds the ones the run resolved, e.g. ``cpu`` for ``auto``, and a resumed run keeps them). Returns the metrics and the CPU seconds this process spent on it (about what the
+    holds the ones the run resolved, e.g. ``cpu`` for ``auto``, and a resumed run keeps them). Returns the
+    metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""
     from adalora.files.atomic import read_json
     from adalora.run.train import METRICS_FILE, RUN_FILE, RunError, run
