@@ -141,14 +141,17 @@ def command(spec: Spec, run_dir: Path) -> list[str]:
 def execute(spec: Spec) -> dict[str, Any]:
     """Run (or finish) one training process and return its record for the results file."""
     run_dir = RUNS / spec.key.replace("/", "_")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The process's output goes beside the run directory: `adalora train` refuses an output directory that
+    # holds anything but an adalora run.
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
     started, ran = time.perf_counter(), not (run_dir / "metrics.json").is_file()
     if ran:  # else finished, but not yet recorded (the script was stopped): record it, time unknown
-        with (run_dir / "log.txt").open("a") as log:
+        with log_path.open("a") as log:
             done = subprocess.run(command(spec, run_dir), env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"{spec.key}: exit status {done.returncode}; see {run_dir / 'log.txt'}")
+            raise RuntimeError(f"{spec.key}: exit status {done.returncode}; see {log_path}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     derived = json.loads((run_dir / "run.json").read_text())["derived"]
     return {
