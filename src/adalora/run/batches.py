@@ -6,10 +6,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+PAD_MULTIPLE = 8  # batch lengths are rounded up to this (few distinct shapes for torch.compile, GPU-friendly)
+
 
 class TensorBatches(Sequence):
     """Shuffled fixed-size batches of pre-tokenised tensors for one epoch (the last partial batch is
-    dropped so that every step has the same shape); the order depends only on (seed, epoch).
+    dropped so that every step has the same number of rows); the order depends only on (seed, epoch). Columns
+    that are padding in every row of a batch are cut (:func:`trim_padding`).
 
     With several processes, ``batch_size`` is the global batch and process ``rank`` of ``world`` gets rows
     ``rank * batch_size / world`` up to the next process's share of every batch: the same global batches, the
@@ -39,7 +42,37 @@ class TensorBatches(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size][self.share]
-        return {key: value[rows] for key, value in self.tensors.items()}
+        return trim_padding({key: value[rows] for key, value in self.tensors.items()})
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return (self[i] for i in range(len(self)))
+
+
+def trim_padding(batch: dict[str, torch.Tensor], multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+    """``batch`` without the trailing columns that are padding in every row, kept to a multiple of ``multiple``.
+
+    Rows are padded to the run's ``--max-length``, but a batch of short examples needs only its longest row:
+    the cut columns are masked out for every real token (right padding: causal and bidirectional attention both
+    ignore masked keys, and their labels are ignored), so the loss is the same, at the cost of the tokens kept.
+    The length is rounded up to ``multiple`` so that a compiled model sees few distinct shapes. Left-padded
+    rows end in real tokens and are kept whole.
+
+    Args:
+        batch: ``{name: (rows, ...)}``; tensors of shape ``(rows, length)`` (or more dimensions) whose second
+            dimension is the ``attention_mask``'s length are cut; the others (class labels ``(rows,)``) are kept.
+
+    Returns:
+        the same names, sequence tensors of shape ``(rows, kept, ...)`` with ``kept`` <= length.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] == 0:
+        return batch
+    length = mask.shape[1]
+    used = mask.bool().any(0).nonzero()
+    last = int(used.max()) + 1 if len(used) else 1
+    kept = min(length, -(-last // multiple) * multiple)
+    if kept == length:
+        return batch
+    return {
+        key: value[:, :kept] if value.dim() >= 2 and value.shape[1] == length else value for key, value in batch.items()
+    }

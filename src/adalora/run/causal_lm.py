@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import trim_padding
 from .data import DataError, packaged_file, read_records, rotten_tomatoes
 
 CAUSAL_LM = "causal-lm"  # the --task name
@@ -355,7 +356,8 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, rows):
-        batch = {key: value[start : start + rows].to(device) for key, value in tensors.items()}
+        chunk = trim_padding({key: value[start : start + rows] for key, value in tensors.items()})
+        batch = {key: value.to(device) for key, value in chunk.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
         targets = labels[:, 1:].to(logits.device)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import causal_lm
+from .batches import trim_padding
 
 Evaluator = Callable[[nn.Module, dict[str, torch.Tensor], int], dict[str, float]]
 
@@ -26,7 +27,8 @@ def evaluate(model: nn.Module, tensors: dict[str, torch.Tensor], batch_size: int
     device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, len(tensors["labels"])
     for start in range(0, n, batch_size):
-        batch = {key: value[start : start + batch_size].to(device) for key, value in tensors.items()}
+        rows = trim_padding({key: value[start : start + batch_size] for key, value in tensors.items()})
+        batch = {key: value.to(device) for key, value in rows.items()}
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         loss_sum += float(out.loss) * len(batch["labels"])

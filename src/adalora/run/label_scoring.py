@@ -9,13 +9,16 @@ completion as a whole: a label that is a prefix of another (``"no"``, ``"not"``)
 sums, not means over tokens: they are log-probabilities of the whole completion, so labels of different token
 lengths compete on the same footing as the model's own probabilities.
 
-Sequences are left-padded with explicit position ids (so a padded row computes what it computes alone), and the
-LM head is applied to the last positions only (``logits_to_keep``), which keeps memory at rows x completion
-length x vocabulary rather than rows x sequence length x vocabulary.
+Each prompt is encoded once: prompts are left-padded with explicit position ids (so a padded row computes what it
+computes alone) and run with the key/value cache on; the cache is then repeated once per completion and all the
+completions are scored in one forward from it. For ``k`` labels of a few tokens after a prompt of ``P`` tokens
+that is ``P + k x (completion length)`` token positions per example instead of ``k x (P + completion length)``.
+The LM head is applied to the prompt's last position only (``logits_to_keep=1``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,12 +52,13 @@ def score_completions(
     """Log-likelihood of every completion (+ EOS) given every prompt.
 
     Args:
-        model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` and ``logits_to_keep`` and
-            returning ``.logits`` of shape ``(batch, kept positions, vocab)`` (transformers' decoders do).
+        model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids``, a key/value cache
+            (:func:`cache_argument`), ``use_cache`` and ``logits_to_keep``, returning ``.logits`` of shape
+            ``(batch, positions, vocab)`` and a cache with ``batch_repeat_interleave`` (transformers' decoders do).
         tokenizer: its tokenizer (EOS needed; pads with EOS when it has no pad token).
         prompts: ``n`` prompts.
         completions: ``k`` candidate completions, scored after every prompt (write the leading space).
-        batch_size: sequences (prompt, completion pairs) per forward.
+        batch_size: (prompt, completion) pairs per forward: ``max(1, batch_size // k)`` prompts at a time.
 
     Returns:
         ``(n, k)`` float32 tensor of summed natural-log probabilities (on the CPU).
@@ -66,38 +70,65 @@ def score_completions(
         raise LMError("score_completions needs at least one prompt and one completion")
     prompt_ids, completion_ids = completion_token_ids(tokenizer, prompts, completions)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(completions))]
-    scores = torch.empty(len(prompts), len(completions))
+    k, longest = len(completion_ids), max(len(ids) for ids in completion_ids)
+    # Completion inputs: every token but the last (only predicted), right-padded; (k, longest - 1). Every
+    # completion has at least one token and EOS, so longest >= 2.
+    follow = torch.full((k, longest - 1), pad, dtype=torch.long)
+    follow_mask = torch.zeros_like(follow)
+    targets = torch.zeros((k, longest), dtype=torch.long)  # completion j's tokens, right-padded with 0
+    real = torch.zeros((k, longest), dtype=torch.bool)
+    for j, ids in enumerate(completion_ids):
+        follow[j, : len(ids) - 1], follow_mask[j, : len(ids) - 1] = torch.tensor(ids[:-1]), 1
+        targets[j, : len(ids)], real[j, : len(ids)] = torch.tensor(ids), True
+    scores = torch.empty(len(prompts), k)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    step = max(1, batch_size // k)
     try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            rows = [prompt_ids[i] + completion_ids[j] for i, j in chunk]
+        for start in range(0, len(prompts), step):
+            rows = prompt_ids[start : start + step]
             length = max(len(row) for row in rows)
-            # The last `keep` logits cover every completion token's prediction (position t predicts t + 1).
-            keep = max(len(completion_ids[j]) for _, j in chunk) + 1
             input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), length), dtype=torch.long)
             for r, row in enumerate(rows):
-                input_ids[r, length - len(row) :] = torch.tensor(row)
-                mask[r, length - len(row) :] = 1
+                input_ids[r, length - len(row) :], mask[r, length - len(row) :] = torch.tensor(row), 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real positions
-            logits = model(
+            out = model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
-                logits_to_keep=keep,
-            ).logits.float()
-            log_probs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()  # (rows, keep - 1, vocab)
-            for r, (i, j) in enumerate(chunk):
-                targets = torch.tensor(completion_ids[j])
-                predicted = log_probs[r, keep - 1 - len(targets) :]  # predictions of the last len(targets) tokens
-                scores[i, j] = predicted.gather(-1, targets[:, None]).sum()
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            # Completion token 0 is predicted by the prompt's last position; token t > 0 by completion input t - 1.
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()  # (rows, vocab)
+            picked = first.gather(-1, targets[None, :, 0].expand(len(rows), -1))[..., None]  # (rows, k, 1)
+            # Every prompt's cache once per completion: row r * k + j is (prompt r, completion j).
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            cache.batch_repeat_interleave(k)
+            follow_mask_rows = torch.cat([mask.repeat_interleave(k, 0), follow_mask.repeat(len(rows), 1)], 1)
+            follow_positions = positions[:, -1:] + 1 + torch.arange(longest - 1)  # (rows, longest - 1)
+            logits = model(
+                input_ids=follow.repeat(len(rows), 1).to(device),
+                attention_mask=follow_mask_rows.to(device),
+                position_ids=follow_positions.repeat_interleave(k, 0).to(device),
+                use_cache=True,
+                **{cache_argument(model): cache},
+            ).logits
+            rest = torch.log_softmax(logits.float(), dim=-1).cpu().view(len(rows), k, longest - 1, -1)
+            later = rest.gather(-1, targets[None, :, 1:, None].expand(len(rows), -1, -1, 1)).squeeze(-1)
+            picked = torch.cat([picked, later], dim=2)  # (rows, k, longest)
+            scores[start : start + len(rows)] = picked.masked_fill(~real, 0.0).sum(-1)
     finally:
         model.train(was_training)
     return scores
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes a key/value cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (earlier)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def label_accuracy(scores: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
