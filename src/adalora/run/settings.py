@@ -73,7 +73,7 @@ class RunSettings:
     label_column: str = "label"
     max_train: int | None = 3000  # first N training examples (the built-in split is shuffled); None = all
     max_eval: int | None = None  # first N eval examples; None = all
-    max_length: int = 48  # every sequence is padded/truncated to this many tokens (fixed shapes: fast on CPU)
+    max_length: int = 48  # sequences are truncated to this many tokens; a batch is cut to its longest row
     # model and method
     model: str | None = None  # local Hugging Face model directory; None = the packaged all-MiniLM-L6-v2
     method: str = "adalora"  # adalora | lora | pruned-lora | full
