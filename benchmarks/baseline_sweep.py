@@ -217,11 +217,17 @@ def summarise(results: dict[str, Any], phase: str) -> list[list[str]]:
     return rows
 
 
-def print_tables(results: dict[str, Any], planned: dict[str, int]) -> None:
+def print_tables(results: dict[str, Any], planned: dict[str, list[Spec]]) -> None:
+    """The probe's and the sweep's tables; "done of planned" counts this invocation's runs (``planned``)."""
     for phase, title in (("probe", "lr probe (validation slice)"), ("sweep", "seed sweep at the defaults (test)")):
         rows = summarise(results, phase)
         done = sum(1 for r in results["runs"].values() if r["phase"] == phase)
-        print(f"\n{title}: {done} runs done" + (f" of {planned[phase]} planned" if phase in planned else ""))
+        if phase in planned:
+            finished = sum(spec.key in results["runs"] for spec in planned[phase])
+            done_text = f"{finished} of the {len(planned[phase])} runs asked for done ({done} in the file)"
+        else:
+            done_text = f"{done} runs done"
+        print(f"\n{title}: {done_text}")
         if rows:
             headers = ["task", "method", "rank", "lr", "collapses", "accuracy % (mean ± std)"]
             print("| " + " | ".join(headers) + " |")
@@ -242,10 +248,10 @@ def main() -> None:
     results = load_results()
     if args.probe:
         specs = probe_specs("rotten-tomatoes", tuple(args.seeds) if args.seeds else PROBE_SEEDS)
-        planned = {"probe": len(probe_specs("rotten-tomatoes"))}
+        planned = {"probe": probe_specs("rotten-tomatoes")}
     else:
         specs = sweep_specs(tuple(args.tasks))
-        planned = {"sweep": len(specs)}
+        planned = {"sweep": specs}
     for spec in specs:
         if spec.key in results["runs"]:
             continue
