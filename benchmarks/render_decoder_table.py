@@ -69,7 +69,8 @@ def status_line(payload: dict[str, Any], grid: DecoderGrid) -> str:
 def setup_line(grid: DecoderGrid) -> str:
     steps = grid.epochs * (grid.train_size // grid.batch_size)
     return (
-        f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), all 210 q/k/v/o/gate/up/down projections "
+        f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32; forward passes under {grid.precision} autocast), "
+        "all 210 q/k/v/o/gate/up/down projections "
         f"adapted, loss on the completion only; {grid.train_size} training examples, {grid.epochs} epochs of batch "
         f"{grid.batch_size} ({steps} steps), prompt + label + EOS at most "
         + ", ".join(f"{PROMPT_TASKS[t].label} {length}" for t, length in grid.max_lengths if t in grid.tasks)
@@ -196,8 +197,8 @@ def timing(payload: dict[str, Any], grid: DecoderGrid) -> str:
             score = statistics.median(r["score_seconds"] for r in mine if "score_seconds" in r)
             rows.append([PROMPT_TASKS[task].label, str(len(mine)), f"{wall:.0f}", f"{cpu:.0f}", f"{score:.0f}"])
     return markdown(["Task", "Runs", "Wall s (median)", "CPU s (median)", "of which label scoring, wall s"], rows) + (
-        "\n\nOne torch thread per run (``--threads 1``), on a 2-core machine shared with other jobs: the wall time is"
-        " several times the CPU time, which is about what a run takes alone on one core."
+        "\n\nOne torch thread per run (``--threads 1``), two runs at a time on the 2-core machine (``--workers 2``),"
+        " which other jobs shared at times: the CPU time is about what a run takes alone on one core."
     )
 
 
