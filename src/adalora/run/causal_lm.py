@@ -32,6 +32,7 @@ from torch import nn
 
 from .batches import trim_padding
 from .data import DataError, packaged_file, read_records, rotten_tomatoes
+from .hardware import to_device
 
 CAUSAL_LM = "causal-lm"  # the --task name
 IGNORE_INDEX = -100  # label of positions without loss (prompt, padding): the ignore_index of HF's LM loss
@@ -356,8 +357,7 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, rows):
-        chunk = trim_padding({key: value[start : start + rows] for key, value in tensors.items()})
-        batch = {key: value.to(device) for key, value in chunk.items()}
+        batch = to_device(trim_padding({key: value[start : start + rows] for key, value in tensors.items()}), device)
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
         targets = labels[:, 1:].to(logits.device)

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import causal_lm
 from .batches import trim_padding
+from .hardware import to_device
 
 Evaluator = Callable[[nn.Module, dict[str, torch.Tensor], int], dict[str, float]]
 
@@ -27,8 +28,9 @@ def evaluate(model: nn.Module, tensors: dict[str, torch.Tensor], batch_size: int
     device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, len(tensors["labels"])
     for start in range(0, n, batch_size):
-        rows = trim_padding({key: value[start : start + batch_size] for key, value in tensors.items()})
-        batch = {key: value.to(device) for key, value in rows.items()}
+        batch = to_device(
+            trim_padding({key: value[start : start + batch_size] for key, value in tensors.items()}), device
+        )
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         loss_sum += float(out.loss) * len(batch["labels"])

@@ -85,6 +85,7 @@ def score_completions(
     model.eval()
     device = next(model.parameters()).device
     step = max(1, batch_size // k)
+    cache_keyword = cache_argument(model)
     try:
         for start in range(0, len(prompts), step):
             rows = prompt_ids[start : start + step]
@@ -114,7 +115,7 @@ def score_completions(
                 attention_mask=follow_mask_rows.to(device),
                 position_ids=follow_positions.repeat_interleave(k, 0).to(device),
                 use_cache=True,
-                **{cache_argument(model): cache},
+                **{cache_keyword: cache},
             ).logits
             rest = torch.log_softmax(logits.float(), dim=-1).cpu().view(len(rows), k, longest - 1, -1)
             later = rest.gather(-1, targets[None, :, 1:, None].expand(len(rows), -1, -1, 1)).squeeze(-1)
