@@ -84,6 +84,9 @@ def test_cells_put_the_headline_comparison_first(pt):
     grid = pt.Grid()
     first = [(c.task, c.variant, c.budget) for c in pt.cells(grid)[:6]]
     assert first == [(t, v, 2) for t in grid.tasks for v in ("adalora", "lora")]
+    # Ablations (no search of their own) before the remaining baselines.
+    order = [c.variant for c in pt.cells(grid)]
+    assert max(order.index(a) for a in grid.ablations) < order.index("pruned-lora")
     assert pt.planned_total(grid) == (63, 90)  # 7 searched cells x 3 lrs x 3 tasks; 10 cells x 3 seeds x 3 tasks
 
 
