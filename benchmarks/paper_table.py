@@ -193,14 +193,14 @@ class RunSpec:
 
 def cells(grid: Grid) -> list[Cell]:
     """Every cell, in the order they are run: the headline comparison (AdaLoRA vs LoRA at the small budget)
-    on every task first, so that an interrupted table has its most informative cells; then the other budgets,
-    then the ablation rows (they reuse another row's lr, so they cost no search, and in the decoder table they
-    are the question), then the remaining baselines."""
+    on every task first, so that an interrupted table has its most informative cells; then, task by task, the
+    other budgets with the ablation rows (they reuse another row's lr, so they cost no search, and in the decoder
+    table they are the question); then the remaining baselines."""
     small, rest = min(grid.budgets), sorted(grid.budgets)[1:]
     tiers: list[list[tuple[str, int | None]]] = [
         [(v, small) for v in grid.main if v in ("adalora", "lora")],
-        [(v, b) for b in rest for v in grid.main if v in ("adalora", "lora")],
-        [(v, grid.ablation_budget) for v in grid.ablations],
+        [(v, b) for b in rest for v in grid.main if v in ("adalora", "lora")]
+        + [(v, grid.ablation_budget) for v in grid.ablations],
         [(v, b) for b in sorted(grid.budgets) for v in grid.main if v not in ("adalora", "lora")]
         + ([("full", None)] if grid.full else []),
     ]
