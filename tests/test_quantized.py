@@ -38,12 +38,7 @@ KINDS = ("bnb-nf4-dq", "bnb-nf4", "bnb-fp4-dq", "bnb-fp4", "bnb-8bit", "torchao-
 ADAPTER_CLASS = {"bnb-8bit": SVDLinear8bitLt, "torchao-nf4": SVDTorchAOLinear, "torchao-int8": SVDTorchAOLinear}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _bnb_4bit(linear: nn.Linear, quant_type: str, double: bool) -> nn.Module:
