@@ -65,11 +65,12 @@ def settings_for(case: str, threads: int) -> Any:
 
 def measure(case: str, steps: int, threads: int) -> dict[str, Any]:
     from adalora.run.batches import TensorBatches
+    from adalora.run.evaluate import training_loss
     from adalora.run.hardware import DeviceLoss
     from adalora.run.setup import prepare
 
     setup = prepare(settings_for(case, threads))
-    loss_fn = DeviceLoss(setup.device, setup.settings.precision)
+    loss_fn = DeviceLoss(setup.device, setup.settings.precision, training_loss(setup.settings.task))
     batches = TensorBatches(setup.train, setup.settings.batch_size, setup.settings.seed, 0)
     cut = [batches[i] for i in range(min(steps, len(batches)))]
     rows = batches.order[: len(cut) * batches.batch_size].view(len(cut), -1)

@@ -1,5 +1,5 @@
-"""Training batches (adalora.run.batches): order fixed by (seed, epoch), and trailing padding cut without changing
-what the model computes."""
+"""Training batches (adalora.run.batches): order fixed by (seed, epoch), and padding columns cut (trailing or
+leading) without changing what the model computes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from test_causal_lm import word_tokenizer
 
 from adalora.run.batches import TensorBatches, trim_padding
 from adalora.run.causal_lm import LMExamples, encode_lm
+from adalora.run.lm_loss import next_token_loss
 
 
 def padded(lengths: list[int], width: int, left: bool = False) -> dict[str, torch.Tensor]:
@@ -32,9 +33,17 @@ def test_trim_keeps_every_real_token_and_rounds_to_the_multiple():
     assert trim_padding(padded([3], width=32), multiple=1)["input_ids"].shape == (1, 3)
 
 
-def test_full_rows_left_padding_and_maskless_batches_are_kept_whole():
+def test_left_padding_loses_leading_columns():
+    batch = padded([3, 11, 6], width=32, left=True)
+    out = trim_padding(batch, multiple=8)
+    assert torch.equal(out["input_ids"], batch["input_ids"][:, 16:])  # 11 -> 16, extra columns on the left
+    assert torch.equal(out["attention_mask"].sum(1), torch.tensor([3, 11, 6]))
+    assert trim_padding(padded([3, 5], width=32, left=True), multiple=1)["input_ids"].shape == (2, 5)
+
+
+def test_full_rows_and_maskless_batches_are_kept_whole():
     assert trim_padding(padded([32, 4], width=32))["input_ids"].shape == (2, 32)
-    assert trim_padding(padded([3, 5], width=32, left=True))["input_ids"].shape == (2, 32)
+    assert trim_padding(padded([32, 4], width=32, left=True))["input_ids"].shape == (2, 32)
     no_mask = {"input_ids": torch.ones(2, 32, dtype=torch.long)}
     assert trim_padding(no_mask) is no_mask
     assert trim_padding(padded([0, 0], width=32))["input_ids"].shape == (2, 8)  # nothing real: one block
@@ -50,7 +59,7 @@ def test_causal_lm_loss_is_unchanged_by_the_cut():
     cut = trim_padding(tensors)
     assert cut["input_ids"].shape[1] < 40 and cut["labels"].shape == cut["input_ids"].shape
     with torch.no_grad():
-        torch.testing.assert_close(model(**cut).loss, model(**tensors).loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(next_token_loss(model, cut), next_token_loss(model, tensors), atol=1e-5, rtol=1e-5)
 
 
 def test_classifier_logits_are_unchanged_by_the_cut():

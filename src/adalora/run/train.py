@@ -37,7 +37,7 @@ from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
 from .defaults import DEFAULT_LR
 from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_checkpoints
-from .evaluate import evaluate, evaluator, primary_metric
+from .evaluate import evaluate, evaluator, primary_metric, training_loss
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
 from .models import default_model_path, head_modules, load_model, resolve_model_path, resolve_targets
 from .outputs import draw_figures, finish, rank_pattern
@@ -244,7 +244,7 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
             scheduler=setup.scheduler,
             max_grad_norm=settings.max_grad_norm,
             start_step=state["step"],
-            loss_fn=DeviceLoss(setup.device, settings.precision),
+            loss_fn=DeviceLoss(setup.device, settings.precision, training_loss(settings.task)),
             on_step=callbacks.on_step,
             on_epoch_end=callbacks.on_epoch_end,
             grad_scaler=scaler,
