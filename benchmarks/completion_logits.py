@@ -29,31 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_results
+from decoder_table import benchmark_settings
 
 TASKS = ("trec", "sms-spam")
-
-
-def settings_for(task: str, threads: int, precision: str) -> Any:
-    from decoder_table import DECODER_RUNS, DecoderGrid, DecoderRunner
-
-    from adalora.run.settings import RunSettings
-
-    grid = DecoderGrid()
-    files = DecoderRunner(grid, DECODER_RUNS, threads).files[task]
-    return RunSettings(
-        task="causal-lm",
-        train_file=str(files["train"]),
-        eval_file=str(files["val"]),
-        max_train=None,
-        max_eval=None,
-        max_length=dict(grid.max_lengths)[task],
-        batch_size=grid.batch_size,
-        init_r=3,
-        target_r=2,
-        threads=threads,
-        precision=precision,
-        seed=0,
-    )
 
 
 def measure(task: str, steps: int, threads: int, precision: str) -> dict[str, Any]:
@@ -62,7 +40,7 @@ def measure(task: str, steps: int, threads: int, precision: str) -> dict[str, An
     from adalora.run.lm_loss import kept_positions, next_token_loss, position_ids
     from adalora.run.setup import prepare
 
-    setup = prepare(settings_for(task, threads, precision))
+    setup = prepare(benchmark_settings(task, threads, precision=precision))
     ways = {
         "every position": DeviceLoss(setup.device, precision),  # transformers' loss from the labels
         "labelled positions": DeviceLoss(setup.device, precision, next_token_loss),

@@ -266,6 +266,30 @@ def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], t
     return settings.replace(**dict(variant.overrides))
 
 
+def benchmark_settings(task: str, threads: int, **overrides: Any) -> Any:
+    """RunSettings for timing steps on the table's data (train / validation files of ``task``, its max length and
+    batch size; AdaLoRA 3 -> 2), for the benchmarks that measure what a table run spends its time on."""
+    from adalora.run.causal_lm import CAUSAL_LM
+    from adalora.run.train import RunSettings
+
+    grid = DecoderGrid()
+    files = DecoderRunner(grid, DECODER_RUNS, threads).files[task]
+    settings = RunSettings(
+        task=CAUSAL_LM,
+        train_file=str(files["train"]),
+        eval_file=str(files["val"]),
+        max_train=None,
+        max_eval=None,
+        max_length=dict(grid.max_lengths)[task],
+        batch_size=grid.batch_size,
+        init_r=3,
+        target_r=2,
+        threads=threads,
+        seed=0,
+    )
+    return settings.replace(**overrides)
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -43,24 +43,9 @@ def settings_for(case: str, threads: int) -> Any:
         return RunSettings(threads=threads, seed=0)
     if case == "trec":
         return RunSettings(task="trec", max_length=64, batch_size=32, threads=threads, seed=0)
-    from decoder_table import DecoderGrid, DecoderRunner
+    from decoder_table import benchmark_settings
 
-    grid = DecoderGrid()
-    runner = DecoderRunner(grid, Path(__file__).parent / "runs" / "decoder_table", threads)
-    files = runner.files["trec"]
-    return RunSettings(
-        task="causal-lm",
-        train_file=str(files["train"]),
-        eval_file=str(files["val"]),
-        max_train=None,
-        max_eval=None,
-        max_length=dict(grid.max_lengths)["trec"],
-        batch_size=grid.batch_size,
-        init_r=3,
-        target_r=2,
-        threads=threads,
-        seed=0,
-    )
+    return benchmark_settings("trec", threads)
 
 
 def measure(case: str, steps: int, threads: int) -> dict[str, Any]:
