@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .causal_lm import LMError, _eos_id
+from .lm_loss import position_ids
 
 
 def completion_token_ids(
@@ -94,7 +95,7 @@ def score_completions(
             mask = torch.zeros((len(rows), length), dtype=torch.long)
             for r, row in enumerate(rows):
                 input_ids[r, length - len(row) :], mask[r, length - len(row) :] = torch.tensor(row), 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real positions
+            positions = position_ids(mask)  # left padding must not shift the real positions
             out = model(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
