@@ -254,9 +254,26 @@ def readme_line(payload: dict[str, Any], grid: DecoderGrid) -> str | None:
             if a and lora:
                 parts.append(f"{PROMPT_TASKS[task].label} r = {b}: {difference(a, lora)}")
     diffs = "; ".join(parts) if parts else "no AdaLoRA / LoRA pair finished yet"
+    # The scale question: PEFT's MetaMathQA AdaLoRA settings at LoRA's lr, against LoRA and tuned AdaLoRA.
+    b = grid.ablation_budget
+    scale = []
+    for task in grid.tasks:
+        peft, lora = final_runs(runs, task, "adalora-peft-scale", b), final_runs(runs, task, "lora", b)
+        tuned = final_runs(runs, task, "adalora", b)
+        if peft and lora and tuned:
+            scale.append(
+                f"{PROMPT_TASKS[task].label}: {difference(peft, lora)} (tuned AdaLoRA: {difference(tuned, lora)})"
+            )
+    scale_text = (
+        f" PEFT's MetaMathQA AdaLoRA settings (alpha / init_r = 0.125) at LoRA's lr - LoRA, r = {b}: "
+        + "; ".join(scale)
+        + "."
+        if scale
+        else ""
+    )
     return (
         f"Decoder (SmolLM2-135M, prompt -> label word; {finals} of {planned} final runs): AdaLoRA - LoRA test "
-        f"accuracy points: {diffs}. Details in "
+        f"accuracy points: {diffs}.{scale_text} Details in "
         "[paper-table.md](docs/paper-table.md#decoder-smollm2-135m-prompt---label-word)."
     )
 
