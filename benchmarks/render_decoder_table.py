@@ -264,13 +264,10 @@ def readme_line(payload: dict[str, Any], grid: DecoderGrid) -> str | None:
             scale.append(
                 f"{PROMPT_TASKS[task].label}: {difference(peft, lora)} (tuned AdaLoRA: {difference(tuned, lora)})"
             )
-    scale_text = (
-        f" PEFT's MetaMathQA AdaLoRA settings (alpha / init_r = 0.125) at LoRA's lr - LoRA, r = {b}: "
-        + "; ".join(scale)
-        + "."
-        if scale
-        else ""
-    )
+    scale_text = ""
+    if scale:
+        scale_text = f" PEFT's MetaMathQA AdaLoRA settings (alpha / init_r = 0.125) at LoRA's lr - LoRA, r = {b}: "
+        scale_text += "; ".join(scale) + "."
     return (
         f"Decoder (SmolLM2-135M, prompt -> label word; {finals} of {planned} final runs): AdaLoRA - LoRA test "
         f"accuracy points: {diffs}.{scale_text} Details in "

@@ -18,7 +18,6 @@ The LM head is applied to the prompt's last position only (``logits_to_keep=1``)
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from .causal_lm import LMError, _eos_id
-from .lm_loss import position_ids
+from .lm_loss import forward_parameters, position_ids
 
 
 def completion_token_ids(
@@ -130,7 +129,7 @@ def score_completions(
 def cache_argument(model: nn.Module) -> str:
     """The name under which ``model.forward`` takes a key/value cache: ``cache`` (transformers >= 5.2x) or
     ``past_key_values`` (earlier)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def label_accuracy(scores: torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:

@@ -17,6 +17,7 @@ position.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 
@@ -43,9 +44,20 @@ def _unwrapped(model: nn.Module) -> nn.Module:
         model = inner
 
 
+@functools.cache
+def _forward_parameters(cls: type[nn.Module]) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_parameters(model: nn.Module) -> frozenset[str]:
+    """The argument names of the model's ``forward`` (seen through wrappers; looked up once per class, as it is
+    asked every training step)."""
+    return _forward_parameters(type(_unwrapped(model)))
+
+
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model's forward can return the logits of the last positions only."""
-    return "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters
+    return "logits_to_keep" in forward_parameters(model)
 
 
 def kept_positions(labels: torch.Tensor, multiple: int = KEEP_MULTIPLE) -> int:
