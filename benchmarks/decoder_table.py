@@ -365,16 +365,14 @@ class DecoderRunner:
 # ---------------------------------------------------------------------------------------------- planning
 def cpu_projection(grid: DecoderGrid, payload: dict[str, Any]) -> str:
     """Runs left times the median CPU seconds per run measured so far (about one core's time per run)."""
-    from paper_table import planned_total
+    from paper_table import planned_left
 
     runs = payload["runs"]
     lines = []
     total = 0.0
     for task in grid.tasks:
         measured = [r["cpu_seconds"] for r in runs.values() if r["task"] == task and "cpu_seconds" in r]
-        planned = sum(planned_total(grid, task))
-        done = sum(r["task"] == task for r in runs.values())
-        left = max(0, planned - done)
+        left = sum(planned_left(grid, runs, task))
         if not measured:
             lines.append(f"{task}: no run measured yet; {left} runs left")
             continue

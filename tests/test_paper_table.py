@@ -224,3 +224,17 @@ def test_plan_counts_runs_left_per_phase(pt, tmp_path):
         assert searched > planned_search  # extensions happened
         (line,) = [line for line in report.splitlines() if line.startswith(f"{task}:")]
         assert f"; {planned_final} runs left," in line
+
+
+def test_extension_runs_do_not_hide_planned_runs_not_started(pt, tmp_path):
+    """One cell's search not started while other cells ran extensions: its planned runs are still left."""
+    grid, results = small_grid(pt), tmp_path / "table.json"
+    payload = pt.run_table(grid, results, fake_run([]), log=lambda line: None)
+    searches = {k: r for k, r in payload["runs"].items() if r["phase"] == "search"}
+    first = next(c for c in pt.cells(grid) if pt.VARIANTS[c.variant].lr_from is None)
+    kept = {k: r for k, r in searches.items() if not k.startswith(f"{first.key}/")}
+    extensions = len(searches) - pt.planned_total(grid)[0]
+    assert extensions >= len(pt.base_lrs(grid, first.variant))  # enough to hide the cell from a plain count
+    search_left, final_left = pt.planned_left(grid, kept)
+    assert search_left == len(pt.base_lrs(grid, first.variant))
+    assert final_left == pt.planned_total(grid)[1]
