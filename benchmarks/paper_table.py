@@ -297,7 +297,7 @@ def planned_left(grid: Grid, results: dict[str, Any], task: str | None = None) -
     beyond the plan: counting them as done would hide planned runs that have not started."""
     chosen = [c for c in cells(grid) if task is None or c.task == task]
     search = sum(
-        f"{c.key}/search/lr{lr:g}/s{grid.search_seed}" not in results
+        RunSpec(c, "search", lr, grid.search_seed).key not in results
         for c in chosen
         if VARIANTS[c.variant].lr_from is None
         for lr in base_lrs(grid, c.variant)
