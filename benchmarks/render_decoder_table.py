@@ -57,14 +57,18 @@ def status_line(payload: dict[str, Any], grid: DecoderGrid) -> str:
         f"Status: {done_final} of {final} final runs and {done_search} of {search} planned lr-search runs done, "
         f"plus {extensions} lr-grid extension runs (runs on: {', '.join(devices)}; results file updated {updated})."
     )
-    if cpu:
-        per_run = statistics.median(cpu)
-        left = left_search + left_final
-        text += (
+    if not cpu:
+        return text
+    per_run, left = statistics.median(cpu), left_search + left_final
+    if left:
+        return text + (
             f" Median {per_run / 60:.1f} CPU minutes per run so far ({len(cpu)} runs); the {left} runs left need "
             f"about {left * per_run / 3600:.0f} CPU hours (one core per run), before any lr-grid extension."
         )
-    return text
+    return text + (
+        f" Every planned run is done: median {per_run / 60:.1f} CPU minutes per run, {sum(cpu) / 3600:.1f} CPU hours "
+        f"in all ({len(cpu)} runs)."
+    )
 
 
 def setup_line(grid: DecoderGrid) -> str:

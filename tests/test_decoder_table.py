@@ -122,6 +122,10 @@ def test_render_partial_and_finished_tables(dt, tmp_path):
     written = rd.render(results, doc, readme, tmp_path / "ranks.png")
     assert (tmp_path / "ranks.png").is_file() and tmp_path / "ranks.png" in written
     assert "Status: 24 of 24 final runs" in doc.read_text() and "| AdaLoRA (r 3 → 2, scale 5.33)" in doc.read_text()
+    n = len(json.loads(results.read_text())["runs"])  # 600 CPU s each (fake_record)
+    assert f"Every planned run is done: median 10.0 CPU minutes per run, {n / 6:.1f} CPU hours in all ({n} runs)." in (
+        doc.read_text()
+    )
     line = readme.read_text()
     assert rd.BEGIN in line and "TREC-6 r = 2: +10.00 ± 0.00" in line
     rd.render(results, doc, readme)  # rendering again replaces the blocks, it does not add more
