@@ -292,18 +292,29 @@ def planned_total(grid: Grid, task: str | None = None) -> tuple[int, int]:
     return search, len(chosen) * len(grid.seeds)
 
 
+def planned_search_keys(grid: Grid, task: str | None = None) -> set[str]:
+    """The keys of the planned lr-search runs (the base grid of every searched cell), before any extension."""
+    return {
+        RunSpec(c, "search", lr, grid.search_seed).key
+        for c in cells(grid)
+        if (task is None or c.task == task) and VARIANTS[c.variant].lr_from is None
+        for lr in base_lrs(grid, c.variant)
+    }
+
+
 def planned_left(grid: Grid, results: dict[str, Any], task: str | None = None) -> tuple[int, int]:
     """(search runs, final runs) of :func:`planned_total` not finished yet. Runs of an lr-grid extension are
     beyond the plan: counting them as done would hide planned runs that have not started."""
     chosen = [c for c in cells(grid) if task is None or c.task == task]
-    search = sum(
-        RunSpec(c, "search", lr, grid.search_seed).key not in results
-        for c in chosen
-        if VARIANTS[c.variant].lr_from is None
-        for lr in base_lrs(grid, c.variant)
-    )
+    search = len(planned_search_keys(grid, task) - results.keys())
     final = sum(max(0, len(grid.seeds) - sum(k.startswith(f"{c.key}/final/") for k in results)) for c in chosen)
     return search, final
+
+
+def extension_runs(grid: Grid, results: dict[str, Any]) -> int:
+    """Finished lr-search runs beyond the planned grid (the 1-3-10 extensions of :func:`choose_lr`)."""
+    planned = planned_search_keys(grid)
+    return sum(r["phase"] == "search" and key not in planned for key, r in results.items())
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -622,10 +633,10 @@ def plan_report(grid: Grid, payload: dict[str, Any], workers: int = 1) -> str:
     runs = payload["runs"]
     search, final = planned_total(grid)
     left_search, left_final = planned_left(grid, runs)
-    extensions = sum(r["phase"] == "search" for r in runs.values()) - (search - left_search)
     lines = [
         f"planned: {search} search + {final} final runs (before any lr-grid extension)",
-        f"done: {search - left_search} planned search + {extensions} extension + {final - left_final} final runs; "
+        f"done: {search - left_search} planned search + {extension_runs(grid, runs)} extension + "
+        f"{final - left_final} final runs; "
         f"runnable now: {len(pending_runs(grid, runs))}; failures: {len(payload.get('failures', {}))}",
     ]
     total_left = 0.0

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from decoder_table import PROMPT_TASKS, DecoderGrid
-from paper_table import ROOT, VARIANTS, base_lrs, cells, choose_lr, planned_left, planned_total, search_scores
+from paper_table import (
+    ROOT,
+    VARIANTS,
+    base_lrs,
+    cells,
+    choose_lr,
+    extension_runs,
+    planned_left,
+    planned_total,
+    search_scores,
+)
 from render_paper_table import END as PAPER_END
 from render_paper_table import difference, final_runs, main_table, markdown, replace_between_markers, rows_of
 
@@ -49,13 +59,13 @@ def status_line(payload: dict[str, Any], grid: DecoderGrid) -> str:
     search, final = planned_total(grid)
     left_search, left_final = planned_left(grid, runs)
     done_final, done_search = final - left_final, search - left_search
-    extensions = sum(r["phase"] == "search" for r in runs.values()) - done_search
     cpu = [r["cpu_seconds"] for r in runs.values() if "cpu_seconds" in r]
     devices = sorted({r.get("device", "cpu") for r in runs.values()}) or ["none yet"]
     updated = max((r.get("finished", "") for r in runs.values()), default="never")
     text = (
         f"Status: {done_final} of {final} final runs and {done_search} of {search} planned lr-search runs done, "
-        f"plus {extensions} lr-grid extension runs (runs on: {', '.join(devices)}; results file updated {updated})."
+        f"plus {extension_runs(grid, runs)} lr-grid extension runs (runs on: {', '.join(devices)}; "
+        f"results file updated {updated})."
     )
     if not cpu:
         return text
