@@ -221,7 +221,7 @@ def read_prompts(path: Path) -> tuple[list[str], list[int]]:
 def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], threads: int, device: str) -> Any:
     """The RunSettings of a run; every schedule setting spelled out, as in the encoder table."""
     from adalora.run.causal_lm import CAUSAL_LM
-    from adalora.run.train import RunSettings
+    from adalora.run.settings import RunSettings
 
     variant, budget = VARIANTS[spec.cell.variant], spec.cell.budget
     assert budget is not None, "the decoder table has no full fine-tuning row"
@@ -270,7 +270,7 @@ def benchmark_settings(task: str, threads: int, **overrides: Any) -> Any:
     """RunSettings for timing steps on the table's data (train / validation files of ``task``, its max length and
     batch size; AdaLoRA 3 -> 2), for the benchmarks that measure what a table run spends its time on."""
     from adalora.run.causal_lm import CAUSAL_LM
-    from adalora.run.train import RunSettings
+    from adalora.run.settings import RunSettings
 
     grid = DecoderGrid()
     files = DecoderRunner(grid, DECODER_RUNS, threads).files[task]

@@ -374,7 +374,7 @@ def write_splits(grid: Grid, task: str, directory: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- one run
 def settings_for(grid: Grid, spec: RunSpec, files: dict[str, Path], threads: int = 1) -> Any:
     """The RunSettings of a run. Every schedule setting is spelled out (not left to the harness defaults)."""
-    from adalora.run.train import RunSettings
+    from adalora.run.settings import RunSettings
 
     variant, budget = VARIANTS[spec.cell.variant], spec.cell.budget
     settings = RunSettings(
@@ -428,7 +428,7 @@ def kept_parameters(run_dir: Path, trainable: int) -> int:
 
 def record_of(spec: RunSpec, metrics: dict[str, Any], run_dir: Path, settings: Any) -> dict[str, Any]:
     """What the results file keeps of a finished run."""
-    from adalora.run.train import RANKS_FILE, RunSettings
+    from adalora.run.settings import RANKS_FILE, RunSettings
 
     defaults = RunSettings().to_dict()
     ranks_file = run_dir / RANKS_FILE
@@ -481,7 +481,8 @@ def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) ->
     metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""
     from adalora.files.atomic import read_json
-    from adalora.run.train import METRICS_FILE, RUN_FILE, RunError, run
+    from adalora.run.settings import METRICS_FILE, RUN_FILE, RunError
+    from adalora.run.train import run
 
     same = False
     if (run_dir / RUN_FILE).is_file():

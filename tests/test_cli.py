@@ -55,7 +55,7 @@ def test_train_writes_metrics_adapter_ranks_history_and_figures(model_dir, data_
 
     from adalora.files.adapter import load_adapter, read_adapter_config
     from adalora.run.data import file_task
-    from adalora.run.train import evaluate
+    from adalora.run.evaluate import evaluate
 
     info = read_adapter_config(out / "adapter")
     assert info["metadata"]["model"] == str(model_dir) and info["metadata"]["num_labels"] == 2

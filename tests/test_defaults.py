@@ -71,7 +71,8 @@ def test_the_help_text_quotes_the_values() -> None:
 
 @pytest.mark.parametrize(("method", "extra", "expected"), [("lora", {"lora_r": 1}, 1e-3 / math.sqrt(2))])
 def test_a_run_uses_the_default(method: str, extra: dict, expected: float, tmp_path) -> None:
-    from adalora.run.train import RunSettings, prepare
+    from adalora.run.settings import RunSettings
+    from adalora.run.setup import prepare
 
     model, data = write_tiny_model(tmp_path / "model"), write_tiny_data(tmp_path / "data")
     settings = RunSettings(

@@ -13,9 +13,7 @@ this package (``config``, ``layers``, ``inject``, ``schedule``, ``importance``, 
 from __future__ import annotations
 
 import importlib
-import warnings
 
-from . import _compat
 from . import parallel as _parallel  # noqa: F401  (registers the importance trackers for DDP and FSDP2)
 from .allocator import RankAllocator
 from .compact import compact
@@ -29,41 +27,13 @@ from .merge import merge, unload
 
 __version__ = "0.1.0"
 
-_compat.install()  # old module paths (adalora.io, adalora.distributed, ...) keep importing, with a warning
-
 # The Trainer integration imports transformers; load it on first use so that `import adalora` stays light.
 _LAZY = {"AdaLoRACallback": "integrations.trainer", "AdaLoRATrainer": "integrations.trainer"}
-# Names the top level exported before the public surface was narrowed: they still work, with a warning.
-_DEPRECATED = {
-    "Allocation": "allocator",
-    "StepReport": "allocator",
-    "top_b_mask": "allocator",
-    "resize_adapters": "compact",
-    "trainable_parameter_count": "inject",
-    "read_adapter_config": "files.adapter",
-    "SVDConv": "layers",
-    "SVDConv1D": "layers",
-    "SVDEmbedding": "layers",
-    "SVDLinear": "layers",
-    "orthogonal_penalty": "regularizer",
-    "BudgetDecision": "schedule",
-    "budget_at": "schedule",
-    "budget_curve": "schedule",
-    "StepResult": "integrations.loop",
-}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    if name in _DEPRECATED:
-        home = f"{__name__}.{_DEPRECATED[name]}"
-        warnings.warn(
-            f"adalora.{name} is no longer part of the top-level API; import it from {home}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(home), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

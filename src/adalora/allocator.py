@@ -498,7 +498,7 @@ class RankAllocator:
             raise ValueError(
                 f"RankAllocator.load_state_dict: the checkpoint's adapters have ranks {state['ranks'][:6]}... but "
                 f"this model's have {current[:6]}...: rebuild the model with the same target_modules and init_r, "
-                "and for a checkpoint taken after compaction call adalora.resize_adapters(model, saved ranks) "
+                "and for a checkpoint taken after compaction call adalora.compact.resize_adapters(model, saved ranks) "
                 "before loading the model's state and building the allocator."
             )
         saved = AdaLoRAConfig.from_dict(state["config"])

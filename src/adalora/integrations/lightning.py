@@ -61,7 +61,7 @@ class _AdaLoRALightning:
 
     Attributes:
         allocator: the :class:`~adalora.RankAllocator`, built when training starts.
-        last_report: the latest :class:`~adalora.StepReport`.
+        last_report: the latest :class:`~adalora.allocator.StepReport`.
         last_regularization: gamma * R at the latest optimizer step (a detached 0-dim tensor).
     """
 

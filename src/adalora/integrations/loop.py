@@ -50,7 +50,7 @@ class StepResult:
         regularization: gamma * R(P, Q) of the step (0.0 without an allocator): before the update, at the values
             the gradient (or loss) was computed at.
         learning_rate: learning rate of the first parameter group for this step.
-        report: the allocator's :class:`~adalora.StepReport`, or None without an allocator.
+        report: the allocator's :class:`~adalora.allocator.StepReport`, or None without an allocator.
     """
 
     step: int

@@ -80,7 +80,7 @@ class AdaLoRACallback(TrainerCallback):
 
     Attributes:
         allocator: the allocator, built at ``on_train_begin`` (None before).
-        last_report: the :class:`~adalora.StepReport` of the latest step.
+        last_report: the :class:`~adalora.allocator.StepReport` of the latest step.
         last_regularization: gamma * R at the latest step, a detached 0-dim tensor (gradient form only).
         resume_from: checkpoint directory to restore the allocator from; :class:`AdaLoRATrainer` sets it. When
             None and the Trainer resumes, ``<output_dir>/checkpoint-<global_step>`` is used.

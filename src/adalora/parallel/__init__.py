@@ -8,7 +8,7 @@ single process.
 **DDP** (``DistributedDataParallel``, ``torchrun``, ``accelerate launch``, the Trainer): identical by
 construction. DDP all-reduces the gradients during ``backward()``, so after ``optimizer.step()`` every process
 holds the same adapter values and the same ``.grad``; the importance statistics (eq. 8-11), the scores (eq. 7)
-and the stable-sort top-b (:func:`adalora.top_b_mask`) are deterministic functions of those, so every process
+and the stable-sort top-b (:func:`adalora.allocator.top_b_mask`) are deterministic functions of those, so every process
 computes the same masks without any communication. :func:`check_allocation_consistency` verifies it (one
 all-reduce per allocation, only when asked for).
 

@@ -16,8 +16,6 @@ a missing optional package, bad data, a model that does not load) is checked bef
 Resuming (``resume=True``) rebuilds everything from ``run.json``, restores the checkpoint (trainable weights,
 optimizer, LR scheduler, allocator, RNG states) and continues mid-epoch with the same data order, so a killed
 run ends exactly where an uninterrupted one does.
-
-The names of the modules this one is built from are importable from here too, as they were when it was one file.
 """
 
 from __future__ import annotations
@@ -35,42 +33,19 @@ from ..integrations.loop import fit
 from . import causal_lm
 from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
-from .defaults import DEFAULT_LR
 from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_checkpoints
-from .evaluate import evaluate, evaluator, primary_metric, training_loss
+from .evaluate import evaluator, primary_metric, training_loss
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
-from .models import default_model_path, head_modules, load_model, resolve_model_path, resolve_targets
-from .outputs import draw_figures, finish, rank_pattern
+from .outputs import finish
 from .settings import (
-    BUDGET_FILE,
     CHECKPOINT_FILE,
-    DEFAULT_TARGETS,
-    HEAD_NAMES,
-    HEATMAP_FILE,
-    HISTORY_FILE,
-    MARKER_FILE,
-    METHODS,
-    METRICS_FILE,
-    OUTPUT_DIRS,
-    OUTPUTS,
-    RANKS_FILE,
     RUN_FILE,
-    Method,
     RunError,
     RunSettings,
 )
-from .setup import Setup, load_task, prepare, resolve_schedule, warmup_then_decay
-from .threads import available_cores, choose_threads, default_threads, idle_cores
+from .setup import Setup, prepare
+from .threads import choose_threads
 from .words import plural
-
-__all__ = [
-    "BUDGET_FILE", "CHECKPOINT_FILE", "DEFAULT_LR", "DEFAULT_TARGETS", "HEAD_NAMES", "HEATMAP_FILE", "HISTORY_FILE",
-    "MARKER_FILE", "METHODS", "METRICS_FILE", "OUTPUTS", "OUTPUT_DIRS", "RANKS_FILE", "RUN_FILE", "Method",
-    "RunError", "RunSettings", "Setup", "TensorBatches", "available_cores", "default_model_path",
-    "default_threads", "draw_figures", "evaluate", "head_modules", "idle_cores", "load_model", "load_task",
-    "prepare", "primary_metric", "rank_pattern", "resolve_model_path", "resolve_schedule", "resolve_targets",
-    "run", "warmup_then_decay",
-]  # fmt: skip
 
 
 def run(
