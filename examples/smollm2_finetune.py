@@ -29,9 +29,9 @@ import torch
 from adalora import AdaLoRAConfig, RankAllocator, inject, save_adapter
 from adalora.inject import trainable_parameter_count
 from adalora.integrations.loop import fit
+from adalora.run.batches import TensorBatches
 from adalora.run.causal_lm import builtin_text, encode_lm, evaluate_perplexity, load_causal_lm, resolve_lm_path
 from adalora.run.plots import plot_budget_curve, plot_rank_heatmap
-from adalora.run.batches import TensorBatches
 from adalora.run.setup import warmup_then_decay
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
