@@ -1,7 +1,7 @@
 """Seed sweep of ``adalora train`` at its default learning rates, and the small lr probe that chose them.
 
-Each run is one ``python -m adalora train`` process (exactly what a user types), sized like issue 21's
-reproduction: 2,000 training examples, ``--max-length 64``, batch 32, 2 epochs (124 optimizer steps),
+Each run is one ``python -m adalora train`` process (exactly what a user types), sized like the runs that
+found LoRA collapsing at the old default learning rate: 2,000 training examples, ``--max-length 64``, batch 32, 2 epochs (124 optimizer steps),
 ``--threads 1``, one run at a time (the machine is shared).
 
 - ``--probe``: LoRA at r = 2 and r = 8, a few learning rates x 3 seeds, evaluated on a validation slice of
@@ -78,7 +78,7 @@ def probe_specs(task: str, seeds: tuple[int, ...] = PROBE_SEEDS) -> list[Spec]:
 
 def sweep_specs(tasks: tuple[str, ...]) -> list[Spec]:
     """Per task: the first seed of every cell, then every seed of LoRA r = 2 (the cell that collapsed at the
-    old default, issue 21), then the other cells seed by seed, so that an interrupted sweep has answered the
+    old default learning rate), then the other cells seed by seed, so that an interrupted sweep has answered the
     main question first and has every cell started."""
     specs = []
     for task in tasks:
