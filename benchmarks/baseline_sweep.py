@@ -1,8 +1,8 @@
 """Seed sweep of ``adalora train`` at its default learning rates, and the small lr probe that chose them.
 
 Each run is one ``python -m adalora train`` process (exactly what a user types), sized like the runs that
-found LoRA collapsing at the old default learning rate: 2,000 training examples, ``--max-length 64``, batch 32, 2 epochs (124 optimizer steps),
-``--threads 1``, one run at a time (the machine is shared).
+found LoRA collapsing at the old default learning rate: 2,000 training examples, ``--max-length 64``, batch 32,
+2 epochs (124 optimizer steps), ``--threads 1``, one run at a time (the machine is shared).
 
 - ``--probe``: LoRA at r = 2 and r = 8, a few learning rates x 3 seeds, evaluated on a validation slice of
   500 examples carved from the task's *training* split (after the 2,000 training examples; never the test
