@@ -25,6 +25,7 @@ The names of the modules this one is built from are importable from here too, as
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -266,28 +267,26 @@ def train(
         callbacks.on_epoch_end(epoch, step)
         stop_if_asked()
 
-    try:
-        with warnings.catch_warnings(), stop.at_step_boundaries():
-            warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
-            fit(
-                # DDP averages the gradients of the processes' shares of every batch (allocator: same masks everywhere)
-                torch.nn.parallel.DistributedDataParallel(setup.model) if world > 1 else setup.model,
-                lambda epoch: TensorBatches(setup.train, settings.batch_size, settings.seed, epoch, rank, world),
-                setup.optimizer,
-                setup.allocator,
-                epochs=settings.epochs,
-                accumulation_steps=settings.grad_accum,
-                scheduler=setup.scheduler,
-                max_grad_norm=settings.max_grad_norm,
-                start_step=state["step"],
-                loss_fn=DeviceLoss(setup.device, settings.precision, training_loss(settings.task)),
-                on_step=on_step,
-                on_epoch_end=on_epoch_end,
-                grad_scaler=scaler,
-            )
-            stop_if_asked()  # a signal that came after the last step's check
-    finally:
-        callbacks.close()  # the progress bar ends its line before any message
+    # closing: the progress bar ends its line before any message of a stop or an error
+    with warnings.catch_warnings(), stop.at_step_boundaries(), contextlib.closing(callbacks):
+        warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
+        fit(
+            # DDP averages the gradients of the processes' shares of every batch (allocator: same masks everywhere)
+            torch.nn.parallel.DistributedDataParallel(setup.model) if world > 1 else setup.model,
+            lambda epoch: TensorBatches(setup.train, settings.batch_size, settings.seed, epoch, rank, world),
+            setup.optimizer,
+            setup.allocator,
+            epochs=settings.epochs,
+            accumulation_steps=settings.grad_accum,
+            scheduler=setup.scheduler,
+            max_grad_norm=settings.max_grad_norm,
+            start_step=state["step"],
+            loss_fn=DeviceLoss(setup.device, settings.precision, training_loss(settings.task)),
+            on_step=on_step,
+            on_epoch_end=on_epoch_end,
+            grad_scaler=scaler,
+        )
+        stop_if_asked()  # a signal that came after the last step's check
     return callbacks.seconds()
 
 
