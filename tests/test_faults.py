@@ -426,3 +426,8 @@ def test_fault(fault: Fault, assets, tmp_path, request) -> None:
         expected = re.sub(r"\{(run|held|disk)\}", lambda m: re.escape(str(values[m.group(1)])), fault.line)
         assert re.fullmatch(expected, outcome.stderr.strip()), outcome.stderr
     fault.then(case, outcome)
+
+
+def test_inspect_says_a_run_is_in_progress(holder, capsys) -> None:
+    assert main(["inspect", str(holder)]) == 0
+    assert re.search(r"^status: in progress \(adalora train \(pid \d+\)\)$", capsys.readouterr().out, re.MULTILINE)
