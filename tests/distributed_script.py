@@ -2,11 +2,13 @@
 
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_script.py OUT MODEL DATA``
 runs, in the same processes, ``adalora train`` (the CLI's ``main``) and an :class:`AdaLoRATrainer` run, with
-the outputs under ``OUT/cli`` and ``OUT/trainer``; neither knows it runs in several processes.
+the outputs under ``OUT/cli`` and ``OUT/trainer``; neither knows it runs in several processes. Between the two,
+``adalora train`` into ``OUT/held``, whose lock rank 0 holds, must be refused on every process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -81,9 +83,16 @@ def run_trainer(output_dir: Path, world: int) -> dict:
 def main(out: Path, model: Path, data: Path) -> None:
     from adalora.cli import main as cli
     from adalora.parallel import get_world_size, init_from_env, is_main_process
+    from adalora.run.lock import locked
 
     init_from_env("gloo")
     assert cli(cli_args(model, data, out / "cli")) == 0
+    # Rank 0 alone locks the output directory: into one another process holds, every rank is refused (none hangs).
+    held = contextlib.ExitStack()
+    if is_main_process():
+        held.enter_context(locked(out / "held", "train", exclusive=True, fix="", create=True))
+    with held:
+        assert cli(cli_args(model, data, out / "held")) == 2
     result = run_trainer(out / "trainer", get_world_size())
     if is_main_process():
         torch.save(result, out / "trainer.pt")

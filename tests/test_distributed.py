@@ -398,6 +398,7 @@ def launched(tmp_path_factory) -> Path:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp / "ddp.log").write_text(done.stdout)
+    (tmp / "ddp.err").write_text(done.stderr)
     assert json.loads((tmp / "ddp" / "world.json").read_text()) == WORLD
     return tmp
 
@@ -417,6 +418,14 @@ def test_cli_under_torchrun_matches_one_process(launched):
     for ours, reference in zip(metrics[1]["epochs"], metrics[0]["epochs"], strict=True):
         assert ours["eval_accuracy"] == reference["eval_accuracy"]
         assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)  # the global batch's loss
+
+
+def test_under_torchrun_rank_zero_alone_locks_and_a_held_directory_is_refused_everywhere(launched):
+    """The script asserts exit status 2 on both ranks for the held directory (no rank waits for the other);
+    the run's own lock is gone after it, and the refused run wrote nothing."""
+    assert not (launched / "ddp" / "cli" / ".adalora-run.lock").exists()
+    assert list((launched / "ddp").glob("held/*")) == []
+    assert "is in use by adalora train" in (launched / "ddp.err").read_text()
 
 
 def test_cli_under_torchrun_reports_once(launched):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -12,8 +13,8 @@ import pytest
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
 
 from adalora.cli import main
-from adalora.files.atomic import atomic_directory
-from adalora.run.directory import is_run_dir
+from adalora.files.atomic import WriteError, atomic_directory, atomic_write
+from adalora.run.directory import check_new_run, is_run_dir, is_unstarted
 from adalora.run.settings import MARKER_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,3 +101,52 @@ def test_atomic_directory_follows_the_umask(tmp_path, umask, directory, file) ->
         os.umask(previous)
     assert mode(tmp_path / "adapter") == mode(tmp_path / "adapter" / "sub") == directory
     assert mode(tmp_path / "adapter" / "config.json") == mode(tmp_path / "adapter" / "weights.safetensors") == file
+
+
+def _no_space_from_rust(file) -> None:
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _no_space_under_a_runtime_error(file) -> None:
+    """What torch.save does when a write fails: a RuntimeError raised while handling the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+@pytest.mark.parametrize("write", [_no_space_from_rust, _no_space_under_a_runtime_error], ids=["rust", "torch"])
+def test_a_refused_write_names_the_file_whichever_library_wrote(tmp_path, write) -> None:
+    """The libraries report a full disk in their own ways; the command reports it in one (the fault table writes
+    on a real full tmpfs: test_faults.py)."""
+    with pytest.raises(WriteError) as error:
+        atomic_write(tmp_path / "checkpoint.pt", write)
+    assert str(error.value) == f"cannot write {tmp_path / 'checkpoint.pt'}: No space left on device"
+    adapter = tmp_path / "adapter"
+    with (
+        pytest.raises(WriteError, match="cannot write .*adapter: No space left"),
+        atomic_directory(adapter, "x") as tmp,
+    ):
+        write(tmp / "weights")
+    assert list(tmp_path.iterdir()) == []  # no temporary file or directory left
+    with pytest.raises(ValueError, match="not a write error"):  # other errors pass unchanged
+        atomic_write(tmp_path / "x", lambda file: (_ for _ in ()).throw(ValueError("not a write error")))
+
+
+def test_a_run_that_stopped_before_its_settings_counts_as_new(tmp_path, capsys) -> None:
+    """A full disk (or a signal) right after the marker: only the marker, the lock and a torn run.json are there.
+    inspect and --resume say what to do; the same command runs there again (test_faults.py, full-disk-run.json)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER_FILE).write_text(json.dumps({"format": "adalora-run", "format_version": 1}))
+    (run / ".run.json.abc123.tmp").write_text("{")
+    (run / ".adalora-run.lock").write_text("12345 adalora train\n")  # stale: its process is gone
+    assert is_unstarted(run) and is_run_dir(run)
+    assert main(["inspect", str(run)]) == 0
+    assert "status: not started; the run in" in capsys.readouterr().out
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stopped before it started (no run.json): start it again with the same" in err
+    check_new_run(run, overwrite=False)  # no "already holds a run"

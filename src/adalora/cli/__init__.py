@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..files.atomic import WriteError
 from .arguments import Parser, UsageError, argv_or_sys, join_negative_numbers, single_value_options
 from .convert import cmd_export, cmd_merge, register_export, register_merge
 from .inspect import cmd_inspect, cmd_plot, format_rank_table, register_inspect, register_plot
@@ -77,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("ADALORA_DEBUG"):
             raise
         where = f": {error.filename}" if error.filename else ""
-        print(f"adalora: error: {error.strerror or error}{where}", file=sys.stderr)
+        message = str(error) if isinstance(error, WriteError) else f"{error.strerror or error}{where}"
+        print(f"adalora: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -35,12 +35,26 @@ def _check_target(out: Path, marker: str, option: str) -> None:
     check_writable(out, option)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from ..run.convert import merge_output_dir
+def _runs_touched(source: str, out: str | None) -> list[Path]:
+    """The directories that may be runs of ours which a command reads (``source``) or writes into (``out``, or
+    by default a path inside or beside ``source``): locked shared while it works (run/lock.py)."""
+    paths = [Path(source), Path(source).parent]
+    if out is not None:
+        paths += [Path(out), Path(out).parent]
+    return paths
 
-    _check_source(args.output_dir, "merge")
-    _check_target(Path(args.out), "config.json", "--out")
-    out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from ..run.convert import merge_output_dir
+    from ..run.lock import locked_runs
+
+    hf_logging.disable_progress_bar()  # loading and writing bars: a merge says one line, or one error line
+    with locked_runs(_runs_touched(args.output_dir, args.out), "merge", fix=""):
+        _check_source(args.output_dir, "merge")
+        _check_target(Path(args.out), "config.json", "--out")
+        out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
     print(f"merged model written to {out} (load it with from_pretrained; no adalora needed)")
     return 0
 
@@ -55,6 +69,13 @@ def register_merge(subparsers: SubParsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..run.lock import locked_runs
+
+    with locked_runs(_runs_touched(args.output_dir, args.out), "export", fix=""):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from ..files.exports import EXPORT_FORMATS
     from ..run.convert import default_export_dir, export_output_dir
     from ..run.directory import check_writable

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..files.atomic import read_json
 from ..run.directory import require_run_dir
+from ..run.lock import holder, locked_runs
 from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE, RunError
 from ..run.words import plural
 
@@ -45,9 +46,13 @@ def _read(directory: Path, name: str) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..run.directory import is_unstarted, not_started
     from ..run.evaluate import primary_metric
 
     directory = _run_dir(args.output_dir, "inspect")
+    if is_unstarted(directory):
+        print(f"status: not started; {not_started(directory)}")
+        return 0
     run = _read(directory, RUN_FILE)
     try:
         _print_run(directory, run, primary_metric(run["settings"]["task"]))
@@ -64,6 +69,9 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
     )
     steps = plural(derived["total_steps"], "optimizer step")
     print(f"     {steps}, {derived['trainable_parameters']:,} trainable parameters")
+    if not (directory / METRICS_FILE).is_file() and (who := holder(directory)) is not None:
+        print(f"status: in progress ({who})")
+        return
     if not (directory / METRICS_FILE).is_file():
         where = "not started"
         if (directory / CHECKPOINT_FILE).is_file():
@@ -104,12 +112,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ..run.directory import check_writable
     from ..run.outputs import draw_figures
 
-    directory = _run_dir(args.output_dir, "plot")
-    check_writable(directory, "adalora plot", "make it writable, or copy the run somewhere writable")
-    try:
-        drawn = draw_figures(directory)
-    except (KeyError, TypeError) as error:
-        raise RunError(f"{directory}: a file of the run lacks {error}; the run directory is damaged") from None
+    with locked_runs([Path(args.output_dir)], "plot", fix=""):  # not while a run writes its own figures there
+        directory = _run_dir(args.output_dir, "plot")
+        check_writable(directory, "adalora plot", "make it writable, or copy the run somewhere writable")
+        try:
+            drawn = draw_figures(directory)
+        except (KeyError, TypeError) as error:
+            raise RunError(f"{directory}: a file of the run lacks {error}; the run directory is damaged") from None
     if not drawn:
         print(f"nothing to plot in {directory}: no rank pattern (full fine-tuning, or the run is incomplete)")
     for path in drawn:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from ..files.atomic import WriteError
 from ..importance import METRICS
 from ..run.causal_lm import CAUSAL_LM
 from ..run.data import BUILTIN_TASKS
 from ..run.defaults import describe_defaults
 from ..run.quantize import METHODS as QUANTIZE_METHODS
-from ..run.settings import DEVICE_PATTERN, METHODS, PRECISIONS, RunSettings, flag
+from ..run.settings import DEVICE_PATTERN, METHODS, PRECISIONS, RunError, RunSettings, flag
 from .arguments import HelpFormatter, UsageError, number
 
 SubParsers = Any  # argparse's private _SubParsersAction
@@ -235,7 +237,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
     try:
         run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"\nadalora: interrupted; continue with: adalora train --resume {output_dir}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (run/stop.py): the work so far is saved
+        print(f"adalora: {stopped(stop, output_dir)}", file=sys.stderr)
+        return getattr(stop, "exit_status", 128 + signal.SIGINT)
+    except WriteError as error:  # a full disk: what was written before stays; say how to go on once it is fixed
+        raise RunError(f"{error}; once that is fixed, {how_to_continue(output_dir)}") from None
     return 0
+
+
+def stopped(stop: KeyboardInterrupt, output_dir: Path) -> str:
+    """The line a run stopped by a signal ends with: where it stopped and how to continue."""
+    step, total = getattr(stop, "step", None), getattr(stop, "total", None)
+    where = "" if step is None else f" at step {step}/{total} (checkpoint saved)"
+    return f"stopped by {getattr(stop, 'name', 'SIGINT')}{where}; {how_to_continue(output_dir)}"
+
+
+def how_to_continue(output_dir: Path) -> str:
+    """``continue with: adalora train --resume DIR``, or what else fits the state the directory is in."""
+    from ..run.directory import is_run_dir, is_unstarted
+    from ..run.settings import METRICS_FILE
+
+    if (output_dir / METRICS_FILE).is_file():
+        return f"the run is complete; see adalora inspect {output_dir}"
+    if not output_dir.is_dir() or not is_run_dir(output_dir) or is_unstarted(output_dir):
+        return "run the same command again"
+    return f"continue with: adalora train --resume {output_dir}"

@@ -4,6 +4,10 @@
 - :func:`atomic_directory`: a whole directory (an adapter, a PEFT export, a merged model) swapped in at once;
 - :func:`write_json` / :func:`read_json`: the JSON files of a run.
 
+A write the system refuses (a full disk, a quota, an I/O error, permissions changed meanwhile) raises
+:class:`WriteError` naming the file or directory that was being written, whichever library did the writing
+(safetensors, torch.save, matplotlib, json), and leaves no temporary file behind.
+
 Files and directories follow the process umask, like everything else the user creates.
 """
 
@@ -13,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +25,48 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+class WriteError(OSError):
+    """The system refused to write ``filename`` (``errno``, ``strerror``: e.g. ENOSPC, no space left on device)."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+# How Rust's std::io::Error ends its message (safetensors' SafetensorError carries one): "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The operating-system error behind ``error``, if there is one: ``error`` itself, the error it was raised
+    from or while handling (torch.save reports a failed write as a RuntimeError raised during the OSError), or
+    the ``(os error N)`` of an error from Rust code (safetensors)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error
+        if match := _RUST_OS_ERROR.search(str(error)):
+            number = int(match.group(1))
+            return OSError(number, os.strerror(number))
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
+
+
+@contextlib.contextmanager
+def reporting_writes(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise a failure of the system while writing ``path`` as :class:`WriteError` naming ``path``; other
+    errors pass unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as error:
+        cause = os_error(error)
+        if cause is None or cause.errno is None:
+            raise
+        raise WriteError(cause.errno, cause.strerror or os.strerror(cause.errno), str(path)) from error
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -31,19 +78,23 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        WriteError: if the system refuses the write (``path`` is then as it was).
     """
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with reporting_writes(path):
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
     # Make the rename itself durable (POSIX; directories cannot be opened on Windows).
     if hasattr(os, "O_DIRECTORY"):
         directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -85,6 +136,7 @@ def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator
 
     Raises:
         ValueError: if ``directory`` is a file, or a non-empty directory that does not contain ``marker``.
+        WriteError: if the system refuses a write (``directory`` is then as it was).
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -94,27 +146,29 @@ def atomic_directory(directory: str | os.PathLike[str], marker: str) -> Iterator
             f"'{directory}' exists, is not empty and has no {marker}: refusing to replace it. Choose a new or empty "
             "directory."
         )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    with reporting_writes(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        yield tmp
-        _follow_umask(tmp)
-        _fsync_tree(tmp)
-        if directory.exists():
-            if not _exchange(tmp, directory):
-                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(directory, old)
-                try:
-                    os.replace(tmp, directory)
-                except BaseException:
-                    os.replace(old, directory)  # put the previous version back
-                    raise
-                tmp = old
-            # After the exchange or the renames, tmp holds the previous version; the new one is in place.
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
+        with reporting_writes(directory):
+            yield tmp
+            _follow_umask(tmp)
+            _fsync_tree(tmp)
+            if directory.exists():
+                if not _exchange(tmp, directory):
+                    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(directory, old)
+                    try:
+                        os.replace(tmp, directory)
+                    except BaseException:
+                        os.replace(old, directory)  # put the previous version back
+                        raise
+                    tmp = old
+                # After the exchange or the renames, tmp holds the previous version; the new one is in place.
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+            _fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

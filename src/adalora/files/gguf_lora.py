@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import AdaLoRAConfig
-from .atomic import atomic_write
+from .atomic import atomic_write, reporting_writes
 from .export_source import ExportSource
 from .lora_layout import lay_out
 from .updates import ModuleUpdate
@@ -126,7 +126,8 @@ def write_gguf(source: ExportSource, path: str | os.PathLike[str]) -> Path:
         tensors.extend(_gguf_pair(update, names, arch, hparams, class_name))
 
     path = Path(path)
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+    # Written whole aside, then copied in atomically; a refused write names the file it was for.
+    with reporting_writes(path), tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         written = Path(tmp) / path.name
         writer = gguf.GGUFWriter(str(written), gguf.MODEL_ARCH_NAMES[model_arch])
         writer.add_type(gguf.GGUFType.ADAPTER)

@@ -25,6 +25,7 @@ from .consistency import ConsistencyError, check_allocation_consistency, mask_fi
 from .launch import DEEPSPEED_REFUSAL, deepspeed_in_use, launch_problem, setup_problem
 from .processes import (
     barrier,
+    from_main_process,
     get_local_world_size,
     get_rank,
     get_world_size,
@@ -54,6 +55,7 @@ __all__ = [
     "check_allocation_consistency",
     "consistency_check_requested",
     "deepspeed_in_use",
+    "from_main_process",
     "gathered_adapters",
     "get_local_world_size",
     "get_rank",

@@ -6,9 +6,12 @@ Nothing here runs (or costs anything) in a single process.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------- process-group awareness
@@ -60,6 +63,16 @@ def mean_over_processes(value: float) -> float:
         tensor = tensor.cuda()
     dist.all_reduce(tensor)
     return float(tensor) / dist.get_world_size()
+
+
+def from_main_process(value: T) -> T:
+    """Rank 0's ``value`` on every process (one broadcast; ``value`` itself in a single process): for decisions
+    that only rank 0 can take, such as whether it got the lock of the output directory."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def init_from_env(backend: str | None = None) -> bool:

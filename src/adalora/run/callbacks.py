@@ -71,6 +71,7 @@ class RunCallbacks:
             writer_class = summary_writer_class()
             self.writer = writer_class(log_dir=str(output_dir / "tensorboard"), purge_step=state["step"] or None)
         self.started, self.seconds_before = time.perf_counter(), state["seconds"]
+        self.saved_step: int | None = None  # the step of the last checkpoint this process wrote
         self.guard = collapse_guard_inputs(setup) if self.metric == "accuracy" else None
         self.bar = tqdm(
             total=setup.total_steps, initial=state["step"], desc=self.settings.method, unit="step", disable=not progress
@@ -84,6 +85,7 @@ class RunCallbacks:
         """Save weights, optimizer, scheduler, allocator, RNG states and the run's state (rank 0 only: every
         process holds the same state under DDP)."""
         self.state["seconds"] = self.seconds()
+        self.saved_step = self.state["step"]
         if self.scaler is not None:
             self.state["grad_scaler"] = self.scaler.state_dict()
         if not self.main:

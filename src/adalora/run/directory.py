@@ -2,9 +2,11 @@
 
 A run writes :data:`~adalora.run.settings.MARKER_FILE` first, before anything else. A directory is *a run of
 ours* when it holds that marker (or, for runs written before the marker existed, a ``run.json`` whose content is
-a run's settings); file names a user might also have (``metrics.json``, ``adapter/``) prove nothing. The checks
-here only read: they run before a model loads and before anything is written, so a refused command leaves the
-directory as it was.
+a run's settings); file names a user might also have (``metrics.json``, ``adapter/``) prove nothing. A directory
+holding nothing but what a run writes before its ``run.json`` (the marker, the lock of lock.py, their temporary
+files) is a run that never started, for instance on a full disk: it counts as a new, empty directory, so the
+same command runs there again. The checks here only read: they run before a model loads and before anything is
+written, so a refused command leaves the directory as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from ..files.atomic import write_json
 from .settings import (
-    CHECKPOINT_FILE,
+    LOCK_FILE,
     MARKER_FILE,
     METRICS_FILE,
     OUTPUT_DIRS,
@@ -48,6 +50,29 @@ def is_run_dir(path: str | Path) -> bool:
         return False
     known = {field.name for field in dataclasses.fields(RunSettings)}
     return set(run["settings"]) <= known and "method" in run["settings"]
+
+
+def is_unstarted(path: Path) -> bool:
+    """True if the directory ``path`` is empty or holds only what a run writes before ``run.json`` (see the module
+    docstring): a new run may go there without ``--overwrite``."""
+    return all(_written_before_start(entry.name) for entry in path.iterdir())
+
+
+def _written_before_start(name: str) -> bool:
+    return name in (MARKER_FILE, LOCK_FILE) or any(_is_temporary(name, of) for of in (MARKER_FILE, RUN_FILE))
+
+
+def _is_temporary(name: str, of: str) -> bool:
+    """A temporary file of an atomic write of ``of`` (files/atomic.py): ``.<of>.<random>.tmp``."""
+    return name.startswith(f".{of}.") and name.endswith(".tmp")
+
+
+def not_started(path: Path) -> str:
+    """What to say about a run directory that :func:`is_unstarted` (for inspect and --resume)."""
+    return (
+        f"the run in {path} stopped before it started (no {RUN_FILE}): start it again with the same "
+        "adalora train command (no --overwrite needed)"
+    )
 
 
 def require_run_dir(path: str | Path, command: str) -> Path:
@@ -99,7 +124,7 @@ def check_new_run(path: Path, overwrite: bool) -> None:
     """
     if path.exists() and not path.is_dir():
         raise RunError(f"--output-dir {path} is a file; choose a directory")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and not is_unstarted(path):
         if not is_run_dir(path):
             raise RunError(
                 f"--output-dir {path} holds files that are not an adalora run; choose a new or empty directory "
@@ -116,6 +141,8 @@ def check_new_run(path: Path, overwrite: bool) -> None:
 def check_resumable(path: Path) -> None:
     """A run of ours that has not finished, in a directory that can be written."""
     require_run_dir(path, "--resume")
+    if is_unstarted(path):
+        raise RunError(f"--resume {path}: {not_started(path)}")
     if not (path / RUN_FILE).is_file():
         raise RunError(f"--resume {path}: no run to continue there ({RUN_FILE} is missing)")
     if (path / METRICS_FILE).is_file():
@@ -140,15 +167,15 @@ def clear_outputs(path: Path) -> None:
     for name in OUTPUT_DIRS:
         if (path / name).is_dir():
             shutil.rmtree(path / name)
-    for name in (MARKER_FILE, RUN_FILE, *OUTPUTS):  # temporary files of writes killed half-way (files/atomic.py)
+    remove_torn_writes(path)
+
+
+def remove_torn_writes(path: Path) -> None:
+    """Temporary files and directories of writes killed half-way (files/atomic.py): a checkpoint, the final
+    adapter, a figure. What they were writing is either still there as before, or written again."""
+    for name in (MARKER_FILE, RUN_FILE, *OUTPUTS):
         for torn in path.glob(f".{name}.*.tmp"):
             torn.unlink()
     for name in OUTPUT_DIRS:  # temporary directories of directory swaps killed half-way
         for torn in [*path.glob(f".{name}.tmp-*"), *path.glob(f".{name}.old-*")]:
             shutil.rmtree(torn, ignore_errors=True)
-
-
-def remove_torn_checkpoints(path: Path) -> None:
-    """Temporary checkpoint files left by a process killed while writing one."""
-    for torn in path.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-        torn.unlink()

@@ -79,6 +79,9 @@ def load_model(path: Path, label_names: Sequence[str]) -> tuple[Any, nn.Module, 
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
+            # What the first forward pass with labels would set: set here, the saved config does not depend on
+            # whether the run trained in this process (a run resumed at its last step does not).
+            problem_type="single_label_classification" if len(label_names) > 1 else "regression",
             ignore_mismatched_sizes=True,  # a model fine-tuned for another label set gets a fresh head
             output_loading_info=True,
         )

@@ -2,7 +2,8 @@
 the rank distribution) and the budget b(t) over the optimizer steps.
 
 matplotlib is imported only inside the drawing functions, with the non-interactive Agg backend, so that
-``import adalora`` stays light and plots work on machines without a display.
+``import adalora`` stays light and plots work on machines without a display. A figure is written like every
+other file of a run (files/atomic.py): whole or not at all, never an empty PNG on a full disk.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..files.atomic import atomic_write
 
 # Paper symbols for the matrix types of common architectures (BERT/DeBERTa, Llama, GPT-2); others keep
 # their module name.
@@ -112,10 +115,7 @@ def plot_rank_heatmap(
     fig.colorbar(image, ax=ax, label="final rank")
     ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 PHASES = (("warm-up", "#e8f1fa"), ("budget decreasing", "#ffffff"), ("final phase", "#f3f3f3"))
@@ -160,9 +160,16 @@ def plot_budget_curve(
     ax.set_title(title or "Budget schedule", pad=22)  # room for the phase names between title and plot
     ax.legend(loc="upper right", fontsize=9, framealpha=0.95)
     fig.tight_layout()
+    return save_figure(plt, fig, path)
+
+
+def save_figure(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (the format from the suffix, PNG by default) and close it."""
     path = Path(path)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda file: fig.savefig(file, format=path.suffix.lstrip(".") or "png", dpi=DPI))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -21,6 +21,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device: see hardwa
 
 # The files of an output directory (docs/cli.md, "Output directory").
 MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ours (see directory.py)
+LOCK_FILE = ".adalora-run.lock"  # held by the one command using the directory (lock.py); removed after it
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"

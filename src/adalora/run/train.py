@@ -12,6 +12,9 @@ when it completes), and at the end ``metrics.json``, ``rank_pattern.json``, ``al
 
 Everything that can be refused (settings out of range, a directory that is not ours, an unwritable location,
 a missing optional package, bad data, a model that does not load) is checked before the first file is written.
+The run holds the lock of its directory from before those checks to its last file (lock.py), so a second
+command using the directory meanwhile is refused. SIGINT, SIGTERM and SIGHUP stop it at the next optimizer step
+boundary after a checkpoint (stop.py); a refused write (a full disk) leaves the files written before as they were.
 
 Resuming (``resume=True``) rebuilds everything from ``run.json``, restores the checkpoint (trainable weights,
 optimizer, LR scheduler, allocator, RNG states) and continues mid-epoch with the same data order, so a killed
@@ -20,6 +23,7 @@ run ends exactly where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,13 +33,14 @@ import torch
 from .. import parallel as distributed
 from ..files.atomic import read_json, write_json
 from ..files.checkpoint import load_checkpoint
-from ..integrations.loop import fit
+from ..integrations.loop import StepResult, fit
 from . import causal_lm
 from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
-from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_checkpoints
+from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_writes
 from .evaluate import evaluator, primary_metric, training_loss
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
+from .lock import locked_for_all_processes
 from .outputs import finish
 from .settings import (
     CHECKPOINT_FILE,
@@ -44,6 +49,7 @@ from .settings import (
     RunSettings,
 )
 from .setup import Setup, prepare
+from .stop import StopRequests
 from .threads import choose_threads
 from .words import plural
 
@@ -74,6 +80,9 @@ def run(
 
     Raises:
         RunError, DataError: on anything the user can fix (message in one line), before anything is written.
+        RunInUse: if another process is using ``output_dir`` (lock.py).
+        Stopped: on SIGINT, SIGTERM or SIGHUP, after a checkpoint when training had started (stop.py).
+        WriteError: if the system refuses a write (a full disk): the files written before stay as they were.
     """
     # A launcher's environment starts the process group here, unless the caller already has one.
     owns_group = not distributed.is_distributed() and distributed.init_from_env("gloo")
@@ -81,11 +90,14 @@ def run(
         if not distributed.is_main_process():  # one process reports for all
             progress, log = False, _silent
         output_dir = Path(output_dir)
-        settings = check_start(settings, output_dir, resume=resume, overwrite=overwrite, log=log)
-        setup = load(settings, log)
-        state = start_or_resume(setup, output_dir, resume=resume, overwrite=overwrite, log=log)
-        seconds = train(setup, output_dir, state, progress=progress, log=log)
-        metrics = finish(setup, output_dir, state, seconds)
+        command, fix = ("train --resume", "") if resume else ("train", ", or choose another --output-dir")
+        # The lock comes first: checking the directory and claiming it are one step for any other process.
+        with StopRequests() as stop, locked_for_all_processes(output_dir, command, fix=fix, create=not resume):
+            settings = check_start(settings, output_dir, resume=resume, overwrite=overwrite, log=log)
+            setup = load(settings, log)
+            state = start_or_resume(setup, output_dir, resume=resume, overwrite=overwrite, log=log)
+            seconds = train(setup, output_dir, state, progress=progress, log=log, stop=stop)
+            metrics = finish(setup, output_dir, state, seconds)
         if metrics:
             report(setup, metrics, output_dir, log)
         return metrics
@@ -164,7 +176,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
         claim(output_dir)
         if not resume:
             write_json(output_dir / RUN_FILE, {"settings": setup.settings.to_dict(), "derived": setup.derived})
-        remove_torn_checkpoints(output_dir)
+        remove_torn_writes(output_dir)
     state = new_state()
     checkpoint = output_dir / CHECKPOINT_FILE
     if resume and checkpoint.is_file():
@@ -195,8 +207,18 @@ def describe(setup: Setup, log: Any) -> None:
     )
 
 
-def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bool, log: Any) -> float:
-    """Train from ``state`` to the last step (updating ``state``); returns the training seconds in all."""
+def train(
+    setup: Setup,
+    output_dir: Path,
+    state: dict[str, Any],
+    *,
+    progress: bool,
+    log: Any,
+    stop: StopRequests | None = None,
+) -> float:
+    """Train from ``state`` to the last step (updating ``state``); returns the training seconds in all.
+
+    With ``stop``, a signal stops the run at the next step boundary, after a checkpoint (stop.py)."""
     settings = setup.settings
     rank, world = distributed.get_rank(), distributed.get_world_size()
     describe(setup, log)
@@ -206,7 +228,22 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
         log(f"held-out perplexity before training {state['eval_before']['perplexity']:.2f}")
     scaler = grad_scaler(setup.device, settings.precision)
     callbacks = RunCallbacks(setup, output_dir, state, progress, scaler)
-    with warnings.catch_warnings():
+    stop = stop or StopRequests()
+
+    def stop_if_asked() -> None:
+        stop.check(state["step"], setup.total_steps, callbacks.saved_step, callbacks.checkpoint)
+
+    def on_step(result: StepResult) -> None:
+        callbacks.on_step(result)
+        if result.step % callbacks.per_epoch:  # the last step of an epoch stops after its evaluation
+            stop_if_asked()
+
+    def on_epoch_end(epoch: int, step: int) -> None:
+        callbacks.on_epoch_end(epoch, step)
+        stop_if_asked()
+
+    # closing: the progress bar ends its line before any message of a stop or an error
+    with warnings.catch_warnings(), stop.at_step_boundaries(), contextlib.closing(callbacks):
         warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
         fit(
             # DDP averages the gradients of the processes' shares of every batch (allocator: same masks everywhere)
@@ -220,11 +257,11 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
             max_grad_norm=settings.max_grad_norm,
             start_step=state["step"],
             loss_fn=DeviceLoss(setup.device, settings.precision, training_loss(settings.task)),
-            on_step=callbacks.on_step,
-            on_epoch_end=callbacks.on_epoch_end,
+            on_step=on_step,
+            on_epoch_end=on_epoch_end,
             grad_scaler=scaler,
         )
-    callbacks.close()
+        stop_if_asked()  # a signal that came after the last step's check
     return callbacks.seconds()
 
 
