@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files.adapter import CONFIG_NAME, load_adapter, read_adapter_config
+from ..files.adapter import CONFIG_NAME, _read_weights, load_adapter, read_adapter_config
 from ..files.atomic import atomic_directory
 from ..files.export_source import ExportSource
 from ..files.exports import EXPORT_FORMATS, ExportOptions, export
@@ -118,6 +118,7 @@ def merge_output_dir(
     """
     adapter_dir = find_adapter_dir(output_dir)
     info = read_adapter_config(adapter_dir)
+    _read_weights(adapter_dir, info)  # a damaged or diverged adapter is refused before the base model loads
     model = load_base_model(info, base)
     load_adapter(model, adapter_dir)
     merge(model, safe=safe).eval()
