@@ -79,6 +79,10 @@ def load_model(path: Path, label_names: Sequence[str]) -> tuple[Any, nn.Module, 
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
+            # What transformers would set at the first forward with labels (class ids): set from the start, so
+            # that the saved config does not depend on whether this process ran one (a run resumed after its
+            # last step runs none)
+            problem_type="single_label_classification" if len(label_names) > 1 else None,
             ignore_mismatched_sizes=True,  # a model fine-tuned for another label set gets a fresh head
             output_loading_info=True,
         )
