@@ -163,10 +163,11 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an AdaLoRA adapter config (its 'format' is not '{FORMAT}').")
     version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
+        fix = "Upgrade adalora." if isinstance(version, int) and version > FORMAT_VERSION else "Save the adapter again."
         raise ValueError(
-            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads versions up to "
-            f"{FORMAT_VERSION}. Upgrade adalora."
+            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads version "
+            f"{FORMAT_VERSION} only. {fix}"
         )
     missing = [k for k in ("config", "modules", "tensors", "weights_file", "base_model") if k not in info]
     if missing:

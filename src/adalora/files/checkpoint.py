@@ -17,6 +17,7 @@ model's names and shapes. A damaged newest checkpoint falls back to the previous
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import struct
@@ -188,10 +189,11 @@ def save_checkpoint(
 ) -> Path:
     """Atomically save everything needed to continue training exactly, keeping the previous checkpoint.
 
-    The file holds the state and its SHA-256 (:func:`state_digest`), checked on load: ``torch.load`` does not
-    check its archive's CRCs, so without it flipped bytes would load as weights. An existing ``path`` is first
-    renamed to :func:`previous_checkpoint` (replacing the one before), so that a damaged newest checkpoint can
-    be replaced by the previous one; a process killed while writing leaves the previous one under that name.
+    The file holds the state, the run id and their SHA-256 (:func:`state_digest`), checked on load:
+    ``torch.load`` does not check its archive's CRCs, so without it flipped bytes would load as weights. An
+    existing ``path`` is first renamed to :func:`previous_checkpoint` (replacing the one before), so that a
+    damaged newest checkpoint can be replaced by the previous one; a process killed while writing leaves the
+    previous one under that name.
 
     Args:
         path: checkpoint file.
@@ -215,7 +217,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
-        "sha256": state_digest(state),
+        "sha256": state_digest({"run_id": run_id, "state": state}),
         "state": state,
     }
     if path.is_file():
@@ -236,9 +238,11 @@ def read_checkpoint(path: str | Path, run_id: str | None = None) -> dict[str, An
     """
     path = Path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"{path} cannot be read ({error.strerror or error})", damaged=True) from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on foreign bytes; their text may advise unsafe loading
         raise CheckpointError(
             f"{path.name} is damaged: it cannot be read as a checkpoint ({type(error).__name__})", damaged=True
@@ -252,7 +256,7 @@ def read_checkpoint(path: str | Path, run_id: str | None = None) -> dict[str, An
         )
     state = payload["state"]
     try:
-        digest = state_digest(state)
+        digest = state_digest({"run_id": payload.get("run_id"), "state": state})
     except TypeError:
         digest = None
     if digest != payload.get("sha256"):
