@@ -240,6 +240,11 @@ FAULTS = [
     ),
     # a diverged run: failed, not resumed
     Fault("resume-a-diverged-run", "diverged", nothing, RESUME, 2, "it failed: training diverged: the loss was NaN"),
+    Fault("export-a-diverged-run", "diverged", nothing, ("export", "{run}"), 2, "has no adapter: it failed: training"),
+    Fault(
+        "merge-a-diverged-run", "diverged", nothing, ("merge", "{run}", "--out", "{run}/merged"), 2,
+        "has no adapter: it failed: training diverged",
+    ),
     # adapter files: another format version, or NaN (written before non-finite adapters were refused)
     Fault(
         "adapter-format-version-0", "complete",
