@@ -248,7 +248,9 @@ def read_checkpoint(path: str | Path, run_id: str | None = None) -> dict[str, An
             f"{path.name} is damaged: it cannot be read as a checkpoint ({type(error).__name__})", damaged=True
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or not isinstance(payload.get("state"), dict):
-        raise CheckpointError(f"{path.name} is damaged: it is not an adalora checkpoint", damaged=True)
+        raise CheckpointError(
+            f"{path.name} is damaged: it is not an adalora checkpoint (or one an older adalora wrote)", damaged=True
+        )
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(

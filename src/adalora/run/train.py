@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +147,8 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
         saved = read_run_file(output_dir)
         if "failure" in saved:
             raise RunError(f"cannot resume {output_dir}: it failed: {saved['failure'].get('message')}")
+        threads = settings.threads
         try:
-            threads = settings.threads
             settings = RunSettings.from_dict(saved["settings"])
         except (ValueError, KeyError, TypeError) as error:
             raise RunError(f"--resume {output_dir}: {RUN_FILE} cannot be read ({error})") from None
@@ -220,6 +219,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
 
     Returns the run's state (:func:`new_state`, or the checkpoint's).
     """
+    state = new_state()
     if resume:
         run_file = read_json(output_dir / RUN_FILE)
         saved = run_file["derived"]
@@ -238,7 +238,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
                 output_dir / RUN_FILE, run_file | {"settings": setup.settings.to_dict(), "derived": setup.derived}
             )
         remove_torn_checkpoints(output_dir)
-    return state if resume else new_state()
+    return state
 
 
 def resume_state(setup: Setup, output_dir: Path, run_id: str, log: Any) -> dict[str, Any]:
@@ -296,7 +296,7 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
         log(f"held-out perplexity before training {state['eval_before']['perplexity']:.2f}")
     scaler = grad_scaler(setup.device, settings.precision)
     callbacks = RunCallbacks(setup, output_dir, state, progress, scaler)
-    with warnings.catch_warnings(), _closing(callbacks):
+    with warnings.catch_warnings(), contextlib.closing(callbacks):  # the bar closes however training ends
         warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
         # ... but one line each among the run's, without Python's file name and source line
         warnings.showwarning = lambda message, *_, **__: callbacks.warn(str(message))
@@ -318,15 +318,6 @@ def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bo
         )
         callbacks.check_finite()
     return callbacks.seconds()
-
-
-@contextlib.contextmanager
-def _closing(callbacks: RunCallbacks) -> Iterator[None]:
-    """Close the progress bar and TensorBoard writer however training ends (a diverged run raises)."""
-    try:
-        yield
-    finally:
-        callbacks.close()
 
 
 def report(setup: Setup, metrics: dict[str, Any], output_dir: Path, log: Any) -> None:
