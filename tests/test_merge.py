@@ -79,20 +79,30 @@ def test_merge_into_a_bfloat16_base_rounds_once():
     assert torch.equal(model.proj.weight, expected)
 
 
-def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():
+def test_safe_merge_refuses_a_non_finite_adapter_and_changes_nothing():
     model = inject(tiny_bert(), AdaLoRAConfig(target_modules=["query", "value"], init_r=4, target_r=2))
     fake_training(model, [4])
     name, bad = find_adapters(model)[-1]
     with torch.no_grad():
         bad.E[0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"'{name}' contains NaN or inf.*left unchanged"):
+    with pytest.raises(ValueError, match=rf"adapter holds NaN or inf \(1 of \d+ tensors, e.g. '{name}.E'\)"):
         merge(model)
     assert len(find_adapters(model)) == 4
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     merge(model, safe=False)  # the caller's choice: merges anyway
     assert not find_adapters(model)
+
+
+def test_safe_merge_refuses_a_merged_weight_that_overflows_the_base_dtype():
+    model = _Tiny().to(torch.float16)
+    inject(model, AdaLoRAConfig(target_modules=["proj"], init_r=2, target_r=1, alpha=2.0))  # scale 1
+    with torch.no_grad():  # a finite adapter whose update (about 1e6) is beyond float16's largest value (65504)
+        model.proj.P.fill_(1.0), model.proj.E.fill_(1e6), model.proj.Q.fill_(1.0)
+    with pytest.raises(ValueError, match="merged weight of 'proj' contains NaN or inf.*left unchanged"):
+        merge(model)
+    assert isinstance(model.proj, SVDAdapter)
 
 
 def test_unload_restores_the_base_model_and_its_parameters():

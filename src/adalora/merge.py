@@ -17,6 +17,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .finite import require_finite
 from .inject import _set_submodule
 from .layers import SVDAdapter, find_adapters, is_quantized_adapter, unwrap_model
 
@@ -30,8 +31,9 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
 
     Args:
         model: a model with AdaLoRA adapters (masked or compacted: masked triplets have lambda = 0).
-        safe: check every merged weight for NaN/inf before replacing anything, and refuse (raising, with the
-            model unchanged) if one is not finite. Costs one extra product per layer.
+        safe: check the adapters and the trained task head for NaN/inf (a diverged run: :mod:`adalora.finite`),
+            then every merged weight, before replacing anything, and refuse (raising, with the model unchanged)
+            if one is not finite. Costs one extra product per layer.
         requantize: for adapters on quantized bases, quantize the merged weight again into the base layer's
             format (same quantization type, block size and compute dtype) instead of returning a float layer.
             The result is as small as the quantized base but computes the merged model only to within the
@@ -52,6 +54,9 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
     wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     named = _adapters_or_raise(model, "merge")
     if safe:
+        trained = {f"{name}.{attr}": getattr(adapter, attr) for name, adapter in named for attr in ("P", "E", "Q")}
+        trained |= {name: param for name, param in model.named_parameters() if param.requires_grad}  # task head
+        require_finite(trained.items(), "merge: the model's adapter")
         # A separate pass, so that nothing is replaced unless every layer merges cleanly, while holding only
         # one merged weight in memory at a time.
         for name, adapter in named:

@@ -64,7 +64,12 @@ def register_merge(subparsers: SubParsers) -> None:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (save_pretrained)")
     p.add_argument("--base", metavar="PATH", help="the base model (default: the one recorded at training time)")
-    p.add_argument("--unsafe", action="store_true", help="merge even if a merged weight is NaN or inf")
+    p.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="merge even if a merged weight overflows to inf in the base's dtype (an adapter that holds NaN or inf "
+        "is refused all the same)",
+    )
     p.set_defaults(func=cmd_merge)
 
 

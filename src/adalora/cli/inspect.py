@@ -10,7 +10,7 @@ from typing import Any
 from ..files.atomic import read_json
 from ..run.directory import require_run_dir
 from ..run.lock import holder, locked_runs
-from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE, RunError
+from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, PREVIOUS_CHECKPOINT_FILE, RANKS_FILE, RUN_FILE, RunError
 from ..run.words import plural
 
 SubParsers = Any
@@ -69,17 +69,14 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
     )
     steps = plural(derived["total_steps"], "optimizer step")
     print(f"     {steps}, {derived['trainable_parameters']:,} trainable parameters")
+    if "failure" in run:
+        print(f"status: failed: {run['failure']['message']}")
+        return
     if not (directory / METRICS_FILE).is_file() and (who := holder(directory)) is not None:
         print(f"status: in progress ({who})")
         return
     if not (directory / METRICS_FILE).is_file():
-        where = "not started"
-        if (directory / CHECKPOINT_FILE).is_file():
-            import torch
-
-            state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)
-            where = f"stopped at step {state['extra']['step']}/{derived['total_steps']}"
-        print(f"status: incomplete ({where}); continue with: adalora train --resume {directory}")
+        _print_incomplete(directory, run)
         return
     metrics = _read(directory, METRICS_FILE)
     width = len(f"eval {metric}")
@@ -100,6 +97,30 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
         budget = f" of {derived['init_budget']} at the start" if "init_budget" in derived else ""
         print(f"\nfinal ranks (rows: matrix types, columns: layers), total {sum(ranks.values())}{budget}:")
         print(format_rank_table(ranks))
+
+
+def _print_incomplete(directory: Path, run: dict[str, Any]) -> None:
+    """Where a run that has not finished stopped: its newest usable checkpoint (checked as ``--resume`` does)."""
+    from ..files.checkpoint import CheckpointError, read_checkpoint
+
+    problems = []
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        if not (directory / name).is_file():
+            continue
+        try:
+            state = read_checkpoint(directory / name, run.get("run_id"))
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        where = f"stopped at step {state['extra']['step']}/{run['derived']['total_steps']}"
+        print(
+            f"status: incomplete ({'; '.join([*problems, where])}); continue with: adalora train --resume {directory}"
+        )
+        return
+    if problems:
+        print(f"status: incomplete, and cannot be resumed ({'; '.join(problems)}); start it over with --overwrite")
+    else:
+        print(f"status: incomplete (not started); continue with: adalora train --resume {directory}")
 
 
 def register_inspect(subparsers: SubParsers) -> None:

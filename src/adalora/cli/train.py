@@ -1,5 +1,9 @@
 """``adalora train``: its options (each with what it does, its default, its unit and its allowed range) and
-how they become a :class:`~adalora.run.settings.RunSettings`."""
+how they become a :class:`~adalora.run.settings.RunSettings`.
+
+``--resume`` takes the settings saved in the run; an option typed with it must say what the run already uses,
+whatever its default (the options given are recorded while parsing: :class:`_Given`), except
+:data:`RESUME_MAY_CHANGE`."""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from .arguments import HelpFormatter, UsageError, number
 
 SubParsers = Any  # argparse's private _SubParsersAction
 
+# Settings that --resume may change: they decide how fast the run computes, not what it computes (a float
+# reduction over another thread count may round differently in the last bits).
+RESUME_MAY_CHANGE = frozenset({"threads"})
+
 
 def register_train(subparsers: SubParsers) -> None:
     d = RunSettings()
@@ -39,7 +47,10 @@ def register_train(subparsers: SubParsers) -> None:
     _optimizer_options(p.add_argument_group("optimisation"), d)
     _run_options(p.add_argument_group("run"), d)
     _hardware_options(p.add_argument_group("hardware"), d)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, given=())
+    for action in p._actions:  # record which options are typed (see _Given)
+        if action.option_strings and action.dest != "help":
+            action.__class__ = type(f"Given{type(action).__name__}", (_Given, type(action)), {})
 
 
 def _data_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
@@ -211,6 +222,15 @@ def _hardware_options(group: argparse._ArgumentGroup, d: RunSettings) -> None:
     )  # fmt: skip
 
 
+class _Given(argparse.Action):
+    """Mixed into every ``adalora train`` option: argparse calls an action only for an option on the command
+    line, so ``namespace.given`` ends up naming the options typed, whether or not their value is the default."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *args: Any) -> None:
+        namespace.given = (*namespace.given, self.dest)
+        super().__call__(parser, namespace, *args)  # type: ignore[misc]
+
+
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     values = {}
     for field in dataclasses.fields(RunSettings):
@@ -226,12 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if args.resume is not None:
-        defaults = RunSettings()
-        given = [f.name for f in dataclasses.fields(defaults) if getattr(settings, f.name) != getattr(defaults, f.name)]
-        if given or args.output_dir is not None or args.overwrite:
-            options = ", ".join(flag(name) for name in given) or "--output-dir/--overwrite"
-            raise UsageError(f"--resume continues a run with the settings saved in it; drop {options}")
         output_dir, resume = Path(args.resume), True
+        check_resume_options(output_dir, settings, args)
     else:
         name = Path(settings.train_file).stem if settings.train_file else settings.task
         output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
@@ -262,3 +278,43 @@ def how_to_continue(output_dir: Path) -> str:
     if not output_dir.is_dir() or not is_run_dir(output_dir) or is_unstarted(output_dir):
         return "run the same command again"
     return f"continue with: adalora train --resume {output_dir}"
+
+
+def check_resume_options(output_dir: Path, settings: RunSettings, args: argparse.Namespace) -> None:
+    """``--resume`` with other options: each typed setting must equal the run's saved one (but
+    :data:`RESUME_MAY_CHANGE`); ``--output-dir`` and ``--overwrite`` make no sense with it.
+
+    Raises:
+        UsageError: naming the first option that differs, its value and the run's.
+    """
+    from ..files.atomic import read_json
+    from ..run.directory import require_run_dir
+    from ..run.settings import RUN_FILE
+
+    names = {field.name for field in dataclasses.fields(RunSettings)}
+    typed = [name for name in args.given if name in names and name not in RESUME_MAY_CHANGE]
+    if args.output_dir is not None or args.overwrite:
+        raise UsageError("--resume continues a run in its own directory; drop --output-dir/--overwrite")
+    if not typed:
+        return
+    require_run_dir(output_dir, "--resume")  # a directory that is no run is refused as such first
+    try:
+        saved = RunSettings.from_dict(read_json(output_dir / RUN_FILE)["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the run itself refuses a damaged run.json, in its own words
+    for name in typed:
+        mine, theirs = getattr(settings, name), getattr(saved, name)
+        if mine != theirs:
+            raise UsageError(
+                f"--resume continues a run with the settings saved in it: {flag(name)} {_shown(name, mine)} differs "
+                f"from the run's {_shown(name, theirs)}; drop {flag(name)}"
+            )
+
+
+def _shown(name: str, value: Any) -> str:
+    """A setting as it is typed: ``a b`` for a list; None as the word its option takes for it."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if value is None:
+        return {"max_grad_norm": "0", "max_train": "all", "max_eval": "all"}.get(name, "unset (its default)")
+    return str(value)

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
+from ..finite import require_finite
 from ..inject import inject, name_matches
 from ..layers import (
     SVDAdapter,
@@ -77,7 +78,8 @@ def save_adapter(
         The adapter directory.
 
     Raises:
-        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``,
+        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``, a kept
+            factor or ``modules_to_save`` tensor holds NaN or inf (training diverged: :mod:`adalora.finite`),
             ``metadata`` is not JSON-serialisable, or ``directory`` exists and is not an adapter directory.
     """
     directory = Path(directory)
@@ -113,6 +115,7 @@ def save_adapter(
         }
     extra = _modules_to_save_state(model, config)
     tensors.update(extra)
+    require_finite(tensors.items(), f"save_adapter: the model's adapter (for '{directory}')")
 
     info: dict[str, Any] = {
         "format": FORMAT,
@@ -160,10 +163,11 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ValueError(f"'{path}' is not an AdaLoRA adapter config (its 'format' is not '{FORMAT}').")
     version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version != FORMAT_VERSION:
+        fix = "Upgrade adalora." if isinstance(version, int) and version > FORMAT_VERSION else "Save the adapter again."
         raise ValueError(
-            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads versions up to "
-            f"{FORMAT_VERSION}. Upgrade adalora."
+            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads version "
+            f"{FORMAT_VERSION} only. {fix}"
         )
     missing = [k for k in ("config", "modules", "tensors", "weights_file", "base_model") if k not in info]
     if missing:
@@ -190,7 +194,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
 
     Raises:
         FileNotFoundError: if the directory or one of its files is missing.
-        ValueError: if a file is truncated or corrupted, or the base model or a tensor does not match.
+        ValueError: if a file is truncated or corrupted, a tensor holds NaN or inf, or the base model or a tensor
+            does not match.
     """
     directory = Path(directory)
     wrapped, base_model = base_model, unwrap_model(base_model)  # changed inside a compiled/DDP wrapper
@@ -415,6 +420,7 @@ def _read_weights(directory: Path, info: dict[str, Any]) -> dict[str, torch.Tens
             f"adapter weights '{path}' fail their SHA-256 check: the file was modified or corrupted after saving. "
             "Save or copy the adapter again."
         )
+    require_finite(tensors.items(), f"the adapter in '{directory}'")  # written before non-finite ones were refused
     return tensors
 
 

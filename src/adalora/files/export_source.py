@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import AdaLoRAConfig
+from ..finite import require_finite
 from ..layers import find_adapters, unwrap_model
 from .adapter import _modules_to_save_state, _read_weights, read_adapter_config
 from .updates import ModuleUpdate, updates_from_adapter, updates_from_model
@@ -83,6 +84,11 @@ class ExportSource:
     base_config: dict[str, Any] | None = None
     base_model_name: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Every format writes from an ExportSource: one check refuses a diverged adapter in all of them.
+        factors = [(f"{u.name}.{k}", getattr(u.factors, k)) for u in self.updates for k in ("P", "E", "Q")]
+        require_finite([*factors, *self.modules_to_save.items()], "the adapter to export")
 
     @property
     def task_type(self) -> str | None:

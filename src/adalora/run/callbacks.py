@@ -1,7 +1,7 @@
 """What happens around the training loop of a run: the progress bar, TensorBoard scalars, the per-epoch
-evaluation and the checkpoints. :class:`RunCallbacks` holds the run's state (step, per-epoch records, budgets,
-elapsed time: what a checkpoint saves besides the weights) and gives :func:`adalora.integrations.loop.fit` its
-``on_step`` and ``on_epoch_end``."""
+evaluation, the checkpoints and the divergence check. :class:`RunCallbacks` holds the run's state (step,
+per-epoch records, budgets, elapsed time: what a checkpoint saves besides the weights) and gives
+:func:`adalora.integrations.loop.fit` its ``on_step`` and ``on_epoch_end``."""
 
 from __future__ import annotations
 
@@ -13,19 +13,24 @@ from typing import Any
 import torch
 
 from .. import parallel as distributed
-from ..files.checkpoint import save_checkpoint
+from ..files.atomic import read_json
+from ..files.checkpoint import save_checkpoint, trainable_state_dict
+from ..finite import non_finite
 from ..integrations.loop import StepResult
 from .collapse import guard_epoch
 from .defaults import training_rank
+from .divergence import Diverged, diverged, track
 from .evaluate import evaluator, primary_metric
 from .hardware import autocast
-from .settings import CHECKPOINT_FILE, RunError
+from .settings import CHECKPOINT_FILE, RUN_FILE, RunError
 from .setup import Setup
 
 
 def new_state() -> dict[str, Any]:
     """The state of a run that has not trained yet (what :class:`RunCallbacks` updates and checkpoints save)."""
-    return {"step": 0, "epochs": [], "budgets": [], "seconds": 0.0, "loss_sum": 0.0, "loss_n": 0}
+    return {
+        "step": 0, "epochs": [], "budgets": [], "seconds": 0.0, "loss_sum": 0.0, "loss_n": 0, "nonfinite_since": None,
+    }  # fmt: skip
 
 
 def summary_writer_class() -> Any:
@@ -63,6 +68,7 @@ class RunCallbacks:
             scaler.load_state_dict(state["grad_scaler"])
         self.main = distributed.is_main_process()
         self.checkpoint_path = output_dir / CHECKPOINT_FILE
+        self.run_id = read_json(output_dir / RUN_FILE)["run_id"] if self.main else None  # what checkpoints belong to
         self.metric = primary_metric(self.settings.task)
         self.evaluate = evaluator(self.settings.task)
         self.per_epoch = setup.total_steps // self.settings.epochs
@@ -98,7 +104,25 @@ class RunCallbacks:
             scheduler=setup.scheduler,
             allocator=setup.allocator,
             extra=self.state,
+            run_id=self.run_id,
         )
+
+    def diverged(self) -> Diverged:
+        """The error that stops a diverged run (:mod:`adalora.run.divergence`)."""
+        setup = self.setup
+        lr = setup.optimizer.defaults["lr"]
+        return diverged(self.state, self.state["step"], setup.total_steps, lr, self.settings.precision)
+
+    def check_finite(self) -> None:
+        """After the last step: raise :class:`Diverged` if the last loss or the trained weights are not finite
+        (a run that diverged too close to its end for :func:`on_step` to stop it)."""
+        if self.state["nonfinite_since"] is not None or non_finite(trainable_state_dict(self.setup.model).items()):
+            raise self.diverged()
+
+    def warn(self, message: str) -> None:
+        """A warning, as one line among the run's (rank 0 only)."""
+        if self.main:
+            self.bar.write(f"warning: {' '.join(message.split())}")
 
     def on_step(self, result: StepResult) -> None:
         """After every optimizer step: loss (averaged over the processes' shares of the batch), bar, logs."""
@@ -107,6 +131,8 @@ class RunCallbacks:
         result = dataclasses.replace(result, loss=distributed.mean_over_processes(result.loss))
         state["loss_sum"] += result.loss
         state["loss_n"] += 1
+        if track(state, result.step, result.loss):
+            raise self.diverged()
         postfix = {"loss": f"{result.loss:.3f}", "lr": f"{result.learning_rate:.1e}"}
         if result.report is not None:
             state["budgets"].append(result.report.budget)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files.adapter import CONFIG_NAME, load_adapter, read_adapter_config
+from ..files.adapter import CONFIG_NAME, _read_weights, load_adapter, read_adapter_config
 from ..files.atomic import atomic_directory
 from ..files.export_source import ExportSource
 from ..files.exports import EXPORT_FORMATS, ExportOptions, export
@@ -32,6 +32,9 @@ def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
             return candidate
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist.")
+    failure = _failure(path)
+    if failure:
+        raise FileNotFoundError(f"the run in '{path}' has no adapter: it failed: {failure}")
     if (path / "model" / "config.json").is_file():
         raise FileNotFoundError(
             f"'{path}' holds a fully fine-tuned model ('{path / 'model'}'), not an adapter: that directory is "
@@ -41,6 +44,17 @@ def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
         f"no AdaLoRA adapter in '{path}': expected {CONFIG_NAME} in '{path / 'adapter'}' (a training output "
         f"directory) or in '{path}' itself (an adapter directory written by save_adapter)."
     )
+
+
+def _failure(path: Path) -> str | None:
+    """The one-line message of a failed run in ``path`` (``run.json``'s ``failure``), else None."""
+    from ..files.atomic import read_json
+    from .settings import RUN_FILE
+
+    try:
+        return str(read_json(path / RUN_FILE)["failure"]["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
@@ -118,6 +132,7 @@ def merge_output_dir(
     """
     adapter_dir = find_adapter_dir(output_dir)
     info = read_adapter_config(adapter_dir)
+    _read_weights(adapter_dir, info)  # a damaged or diverged adapter is refused before the base model loads
     model = load_base_model(info, base)
     load_adapter(model, adapter_dir)
     merge(model, safe=safe).eval()

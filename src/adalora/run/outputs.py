@@ -1,5 +1,6 @@
 """What a finished run leaves in its output directory: the trained weights, the rank pattern, the allocation
-history, the figures and, last (it marks the run complete), ``metrics.json``."""
+history, the figures and, last (it marks the run complete), ``metrics.json``; and what a failed one leaves:
+its ``run.json`` saying why, and nothing else."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from typing import Any
 from .. import parallel as distributed
 from ..files.atomic import atomic_directory, read_json, write_json
 from .evaluate import primary_metric
-from .settings import BUDGET_FILE, CHECKPOINT_FILE, HEATMAP_FILE, HISTORY_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE
+from .settings import (
+    BUDGET_FILE,
+    CHECKPOINT_FILE,
+    HEATMAP_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
+    RANKS_FILE,
+    RUN_FILE,
+)
 from .setup import Setup
 
 
@@ -149,5 +159,21 @@ def finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float
     figures = draw_figures(output_dir)
     metrics = run_metrics(setup, state, ranks, seconds, weights, figures)
     write_json(output_dir / METRICS_FILE, metrics)
-    (output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    remove_checkpoints(output_dir)
     return metrics
+
+
+def fail(output_dir: Path, failure: dict[str, Any]) -> None:
+    """Record a failed run (e.g. :class:`~adalora.run.divergence.Diverged`'s record) under ``"failure"`` in its
+    ``run.json`` and remove its checkpoints: a failed run is not resumed (``--resume`` says why) and leaves no
+    weights; ``--overwrite`` starts it over. Rank 0 writes."""
+    if not distributed.is_main_process():
+        return
+    write_json(output_dir / RUN_FILE, read_json(output_dir / RUN_FILE) | {"failure": failure})
+    remove_checkpoints(output_dir)
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Both checkpoints of the run (a run that has ended needs none)."""
+    for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        (output_dir / name).unlink(missing_ok=True)

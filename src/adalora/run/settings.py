@@ -24,12 +24,13 @@ MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ou
 LOCK_FILE = ".adalora-run.lock"  # held by the one command using the directory (lock.py); removed after it
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before (files/checkpoint.py: previous_checkpoint)
 METRICS_FILE = "metrics.json"
 RANKS_FILE = "rank_pattern.json"
 HISTORY_FILE = "allocation_history.json"
 HEATMAP_FILE = "rank_heatmap.png"
 BUDGET_FILE = "budget_curve.png"
-OUTPUTS = (CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, HISTORY_FILE, HEATMAP_FILE, BUDGET_FILE)
+OUTPUTS = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, HISTORY_FILE, HEATMAP_FILE, BUDGET_FILE)
 OUTPUT_DIRS = ("adapter", "model", "tensorboard")
 
 # Layers adapted by default, per model family: every attention projection and both feed-forward matrices

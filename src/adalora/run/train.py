@@ -5,10 +5,11 @@
     -> finish (outputs.py: adapter, metrics, rank pattern, allocation history, figures).
 
 The output directory holds ``.adalora-run`` (the marker that makes it a run of ours: directory.py), ``run.json``
-(the settings and the values derived from them), ``checkpoint.pt`` while the run is in progress (atomic; removed
-when it completes), and at the end ``metrics.json``, ``rank_pattern.json``, ``allocation_history.json``,
-``rank_heatmap.png``, ``budget_curve.png`` and the trained weights (``adapter/`` for the adapter methods,
-``model/`` for full fine-tuning).
+(the run's id, the settings and the values derived from them), ``checkpoint.pt`` and the one before it,
+``checkpoint.prev.pt``, while the run is in progress (files/checkpoint.py; removed when it ends), and at the
+end ``metrics.json``, ``rank_pattern.json``, ``allocation_history.json``, ``rank_heatmap.png``,
+``budget_curve.png`` and the trained weights (``adapter/`` for the adapter methods, ``model/`` for full
+fine-tuning). A run that diverges (divergence.py) writes none of these: ``run.json`` records it as failed.
 
 Everything that can be refused (settings out of range, a directory that is not ours, an unwritable location,
 a missing optional package, bad data, a model that does not load) is checked before the first file is written.
@@ -18,12 +19,14 @@ boundary after a checkpoint (stop.py); a refused write (a full disk) leaves the 
 
 Resuming (``resume=True``) rebuilds everything from ``run.json``, restores the checkpoint (trainable weights,
 optimizer, LR scheduler, allocator, RNG states) and continues mid-epoch with the same data order, so a killed
-run ends exactly where an uninterrupted one does.
+run ends exactly where an uninterrupted one does. A checkpoint is used only if it proves it is this run's, as
+written: a damaged newest checkpoint falls back to the previous one, anything else is refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,18 +35,21 @@ import torch
 
 from .. import parallel as distributed
 from ..files.atomic import read_json, write_json
-from ..files.checkpoint import load_checkpoint
+from ..files.checkpoint import CheckpointError, load_latest_checkpoint
 from ..integrations.loop import StepResult, fit
 from . import causal_lm
 from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
-from .directory import check_new_run, check_resumable, claim, clear_outputs, remove_torn_writes
+from .directory import MARKER, check_new_run, check_resumable, claim, clear_outputs, remove_torn_writes
+from .divergence import Diverged
 from .evaluate import evaluator, primary_metric, training_loss
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
 from .lock import locked_for_all_processes
-from .outputs import finish
+from .outputs import fail, finish
 from .settings import (
     CHECKPOINT_FILE,
+    MARKER_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
     RUN_FILE,
     RunError,
     RunSettings,
@@ -52,6 +58,8 @@ from .setup import Setup, prepare
 from .stop import StopRequests
 from .threads import choose_threads
 from .words import plural
+
+RUN_FORMAT_VERSION = 1  # of run.json (and of the .adalora-run marker: directory.MARKER)
 
 
 def run(
@@ -71,7 +79,8 @@ def run(
     progress bar; the other processes return an empty dict.
 
     Args:
-        settings: the run's settings (ignored when resuming: ``run.json`` in ``output_dir`` is used).
+        settings: the run's settings. When resuming, ``run.json`` in ``output_dir`` holds them and only
+            ``settings.threads`` is read (when set: a resumed run may use another thread count).
         output_dir: where everything goes: a new or empty directory, or a run of ours.
         resume: continue the run in ``output_dir`` from its checkpoint.
         overwrite: start over in a directory that already holds a run of ours (only its files are removed).
@@ -83,6 +92,8 @@ def run(
         RunInUse: if another process is using ``output_dir`` (lock.py).
         Stopped: on SIGINT, SIGTERM or SIGHUP, after a checkpoint when training had started (stop.py).
         WriteError: if the system refuses a write (a full disk): the files written before stay as they were.
+        Diverged: (a RunError) if the loss became NaN or inf; ``run.json`` then records the run as failed and no
+            adapter is written.
     """
     # A launcher's environment starts the process group here, unless the caller already has one.
     owns_group = not distributed.is_distributed() and distributed.init_from_env("gloo")
@@ -96,7 +107,11 @@ def run(
             settings = check_start(settings, output_dir, resume=resume, overwrite=overwrite, log=log)
             setup = load(settings, log)
             state = start_or_resume(setup, output_dir, resume=resume, overwrite=overwrite, log=log)
-            seconds = train(setup, output_dir, state, progress=progress, log=log, stop=stop)
+            try:
+                seconds = train(setup, output_dir, state, progress=progress, log=log, stop=stop)
+            except Diverged as failure:
+                fail(output_dir, failure.record)
+                raise
             metrics = finish(setup, output_dir, state, seconds)
         if metrics:
             report(setup, metrics, output_dir, log)
@@ -115,10 +130,16 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
     saved in the directory when resuming, with the thread count decided)."""
     if resume:
         check_resumable(output_dir)
+        saved = read_run_file(output_dir)
+        if "failure" in saved:
+            raise RunError(f"cannot resume {output_dir}: it failed: {saved['failure'].get('message')}")
+        threads = settings.threads
         try:
-            settings = RunSettings.from_dict(read_json(output_dir / RUN_FILE)["settings"])
+            settings = RunSettings.from_dict(saved["settings"])
         except (ValueError, KeyError, TypeError) as error:
             raise RunError(f"--resume {output_dir}: {RUN_FILE} cannot be read ({error})") from None
+        if threads is not None:  # the one setting a resumed run may change (docs/cli.md)
+            settings = settings.replace(threads=threads)
     else:
         check_new_run(output_dir, overwrite)
     settings.check()
@@ -150,6 +171,26 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
     return settings
 
 
+def read_run_file(output_dir: Path) -> dict[str, Any]:
+    """``run.json`` of a run of ours, refused in one line when it, or the ``.adalora-run`` marker, is missing,
+    damaged or of another format version than this adalora writes."""
+    files = {}
+    for name, expected in ((MARKER_FILE, MARKER["format_version"]), (RUN_FILE, RUN_FORMAT_VERSION)):
+        path = output_dir / name
+        try:
+            files[name] = read_json(path) if path.is_file() else {}
+        except (OSError, ValueError) as error:
+            raise RunError(f"{path} cannot be read ({error}); the run directory is damaged") from None
+        version = files[name].get("format_version") if isinstance(files[name], dict) else None
+        if version != expected:
+            found = "no format_version (an older adalora's)" if version is None else f"format_version {version!r}"
+            raise RunError(
+                f"cannot resume {output_dir}: its {name} has {found}, this adalora reads version {expected} only; "
+                "start the run over with --overwrite"
+            )
+    return files[RUN_FILE]
+
+
 def load(settings: RunSettings, log: Any) -> Setup:
     """Data, model and method (:func:`prepare`), announced in one line."""
     causal = settings.task == causal_lm.CAUSAL_LM
@@ -164,27 +205,50 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
 
     Returns the run's state (:func:`new_state`, or the checkpoint's).
     """
+    state = new_state()
     if resume:
-        saved = read_json(output_dir / RUN_FILE)["derived"]
+        run_file = read_json(output_dir / RUN_FILE)
+        saved = run_file["derived"]
         # Keys a newer version derives that the run's own run.json lacks are not changes.
         changed = sorted(k for k in saved if saved.get(k) != setup.derived.get(k))
         if changed:
             raise RunError(f"cannot resume {output_dir}: the data or model changed since it started ({changed})")
+        state = resume_state(setup, output_dir, run_file["run_id"], log)
     if distributed.is_main_process():
         if overwrite and not resume:
             clear_outputs(output_dir)
         claim(output_dir)
-        if not resume:
-            write_json(output_dir / RUN_FILE, {"settings": setup.settings.to_dict(), "derived": setup.derived})
+        if not resume:  # a new id: the checkpoints of this run are told from any other's by it
+            run_file = {"format_version": RUN_FORMAT_VERSION, "run_id": uuid.uuid4().hex}
+            write_json(
+                output_dir / RUN_FILE, run_file | {"settings": setup.settings.to_dict(), "derived": setup.derived}
+            )
         remove_torn_writes(output_dir)
-    state = new_state()
-    checkpoint = output_dir / CHECKPOINT_FILE
-    if resume and checkpoint.is_file():
-        objects = {"model": setup.model, "optimizer": setup.optimizer, "scheduler": setup.scheduler}
-        state = load_checkpoint(checkpoint, **objects, allocator=setup.allocator)
-        log(f"resuming {output_dir} at step {state['step']}/{setup.total_steps}")
-    elif resume:
+    return state
+
+
+def resume_state(setup: Setup, output_dir: Path, run_id: str, log: Any) -> dict[str, Any]:
+    """Restore the newest usable checkpoint of the run into ``setup``; returns the run's state from it (a new
+    state when the run stopped before its first checkpoint).
+
+    Raises:
+        RunError: in one line, if the checkpoints are damaged, belong to another run or do not fit the model.
+    """
+    newest, previous = output_dir / CHECKPOINT_FILE, output_dir / PREVIOUS_CHECKPOINT_FILE
+    if not newest.is_file() and not previous.is_file():
         log(f"no checkpoint in {output_dir} yet: starting again from step 0")
+        return new_state()
+    objects = {"model": setup.model, "optimizer": setup.optimizer, "scheduler": setup.scheduler}
+    try:
+        state, used, passed = load_latest_checkpoint(newest, **objects, allocator=setup.allocator, run_id=run_id)
+    except CheckpointError as error:
+        raise RunError(
+            f"cannot resume {output_dir}: {error}; start the run over with --overwrite (its settings are in "
+            f"{output_dir / RUN_FILE})"
+        ) from None
+    for reason in passed:
+        log(f"{reason}: resuming from the checkpoint before it, {used.name}")
+    log(f"resuming {output_dir} at step {state['step']}/{setup.total_steps}")
     return state
 
 
@@ -245,6 +309,8 @@ def train(
     # closing: the progress bar ends its line before any message of a stop or an error
     with warnings.catch_warnings(), stop.at_step_boundaries(), contextlib.closing(callbacks):
         warnings.simplefilter("always", RuntimeWarning)  # misuse warnings from the allocator: never swallowed
+        # ... but one line each among the run's, without Python's file name and source line
+        warnings.showwarning = lambda message, *_, **__: callbacks.warn(str(message))
         fit(
             # DDP averages the gradients of the processes' shares of every batch (allocator: same masks everywhere)
             torch.nn.parallel.DistributedDataParallel(setup.model) if world > 1 else setup.model,
@@ -261,6 +327,7 @@ def train(
             on_epoch_end=on_epoch_end,
             grad_scaler=scaler,
         )
+        callbacks.check_finite()
         stop_if_asked()  # a signal that came after the last step's check
     return callbacks.seconds()
 
