@@ -94,7 +94,7 @@ def test_allocation_and_regulariser_once_per_optimizer_step(tmp_path: Path) -> N
             trainer_for(tmp_path, [callback]).fit(module, loader())
         # 16 examples / 2 = 8 micro-batches = 4 optimizer steps per epoch, 2 epochs: T from the trainer.
         assert callback.allocator.config.total_steps == callback.allocator.step_count == 8
-        assert callback.allocator._optimizer_steps == 8
+        assert callback.allocator.pairing.optimizer_steps == 8
         assert sum(callback.allocator.rank_pattern().values()) == callback.allocator.target_budget
         states[gamma] = adapter_state(module)
     key = "model.bert.encoder.layer.0.attention.self.query.P"
@@ -117,7 +117,7 @@ def test_gradient_form_equals_the_loss_form_with_clipping(tmp_path: Path, timing
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if self.allocator.config.importance_timing == "before_step":
-                self.allocator._before_optimizer_step(optimizer, (), {})
+                self.allocator.measure_importance()
 
     loss = Classifier(config, regularizer_in_loss=True)
     reference = LossForm(config, on_misuse="error")

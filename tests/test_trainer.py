@@ -213,7 +213,7 @@ def test_regulariser_weight_does_not_depend_on_the_accumulation(tmp_path: Path) 
     """BERT's loss accepts num_items_in_batch, so the Trainer leaves it undivided by the accumulation steps (the
     task gradient then grows with them); the callback's gradient enters once per optimizer step either way. One
     SGD step: the update with gamma minus the update without is -lr * gamma * dR/dP, whatever the accumulation."""
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     key = "bert.encoder.layer.0.attention.self.query.P"
     initial = adapter_state(no_dropout_model())[key]
@@ -240,7 +240,7 @@ def test_regulariser_weight_does_not_depend_on_the_accumulation(tmp_path: Path) 
             updates[gamma] = adapter_state(trainer.model)[key] - initial
         model = no_dropout_model()
         adapters = [m for m in model.modules() if hasattr(m, "rank_mask")]
-        add_orthogonal_gradient(adapters, 0.5, CONFIG.regularizer)
+        add_regularization_gradient(adapters, 0.5, CONFIG.regularizer)
         expected = -1e-2 * model.get_submodule(key.removesuffix(".P")).P.grad
         torch.testing.assert_close(updates[0.5] - updates[0.0], expected, rtol=1e-3, atol=1e-7)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 
-from . import parallel as _parallel  # noqa: F401  (registers the importance trackers for DDP and FSDP2)
 from .allocator import RankAllocator
 from .compact import compact
 from .config import AdaLoRAConfig

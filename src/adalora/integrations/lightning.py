@@ -31,9 +31,9 @@ from typing import Any
 
 from torch import nn
 
-from ..allocator import OnMisuse, RankAllocator, StepReport
+from ..allocator import RankAllocator, StepReport
 from ..config import AdaLoRAConfig
-from .gradient import add_regularizer_gradient
+from .pairing import OnMisuse
 
 STATE_KEY = "adalora_allocator"
 
@@ -93,13 +93,9 @@ class _AdaLoRALightning:
         optimizer = trainer.optimizers[0]
         config = self.config.replace(total_steps=total)
         self.allocator = RankAllocator(pl_module, config, optimizer=optimizer, on_misuse=self.on_misuse)
-        if config.importance_timing == "before_step":
-            # Torch's pre-step hooks fire before Lightning's closure runs the backward pass: measure in
-            # on_before_optimizer_step instead (see the module docstring).
-            hooks = self.allocator.optimizer._optimizer_step_pre_hooks  # type: ignore[union-attr]
-            for key, hook in list(hooks.items()):
-                if hook == self.allocator._before_optimizer_step:
-                    del hooks[key]
+        # Torch's pre-step hooks fire before Lightning's closure runs the backward pass: importance_timing=
+        # "before_step" is measured in on_before_optimizer_step instead (see the module docstring).
+        self.allocator.pairing.remove_pre_hook()
         if self._pending_state is not None:
             self.allocator.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -107,9 +103,9 @@ class _AdaLoRALightning:
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         assert self.allocator is not None, "on_before_optimizer_step before on_train_start"
-        self.last_regularization = add_regularizer_gradient(self.allocator)
+        self.last_regularization = self.allocator.add_regularization_gradient()
         if self.allocator.config.importance_timing == "before_step":
-            self.allocator._before_optimizer_step(optimizer, (), {})
+            self.allocator.measure_importance()
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.allocator is not None, "on_train_batch_end before on_train_start"

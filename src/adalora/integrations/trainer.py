@@ -35,13 +35,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..allocator import OnMisuse, RankAllocator, StepReport
+from ..allocator import RankAllocator, StepReport
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..layers import find_adapters
 from ..parallel import DEEPSPEED_REFUSAL, get_rank
 from . import sentence_transformers as st
-from .gradient import add_regularizer_gradient
+from .pairing import OnMisuse
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 RegularizerMode = Literal["gradient", "loss"]
@@ -170,7 +170,7 @@ class AdaLoRACallback(TrainerCallback):
             _unscale_gradients(optimizer)
             # Before optimizer.step(), hence before the allocator's importance_timing="before_step" hook: importance
             # is measured on the gradient of task loss + gamma * R, as with the regulariser in the loss.
-            self.last_regularization = add_regularizer_gradient(self.allocator)
+            self.last_regularization = self.allocator.add_regularization_gradient()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         assert self.allocator is not None, "on_optimizer_step before on_train_begin"
@@ -196,7 +196,7 @@ class AdaLoRACallback(TrainerCallback):
             return
         # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
         # it. Under FSDP2 each process holds its own shard of the importance statistics and saves that.
-        if not (self.allocator.tracker.per_process_state or args.should_save):
+        if not (self.allocator.layout.per_process_state or args.should_save):
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
@@ -208,7 +208,7 @@ class AdaLoRACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     def _state_file(self) -> str:
         """``adalora_allocator.pt``, or one file per process when FSDP2 shards the statistics."""
-        if self.allocator.tracker.per_process_state:
+        if self.allocator.layout.per_process_state:
             return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
         return ALLOCATOR_FILE
 

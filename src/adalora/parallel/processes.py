@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 
-# ---------------------------------------------------------------------- process-group awareness
 def is_distributed() -> bool:
     """Whether a default process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
