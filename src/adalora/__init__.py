@@ -20,7 +20,7 @@ from .config import AdaLoRAConfig
 from .files.adapter import load_adapter, save_adapter
 from .files.peft import export_peft, import_peft
 from .inject import inject
-from .integrations.loop import fit, total_steps
+from .integrations.loop import count_optimizer_steps, fit
 from .layers import SVDAdapter, disable_adapters, find_adapters
 from .merge import merge, unload
 
@@ -44,6 +44,7 @@ __all__ = [
     "SVDAdapter",
     "__version__",
     "compact",
+    "count_optimizer_steps",
     "disable_adapters",
     "export_peft",
     "find_adapters",
@@ -53,6 +54,5 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
-    "total_steps",
     "unload",
 ]

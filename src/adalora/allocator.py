@@ -44,7 +44,7 @@ class Allocation:
 
 
 @dataclass(frozen=True)
-class StepReport:
+class AllocatorReport:
     """What one ``RankAllocator.step()`` did.
 
     Attributes:
@@ -208,7 +208,7 @@ class RankAllocator:
         )
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> StepReport:
+    def step(self) -> AllocatorReport:
         """Update importance, then rank and mask triplets if the schedule says so (Algorithm 1, lines 4-8).
 
         In the reference order (default) the importance of step t is measured here from the adapters'
@@ -243,7 +243,7 @@ class RankAllocator:
                 "optimizer steps.",
             )
         self.step_count += 1
-        return StepReport(t, decision.phase, decision.budget, allocation)
+        return AllocatorReport(t, decision.phase, decision.budget, allocation)
 
     def _allocate(self, step: int, budget: int) -> Allocation:
         scores = self.tracker.triplet_scores()

@@ -1,6 +1,6 @@
-"""PyTorch Lightning (``lightning.pytorch`` or ``pytorch_lightning`` 2.x): :class:`AdaLoRACallback`.
+"""PyTorch Lightning (``lightning.pytorch`` or ``pytorch_lightning`` 2.x): :class:`AdaLoRALightningCallback`.
 
-``Trainer(callbacks=[AdaLoRACallback(config)])`` is all a LightningModule whose model went through
+``Trainer(callbacks=[AdaLoRALightningCallback(config)])`` is all a LightningModule whose model went through
 :func:`adalora.inject` needs:
 
 - T is read from ``trainer.estimated_stepping_batches`` (optimizer steps: epochs, ``max_steps``, gradient
@@ -18,9 +18,9 @@ allocator's ``importance_timing="before_step"`` hook would read the gradients be
 takes that hook off and measures importance in ``on_before_optimizer_step`` instead, just after adding the
 regulariser's gradient (the gradient of the whole objective, as in the paper).
 
-Lightning is imported on first use of ``AdaLoRACallback``, never by ``import adalora``. The callback subclasses
-``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else ``pytorch_lightning.Callback``;
-:func:`callback_class` builds it for the other one when both are installed.
+Lightning is imported on first use of ``AdaLoRALightningCallback``, never by ``import adalora``. The callback
+subclasses ``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else
+``pytorch_lightning.Callback``; :func:`callback_class` builds it for the other one when both are installed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from ..allocator import RankAllocator, StepReport
+from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
 from .pairing import OnMisuse
 
@@ -61,7 +61,7 @@ class _AdaLoRALightning:
 
     Attributes:
         allocator: the :class:`~adalora.RankAllocator`, built when training starts.
-        last_report: the latest :class:`~adalora.allocator.StepReport`.
+        last_report: the latest :class:`~adalora.allocator.AllocatorReport`.
         last_regularization: gamma * R at the latest optimizer step (a detached 0-dim tensor).
     """
 
@@ -70,7 +70,7 @@ class _AdaLoRALightning:
         self.config = config
         self.on_misuse = on_misuse
         self.allocator: RankAllocator | None = None
-        self.last_report: StepReport | None = None
+        self.last_report: AllocatorReport | None = None
         self.last_regularization = None
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0
@@ -141,11 +141,11 @@ def callback_class(package: str | None = None) -> type:
     """The callback class on the ``Callback`` of ``package`` (``"lightning.pytorch"`` or ``"pytorch_lightning"``;
     None: the one :func:`_lightning_package` finds)."""
     module = importlib.import_module(package) if package else _lightning_package()
-    return type("AdaLoRACallback", (_AdaLoRALightning, module.Callback), {"__module__": __name__})
+    return type("AdaLoRALightningCallback", (_AdaLoRALightning, module.Callback), {"__module__": __name__})
 
 
 def __getattr__(name: str) -> Any:
-    # AdaLoRACallback is built on first access, so that importing this module without Lightning fails only there.
-    if name == "AdaLoRACallback":
+    # The callback class is built on first access, so that importing this module without Lightning fails only there.
+    if name == "AdaLoRALightningCallback":
         return callback_class()
     raise AttributeError(name)

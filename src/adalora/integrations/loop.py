@@ -14,7 +14,7 @@ Typical use::
 
     model = adalora.inject(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    steps = total_steps(len(loader), epochs=3, accumulation_steps=2)
+    steps = count_optimizer_steps(len(loader), epochs=3, accumulation_steps=2)
     allocator = RankAllocator(model, config.replace(total_steps=steps), optimizer=optimizer)
     fit(model, loader, optimizer, allocator, epochs=3, accumulation_steps=2)
 """
@@ -32,14 +32,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..allocator import RankAllocator, StepReport
+from ..allocator import AllocatorReport, RankAllocator
 
 Batch = Any  # whatever the loader yields; by default a mapping of model keyword arguments including labels
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class StepResult:
+class FitStepReport:
     """What one optimizer step of :func:`fit` did.
 
     Attributes:
@@ -49,7 +49,7 @@ class StepResult:
         regularization: gamma * R(P, Q) of the step (0.0 without an allocator): before the update, at the values
             the gradient (or loss) was computed at.
         learning_rate: learning rate of the first parameter group for this step.
-        report: the allocator's :class:`~adalora.allocator.StepReport`, or None without an allocator.
+        report: the allocator's :class:`~adalora.allocator.AllocatorReport`, or None without an allocator.
     """
 
     step: int
@@ -57,7 +57,7 @@ class StepResult:
     loss: float
     regularization: float
     learning_rate: float
-    report: StepReport | None
+    report: AllocatorReport | None
 
 
 def steps_per_epoch(num_batches: int, accumulation_steps: int = 1) -> int:
@@ -65,7 +65,7 @@ def steps_per_epoch(num_batches: int, accumulation_steps: int = 1) -> int:
     return math.ceil(num_batches / accumulation_steps)
 
 
-def total_steps(num_batches: int, epochs: int, accumulation_steps: int = 1) -> int:
+def count_optimizer_steps(num_batches: int, epochs: int, accumulation_steps: int = 1) -> int:
     """T for the budget schedule: optimizer steps, not micro-batches (``config.replace(total_steps=T)``)."""
     return epochs * steps_per_epoch(num_batches, accumulation_steps)
 
@@ -98,7 +98,7 @@ def fit(
     max_grad_norm: float | None = None,
     loss_fn: LossFn = model_loss,
     start_step: int = 0,
-    on_step: Callable[[StepResult], None] | None = None,
+    on_step: Callable[[FitStepReport], None] | None = None,
     on_epoch_end: Callable[[int, int], None] | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     regularizer: Literal["gradient", "loss"] = "gradient",
@@ -122,7 +122,7 @@ def fit(
         max_grad_norm: clip the gradient norm of the trainable parameters to this value, or None.
         loss_fn: ``(model, batch) -> scalar loss``; default :func:`model_loss`.
         start_step: optimizer steps already done (to continue after restoring a checkpoint).
-        on_step: called after every optimizer step with a :class:`StepResult`.
+        on_step: called after every optimizer step with a :class:`FitStepReport`.
         on_epoch_end: called as ``on_epoch_end(epoch, step)`` after the last step of each epoch.
         grad_scaler: for float16 autocast: scales the loss before ``backward``, unscales the gradients before
             clipping and the allocator read them, and skips the optimizer step when they overflowed.
@@ -164,7 +164,7 @@ class _Loop:
         batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
         epochs: int,
         start_step: int,
-        on_step: Callable[[StepResult], None] | None,
+        on_step: Callable[[FitStepReport], None] | None,
         on_epoch_end: Callable[[int, int], None] | None,
     ) -> int:
         """:func:`fit`'s epochs, from optimizer step ``start_step``: the number of optimizer steps done in all."""
@@ -180,7 +180,7 @@ class _Loop:
         return step
 
     def epoch(
-        self, epoch: int, micro_batches: Any, step: int, on_step: Callable[[StepResult], None] | None
+        self, epoch: int, micro_batches: Any, step: int, on_step: Callable[[FitStepReport], None] | None
     ) -> int | None:
         """Train epoch ``epoch`` on from optimizer step ``step``: the step count after it, or None if the epoch was
         done before (``step`` counts all its steps)."""
@@ -204,7 +204,7 @@ class _Loop:
             step += 1
             if on_step is not None:
                 mean_loss = float(torch.stack(losses).mean())
-                on_step(StepResult(step, epoch, mean_loss, float(reg.detach()), learning_rate, report))
+                on_step(FitStepReport(step, epoch, mean_loss, float(reg.detach()), learning_rate, report))
             losses.clear()
         return step
 
@@ -228,7 +228,7 @@ class _Loop:
 
     def optimizer_step(
         self, reg: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor, float, StepReport | None]:
+    ) -> tuple[torch.Tensor, float, AllocatorReport | None]:
         """Regulariser gradient, clipping, the optimizer, allocator and scheduler steps, ``zero_grad``: (gamma * R,
         the step's learning rate, the allocator's report). ``reg``: gamma * R of the last micro-batch's loss."""
         if self.grad_scaler is not None:

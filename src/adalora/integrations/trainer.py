@@ -35,7 +35,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..allocator import RankAllocator, StepReport
+from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..layers import find_adapters
@@ -80,7 +80,7 @@ class AdaLoRACallback(TrainerCallback):
 
     Attributes:
         allocator: the allocator, built at ``on_train_begin`` (None before).
-        last_report: the :class:`~adalora.allocator.StepReport` of the latest step.
+        last_report: the :class:`~adalora.allocator.AllocatorReport` of the latest step.
         last_regularization: gamma * R at the latest step, a detached 0-dim tensor (gradient form only).
         resume_from: checkpoint directory to restore the allocator from; :class:`AdaLoRATrainer` sets it. When
             None and the Trainer resumes, ``<output_dir>/checkpoint-<global_step>`` is used.
@@ -95,7 +95,7 @@ class AdaLoRACallback(TrainerCallback):
         self.on_misuse = on_misuse
         self.regularizer = regularizer
         self.allocator: RankAllocator | None = None
-        self.last_report: StepReport | None = None
+        self.last_report: AllocatorReport | None = None
         self.last_regularization: torch.Tensor | None = None
         self.resume_from: str | None = None
         self._regularized = False

@@ -14,7 +14,7 @@ import torch
 
 from .. import parallel as distributed
 from ..files.checkpoint import save_checkpoint
-from ..integrations.loop import StepResult
+from ..integrations.loop import FitStepReport
 from .collapse import guard_epoch
 from .defaults import training_rank
 from .evaluate import evaluator, primary_metric
@@ -98,7 +98,7 @@ class RunCallbacks:
             extra=self.state,
         )
 
-    def on_step(self, result: StepResult) -> None:
+    def on_step(self, result: FitStepReport) -> None:
         """After every optimizer step: loss (averaged over the processes' shares of the batch), bar, logs."""
         state = self.state
         state["step"] = result.step
