@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.checkpoint import save_checkpoint
 from ..integrations.loop import FitStepReport
 from .collapse import guard_epoch
@@ -61,7 +61,7 @@ class RunCallbacks:
         self.setup, self.settings, self.state, self.scaler = setup, setup.settings, state, scaler
         if scaler is not None and "grad_scaler" in state:  # fp16: the loss scale reached before the restart
             scaler.load_state_dict(state["grad_scaler"])
-        self.main = distributed.is_main_process()
+        self.main = parallel.is_main_process()
         self.checkpoint_path = output_dir / CHECKPOINT_FILE
         self.metric = primary_metric(self.settings.task)
         self.evaluate = evaluator(self.settings.task)
@@ -102,7 +102,7 @@ class RunCallbacks:
         """After every optimizer step: loss (averaged over the processes' shares of the batch), bar, logs."""
         state = self.state
         state["step"] = result.step
-        result = dataclasses.replace(result, loss=distributed.mean_over_processes(result.loss))
+        result = dataclasses.replace(result, loss=parallel.mean_over_processes(result.loss))
         state["loss_sum"] += result.loss
         state["loss_n"] += 1
         postfix = {"loss": f"{result.loss:.3f}", "lr": f"{result.learning_rate:.1e}"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.atomic import atomic_directory, read_json, write_json
 from .evaluate import primary_metric
 from .settings import BUDGET_FILE, CHECKPOINT_FILE, HEATMAP_FILE, HISTORY_FILE, METRICS_FILE, RANKS_FILE, RUN_FILE
@@ -27,7 +27,7 @@ def save_weights(setup: Setup, output_dir: Path) -> Path:
     fine-tuning). Every process calls it (FSDP2 gathers the shards); rank 0 writes."""
     if setup.config is None:
         target = output_dir / "model"
-        if distributed.is_main_process():
+        if parallel.is_main_process():
             # Written aside and swapped in whole; its files then follow the umask (safetensors makes them 0600).
             with atomic_directory(target, marker="config.json") as tmp:
                 setup.model.save_pretrained(tmp)
@@ -42,7 +42,7 @@ def save_weights(setup: Setup, output_dir: Path) -> Path:
         "max_length": setup.settings.max_length,
     }
     target = output_dir / "adapter"
-    distributed.save_adapter_collective(setup.model, target, setup.config, metadata)
+    parallel.save_adapter_collective(setup.model, target, setup.config, metadata)
     return target
 
 
@@ -140,7 +140,7 @@ def finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float
     returns the metrics (the others return an empty dict)."""
     weights = save_weights(setup, output_dir)
     ranks = rank_pattern(setup)
-    if not distributed.is_main_process():
+    if not parallel.is_main_process():
         return {}
     if ranks:
         write_json(output_dir / RANKS_FILE, ranks)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.atomic import read_json, write_json
 from ..files.checkpoint import load_checkpoint
 from ..integrations.loop import fit
@@ -76,9 +76,9 @@ def run(
         RunError, DataError: on anything the user can fix (message in one line), before anything is written.
     """
     # A launcher's environment starts the process group here, unless the caller already has one.
-    owns_group = not distributed.is_distributed() and distributed.init_from_env("gloo")
+    owns_group = not parallel.is_distributed() and parallel.init_from_env("gloo")
     try:
-        if not distributed.is_main_process():  # one process reports for all
+        if not parallel.is_main_process():  # one process reports for all
             progress, log = False, _silent
         output_dir = Path(output_dir)
         settings = check_start(settings, output_dir, resume=resume, overwrite=overwrite, log=log)
@@ -110,7 +110,7 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
     else:
         check_new_run(output_dir, overwrite)
     settings.check()
-    world = distributed.get_world_size()
+    world = parallel.get_world_size()
     if settings.batch_size % world:
         raise RunError(
             f"--batch-size {settings.batch_size} (the global micro-batch) does not split evenly over {world} "
@@ -134,7 +134,7 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
         choice = choose_threads()
         settings = settings.replace(threads=choice.threads)
         log(f"using {plural(choice.threads, 'torch thread')}: {choice.reason}")
-    distributed.barrier()  # every process has checked the directory before rank 0 writes into it
+    parallel.barrier()  # every process has checked the directory before rank 0 writes into it
     return settings
 
 
@@ -158,7 +158,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
         changed = sorted(k for k in saved if saved.get(k) != setup.derived.get(k))
         if changed:
             raise RunError(f"cannot resume {output_dir}: the data or model changed since it started ({changed})")
-    if distributed.is_main_process():
+    if parallel.is_main_process():
         if overwrite and not resume:
             clear_outputs(output_dir)
         claim(output_dir)
@@ -178,7 +178,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
 
 def describe(setup: Setup, log: Any) -> None:
     """One line: method, task, data sizes, steps, examples per step, trainable parameters, threads."""
-    settings, derived, world = setup.settings, setup.derived, distributed.get_world_size()
+    settings, derived, world = setup.settings, setup.derived, parallel.get_world_size()
     # causal-lm packs text into rows of --max-length tokens: the rows are what batches count
     rows = f" ({derived['train_rows']} / {derived['eval_rows']} rows)" if "train_rows" in derived else ""
     per_step = settings.batch_size * settings.grad_accum
@@ -198,7 +198,7 @@ def describe(setup: Setup, log: Any) -> None:
 def train(setup: Setup, output_dir: Path, state: dict[str, Any], *, progress: bool, log: Any) -> float:
     """Train from ``state`` to the last step (updating ``state``); returns the training seconds in all."""
     settings = setup.settings
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = parallel.get_rank(), parallel.get_world_size()
     describe(setup, log)
     if settings.task == causal_lm.CAUSAL_LM and "eval_before" not in state:
         with autocast(setup.device, settings.precision):
