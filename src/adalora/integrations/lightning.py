@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Any
 
 from torch import nn
@@ -131,8 +132,6 @@ class _AdaLoRALightning:
     def _misuse(self, message: str) -> None:
         if self.on_misuse == "error":
             raise RuntimeError(message)
-        import warnings
-
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -58,8 +59,6 @@ def _unscale_gradients(optimizer: Any) -> None:
     inner = getattr(optimizer, "optimizer", None)
     if scaler is None or inner is None or not scaler.is_enabled():
         return
-    from torch.amp.grad_scaler import OptState
-
     state = scaler._per_optimizer_states[id(inner)]
     if state["stage"] is OptState.READY:
         scaler.unscale_(inner)
