@@ -97,16 +97,16 @@ def test_regulariser_is_in_the_loss_and_scaled_for_accumulation(tmp_path: Path) 
             module.p = 0.0
     plain = Trainer.compute_loss(trainer, trainer.model, dict(batch))
     regularised = trainer.compute_loss(trainer.model, dict(batch))
-    penalty = float(trainer.adalora.allocator.regularization().detach())
-    assert penalty > 0
+    regularization = float(trainer.adalora.allocator.regularization().detach())
+    assert regularization > 0
     trainer.current_gradient_accumulation_steps = 2
     # The Trainer divides a per-micro-batch loss by the accumulation itself ...
-    torch.testing.assert_close(float((regularised - plain).detach()), penalty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((regularised - plain).detach()), regularization, rtol=1e-5, atol=1e-6)
     # ... but not a loss already normalised over the accumulated batch: then the regulariser is divided here.
     trainer.loss_is_scaled_for_ga = True
     scaled = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=8)
     plain_scaled = Trainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=8)
-    torch.testing.assert_close(float((scaled - plain_scaled).detach()), penalty / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((scaled - plain_scaled).detach()), regularization / 2, rtol=1e-5, atol=1e-6)
 
 
 class Crash(Exception):
