@@ -67,7 +67,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adalora
 from adalora.baselines import inject_lora, lora_config
-from adalora.integrations.gradient import add_regularizer_gradient
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ class Case:
         loss = self.forward(input_ids=ids, labels=labels).loss  # PEFT's AdaLoRA adds its regulariser here
         loss.backward()
         if self.allocator is not None and self.regularise:
-            add_regularizer_gradient(self.allocator)  # what fit and the callbacks do: gamma * dR in closed form
+            self.allocator.add_regularization_gradient()  # what fit and the callbacks do: gamma * dR in closed form
         self.optimizer.step()
         if self.allocator is not None:
             self.allocator.step()

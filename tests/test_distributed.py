@@ -140,6 +140,7 @@ def _train(
         assert (returned is not None) == is_main_process()
     return {
         "names": allocator.names,
+        "layout": type(allocator.layout).__name__,
         "fingerprints": fingerprints,
         "history": [(a.step, a.budget, a.ranks) for a in allocator.history],
         "tensors": tensors,
@@ -239,6 +240,13 @@ def test_masks_agree_across_ranks_and_with_one_process(runs, mode):
     assert rank0["fingerprints"] == rank1["fingerprints"] == single["fingerprints"]
 
 
+def test_each_way_of_training_gets_its_layout(runs):
+    assert runs["single"]["layout"] == "Layout"
+    for rank in runs["ranks"]:
+        assert rank["ddp"]["layout"] == "ReplicatedLayout"
+        assert rank["fsdp"]["layout"] == rank["fsdp-magnitude"]["layout"] == "ShardedLayout"
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-magnitude"])
 def test_trained_adapters_match_one_process(runs, mode):
     single = runs["single-magnitude" if mode.endswith("magnitude") else "single"]["tensors"]
@@ -308,6 +316,25 @@ def test_env_var_turns_the_check_on(monkeypatch):
     monkeypatch.setenv("ADALORA_CHECK_CONSISTENCY", "1")
     assert RankAllocator(model, CONFIG).check_consistency
     assert not RankAllocator(model, CONFIG, check_consistency=False).check_consistency
+
+
+def test_a_new_layout_is_one_entry_in_the_table(monkeypatch):
+    from adalora import parallel
+
+    class Everywhere(parallel.Layout):
+        supports_compaction = False
+
+        @classmethod
+        def applies(cls, model, optimizer, adapters):
+            return True
+
+    monkeypatch.setattr(parallel, "LAYOUTS", (Everywhere, *parallel.LAYOUTS))
+    model = inject(tiny_bert(), CONFIG)
+    allocator = RankAllocator(model, CONFIG)
+    assert type(allocator.layout) is Everywhere and allocator.tracker.layout is allocator.layout
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ValueError, match="compact_at_final=True is not supported"):
+        RankAllocator(model, CONFIG.replace(compact_at_final=True), optimizer)
 
 
 def test_unwrap_model_strips_wrappers():

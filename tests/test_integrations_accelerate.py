@@ -11,8 +11,7 @@ import torch
 from conftest import tiny_bert
 
 from adalora import AdaLoRAConfig, RankAllocator, inject
-from adalora.allocator import unwrap_optimizer
-from adalora.integrations.gradient import add_regularizer_gradient
+from adalora.integrations.pairing import unwrap_optimizer
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -60,12 +59,12 @@ def test_allocator_unwraps_the_accelerated_optimizer_in_an_accumulating_loop() -
             with accelerator.accumulate(model):
                 accelerator.backward(model(**batch).loss)
                 if accelerator.sync_gradients:
-                    regularisation.append(float(add_regularizer_gradient(allocator)))
+                    regularisation.append(float(allocator.add_regularization_gradient()))
                 optimizer.step()
                 if accelerator.sync_gradients:
                     allocator.step()
                 optimizer.zero_grad()
-    assert allocator.step_count == allocator._optimizer_steps == 6
+    assert allocator.step_count == allocator.pairing.optimizer_steps == 6
     assert len(regularisation) == 6 and all(r > 0 for r in regularisation)
     assert sum(allocator.rank_pattern().values()) == allocator.target_budget
 

@@ -1,5 +1,5 @@
-"""PyTorch Lightning: AdaLoRACallback reads T from the trainer, steps the allocator once per optimizer step under
-gradient accumulation, adds the regulariser's gradient (before clipping: equal to gamma * R in the loss), and
+"""PyTorch Lightning: AdaLoRALightningCallback reads T from the trainer, steps the allocator once per optimizer step
+under gradient accumulation, adds the regulariser's gradient (before clipping: equal to gamma * R in the loss), and
 resumes exactly from a Lightning checkpoint."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from adalora import AdaLoRAConfig, inject
 
 pl = pytest.importorskip("pytorch_lightning")
 
-from adalora.integrations.lightning import AdaLoRACallback  # noqa: E402
+from adalora.integrations.lightning import AdaLoRALightningCallback  # noqa: E402
 
 CONFIG = AdaLoRAConfig(
     target_modules=("query", "value"),
@@ -87,14 +87,14 @@ def test_allocation_and_regulariser_once_per_optimizer_step(tmp_path: Path) -> N
     states = {}
     for gamma in (0.1, 0.0):
         config = CONFIG.replace(orth_reg_weight=gamma)
-        callback = AdaLoRACallback(config, on_misuse="error")
+        callback = AdaLoRALightningCallback(config, on_misuse="error")
         module = Classifier(config)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             trainer_for(tmp_path, [callback]).fit(module, loader())
         # 16 examples / 2 = 8 micro-batches = 4 optimizer steps per epoch, 2 epochs: T from the trainer.
         assert callback.allocator.config.total_steps == callback.allocator.step_count == 8
-        assert callback.allocator._optimizer_steps == 8
+        assert callback.allocator.pairing.optimizer_steps == 8
         assert sum(callback.allocator.rank_pattern().values()) == callback.allocator.target_budget
         states[gamma] = adapter_state(module)
     key = "model.bert.encoder.layer.0.attention.self.query.P"
@@ -105,10 +105,10 @@ def test_allocation_and_regulariser_once_per_optimizer_step(tmp_path: Path) -> N
 def test_gradient_form_equals_the_loss_form_with_clipping(tmp_path: Path, timing: str) -> None:
     config = CONFIG.replace(orth_reg_weight=0.5, importance_timing=timing)
     gradient = Classifier(config)
-    callback = AdaLoRACallback(config, on_misuse="error")
+    callback = AdaLoRALightningCallback(config, on_misuse="error")
     trainer_for(tmp_path, [callback], gradient_clip_val=0.05).fit(gradient, loader())
 
-    class LossForm(AdaLoRACallback):
+    class LossForm(AdaLoRALightningCallback):
         """The same allocator, but the regulariser goes into the module's loss and no gradient is added."""
 
         def on_train_start(self, trainer, pl_module):
@@ -117,7 +117,7 @@ def test_gradient_form_equals_the_loss_form_with_clipping(tmp_path: Path, timing
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if self.allocator.config.importance_timing == "before_step":
-                self.allocator._before_optimizer_step(optimizer, (), {})
+                self.allocator.measure_importance()
 
     loss = Classifier(config, regularizer_in_loss=True)
     reference = LossForm(config, on_misuse="error")
@@ -130,7 +130,7 @@ def test_gradient_form_equals_the_loss_form_with_clipping(tmp_path: Path, timing
 
 def test_resume_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
     uninterrupted = Classifier(CONFIG)
-    done = AdaLoRACallback(CONFIG)
+    done = AdaLoRALightningCallback(CONFIG)
     trainer_for(tmp_path / "a", [done], max_epochs=4).fit(uninterrupted, loader())
 
     class Crash(Exception):
@@ -143,7 +143,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
 
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", every_n_epochs=1, save_top_k=-1)
     first = Classifier(CONFIG)
-    callbacks = [AdaLoRACallback(CONFIG), checkpoints, CrashAtEpoch()]
+    callbacks = [AdaLoRALightningCallback(CONFIG), checkpoints, CrashAtEpoch()]
     trainer = trainer_for(tmp_path / "b", callbacks, max_epochs=4, enable_checkpointing=True)
     with pytest.raises(Crash):
         trainer.fit(first, loader())
@@ -151,7 +151,7 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path: Path) -> None:
     assert len(saved) == 1
 
     resumed = Classifier(CONFIG)
-    callback = AdaLoRACallback(CONFIG)
+    callback = AdaLoRALightningCallback(CONFIG)
     trainer_for(tmp_path / "b", [callback], max_epochs=4).fit(resumed, loader(), ckpt_path=saved[0])
     assert callback.allocator.step_count == done.allocator.step_count == 16
     assert callback.allocator.history == done.allocator.history
@@ -166,6 +166,6 @@ def test_a_checkpoint_without_allocator_state_is_refused(tmp_path: Path) -> None
     trainer.fit(module, loader())
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(KeyError, match="adalora_allocator"):
-        trainer_for(tmp_path, [AdaLoRACallback(CONFIG)], max_epochs=2).fit(
+        trainer_for(tmp_path, [AdaLoRALightningCallback(CONFIG)], max_epochs=2).fit(
             Classifier(CONFIG), loader(), ckpt_path=tmp_path / "plain.ckpt"
         )

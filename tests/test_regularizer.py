@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from adalora.layers import SVDLinear
-from adalora.regularizer import orthogonal_penalty
+from adalora.regularizer import regularization
 
 
 def _adapter(p, q):
@@ -22,7 +22,7 @@ def test_orthonormal_factors_cost_nothing():
     q, _ = torch.linalg.qr(torch.randn(5, 3))
     adapter = _adapter(p, q.T)  # orthonormal rows
     for form in ("reference", "paper"):
-        assert orthogonal_penalty([adapter], form).item() == pytest.approx(0.0, abs=1e-5)
+        assert regularization([adapter], form).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_hand_computed_values():
@@ -30,20 +30,20 @@ def test_hand_computed_values():
     a = _adapter([[2.0], [0.0]], [[1.0, 1.0]])  # r = 1: P^T P = 4 -> 3, Q Q^T = 2 -> 1
     b = _adapter([[1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]])  # P^T P - I = diag(0, 3); Q Q^T - I = 0
     # paper (eq. 4): sum of squared Frobenius norms = 3^2 + 1^2 + 3^2 + 0 = 19
-    assert orthogonal_penalty([a, b], "paper").item() == pytest.approx(19.0)
+    assert regularization([a, b], "paper").item() == pytest.approx(19.0)
     # reference: mean of the 4 unsquared norms = (3 + 1 + 3 + 0) / 4
-    assert orthogonal_penalty([a, b], "reference").item() == pytest.approx(7 / 4)
+    assert regularization([a, b], "reference").item() == pytest.approx(7 / 4)
 
 
 def test_gradient_pushes_towards_orthonormality():
     adapter = _adapter(torch.randn(6, 3), torch.randn(3, 5))
     optimizer = torch.optim.SGD(adapter.parameters(), lr=0.01)
-    first = orthogonal_penalty([adapter], "paper").item()
+    first = regularization([adapter], "paper").item()
     for _ in range(200):
         optimizer.zero_grad()
-        orthogonal_penalty([adapter], "paper").backward()
+        regularization([adapter], "paper").backward()
         optimizer.step()
-    assert orthogonal_penalty([adapter], "paper").item() < 0.01 * first
+    assert regularization([adapter], "paper").item() < 0.01 * first
     assert adapter.E.grad is None or torch.all(adapter.E.grad == 0)
 
 
@@ -54,11 +54,11 @@ def test_reference_form_matches_a_direct_computation():
         norms.append(torch.linalg.matrix_norm(a.P.T @ a.P - torch.eye(a.r)))
         norms.append(torch.linalg.matrix_norm(a.Q @ a.Q.T - torch.eye(a.r)))
     expected = sum(norms) / len(norms)
-    assert orthogonal_penalty(adapters, "reference").item() == pytest.approx(expected.item(), rel=1e-6)
-    assert math.isfinite(orthogonal_penalty([], "reference").item())
+    assert regularization(adapters, "reference").item() == pytest.approx(expected.item(), rel=1e-6)
+    assert math.isfinite(regularization([], "reference").item())
 
 
-# ---------------------------------------------------------------- closed-form gradient (add_orthogonal_gradient)
+# ---------------------------------------------------------------- closed-form gradient (add_regularization_gradient)
 
 
 def _adapters(shapes, dtype, seed=0):
@@ -77,7 +77,7 @@ def _adapters(shapes, dtype, seed=0):
 def _autograd_gradients(adapters, weight, form):
     for a in adapters:
         a.zero_grad(set_to_none=True)
-    value = weight * orthogonal_penalty(adapters, form)
+    value = weight * regularization(adapters, form)
     value.backward()
     grads = [(a.P.grad.clone(), a.Q.grad.clone()) for a in adapters]
     for a in adapters:
@@ -93,11 +93,11 @@ MIXED = [(6, 3, 5), (4, 2, 7), (6, 3, 5), (4, 2, 7), (6, 3, 5), (9, 4, 3), (6, 3
 @pytest.mark.parametrize("form", ["reference", "paper"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_closed_form_gradient_equals_autograd(form, dtype, tol):
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     adapters = _adapters(MIXED, dtype)
     expected_value, expected = _autograd_gradients(adapters, 0.3, form)
-    value = add_orthogonal_gradient(adapters, 0.3, form)
+    value = add_regularization_gradient(adapters, 0.3, form)
     torch.testing.assert_close(value, expected_value, rtol=tol, atol=tol)
     for a, (gp, gq) in zip(adapters, expected, strict=True):
         torch.testing.assert_close(a.P.grad, gp, rtol=tol, atol=tol)
@@ -106,21 +106,21 @@ def test_closed_form_gradient_equals_autograd(form, dtype, tol):
 
 
 def test_closed_form_gradient_matches_a_hand_computation():
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     # P = [[2], [0]] (r = 1): D_P = [[3]]; Q = [[1, 1]]: D_Q = [[1]]. Paper: dR/dP = 4 P D_P = [[24], [0]],
     # dR/dQ = 4 D_Q Q = [[4, 4]]. Reference (n = 1): P D_P / ||D_P|| = [[2], [0]], D_Q Q / ||D_Q|| = [[1, 1]].
     a = _adapter([[2.0], [0.0]], [[1.0, 1.0]])
-    add_orthogonal_gradient([a], 1.0, "paper")
+    add_regularization_gradient([a], 1.0, "paper")
     assert a.P.grad.tolist() == [[24.0], [0.0]] and a.Q.grad.tolist() == [[4.0, 4.0]]
     a.zero_grad(set_to_none=True)
-    add_orthogonal_gradient([a], 1.0, "reference")
+    add_regularization_gradient([a], 1.0, "reference")
     assert a.P.grad.tolist() == [[2.0], [0.0]] and a.Q.grad.tolist() == [[1.0, 1.0]]
 
 
 @pytest.mark.parametrize("form", ["reference", "paper"])
 def test_closed_form_gradient_adds_to_an_existing_gradient(form):
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     adapters = _adapters(MIXED, torch.float64)
     _, expected = _autograd_gradients(adapters, 0.5, form)
@@ -130,7 +130,7 @@ def test_closed_form_gradient_adds_to_an_existing_gradient(form):
     # Half the adapters with a gradient, half without (a factor that got none in the backward pass).
     for a in adapters[::2]:
         a.P.grad = None
-    add_orthogonal_gradient(adapters, 0.5, form)
+    add_regularization_gradient(adapters, 0.5, form)
     for i, (a, (gp, gq), (ep, eq)) in enumerate(zip(adapters, expected, existing, strict=True)):
         torch.testing.assert_close(a.P.grad, gp if i % 2 == 0 else gp + ep, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(a.Q.grad, gq + eq, rtol=1e-12, atol=1e-12)
@@ -140,7 +140,7 @@ def test_closed_form_gradient_adds_to_an_existing_gradient(form):
 
 @pytest.mark.parametrize("form", ["reference", "paper"])
 def test_closed_form_gradient_at_zero_deviation_and_rank_zero(form):
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     orthonormal = _adapters([(6, 3, 5)], torch.float64)[0]
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_closed_form_gradient_at_zero_deviation_and_rank_zero(form):
     others = _adapters([(6, 3, 5), (4, 2, 7)], torch.float64, seed=1)
     adapters = [orthonormal, empty, *others]
     expected_value, expected = _autograd_gradients(adapters, 1.0, form)
-    value = add_orthogonal_gradient(adapters, 1.0, form)
+    value = add_regularization_gradient(adapters, 1.0, form)
     torch.testing.assert_close(value, expected_value)
     assert torch.all(orthonormal.P.grad == 0)  # the unsquared norm's gradient at D = 0 is taken as 0
     assert empty.P.grad.shape == (6, 0) and empty.Q.grad.shape == (0, 5)
@@ -160,7 +160,7 @@ def test_closed_form_gradient_at_zero_deviation_and_rank_zero(form):
 
 
 def test_closed_form_gradient_refuses_an_unknown_form():
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     with pytest.raises(ValueError, match="unknown form"):
-        add_orthogonal_gradient(_adapters([(4, 2, 3)], torch.float32), 1.0, "squared")
+        add_regularization_gradient(_adapters([(4, 2, 3)], torch.float32), 1.0, "squared")

@@ -97,16 +97,16 @@ def test_regulariser_is_in_the_loss_and_scaled_for_accumulation(tmp_path: Path) 
             module.p = 0.0
     plain = Trainer.compute_loss(trainer, trainer.model, dict(batch))
     regularised = trainer.compute_loss(trainer.model, dict(batch))
-    penalty = float(trainer.adalora.allocator.regularization().detach())
-    assert penalty > 0
+    regularization = float(trainer.adalora.allocator.regularization().detach())
+    assert regularization > 0
     trainer.current_gradient_accumulation_steps = 2
     # The Trainer divides a per-micro-batch loss by the accumulation itself ...
-    torch.testing.assert_close(float((regularised - plain).detach()), penalty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((regularised - plain).detach()), regularization, rtol=1e-5, atol=1e-6)
     # ... but not a loss already normalised over the accumulated batch: then the regulariser is divided here.
     trainer.loss_is_scaled_for_ga = True
     scaled = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=8)
     plain_scaled = Trainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=8)
-    torch.testing.assert_close(float((scaled - plain_scaled).detach()), penalty / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float((scaled - plain_scaled).detach()), regularization / 2, rtol=1e-5, atol=1e-6)
 
 
 class Crash(Exception):
@@ -213,7 +213,7 @@ def test_regulariser_weight_does_not_depend_on_the_accumulation(tmp_path: Path) 
     """BERT's loss accepts num_items_in_batch, so the Trainer leaves it undivided by the accumulation steps (the
     task gradient then grows with them); the callback's gradient enters once per optimizer step either way. One
     SGD step: the update with gamma minus the update without is -lr * gamma * dR/dP, whatever the accumulation."""
-    from adalora.regularizer import add_orthogonal_gradient
+    from adalora.regularizer import add_regularization_gradient
 
     key = "bert.encoder.layer.0.attention.self.query.P"
     initial = adapter_state(no_dropout_model())[key]
@@ -240,7 +240,7 @@ def test_regulariser_weight_does_not_depend_on_the_accumulation(tmp_path: Path) 
             updates[gamma] = adapter_state(trainer.model)[key] - initial
         model = no_dropout_model()
         adapters = [m for m in model.modules() if hasattr(m, "rank_mask")]
-        add_orthogonal_gradient(adapters, 0.5, CONFIG.regularizer)
+        add_regularization_gradient(adapters, 0.5, CONFIG.regularizer)
         expected = -1e-2 * model.get_submodule(key.removesuffix(".P")).P.grad
         torch.testing.assert_close(updates[0.5] - updates[0.0], expected, rtol=1e-3, atol=1e-7)
 

@@ -11,7 +11,7 @@ from conftest import tiny_bert
 from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, inject
-from adalora.integrations.loop import StepResult, fit, steps_per_epoch, total_steps
+from adalora.integrations.loop import FitStepReport, count_optimizer_steps, fit, steps_per_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,14 +55,14 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_step_counting() -> None:
     assert steps_per_epoch(10, 3) == 4  # a short last group still steps
-    assert total_steps(10, epochs=2, accumulation_steps=3) == 8
+    assert count_optimizer_steps(10, epochs=2, accumulation_steps=3) == 8
 
 
 def test_allocator_steps_once_per_optimizer_step_with_accumulation() -> None:
     batches = micro_batches(7, 2)
-    steps = total_steps(len(batches), epochs=2, accumulation_steps=2)  # 4 per epoch
+    steps = count_optimizer_steps(len(batches), epochs=2, accumulation_steps=2)  # 4 per epoch
     model, optimizer, allocator = build(steps)
-    results: list[StepResult] = []
+    results: list[FitStepReport] = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no misuse warning of any kind
         done = fit(model, batches, optimizer, allocator, epochs=2, accumulation_steps=2, on_step=results.append)
@@ -88,7 +88,7 @@ def test_accumulated_micro_batches_equal_one_large_batch() -> None:
 def test_regularizer_is_added_to_a_custom_loss() -> None:
     batches = [(b["input_ids"], b["labels"]) for b in micro_batches(2, 2)]
     model, optimizer, allocator = build(4)
-    seen: list[StepResult] = []
+    seen: list[FitStepReport] = []
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         inputs, labels = batch
@@ -114,7 +114,7 @@ def test_regulariser_as_gradient_equals_regulariser_in_the_loss(form: str) -> No
     for regularizer in ("gradient", "loss"):
         model, optimizer, allocator = build(8, gamma=0.5)
         allocator.config = allocator.config.replace(regularizer=form)
-        seen: list[StepResult] = []
+        seen: list[FitStepReport] = []
         fit(
             model,
             batches,
@@ -145,7 +145,7 @@ def test_an_unknown_regulariser_mode_is_refused() -> None:
 
 def test_start_step_continues_exactly_mid_epoch() -> None:
     batches = micro_batches(6, 2)
-    steps = total_steps(len(batches), epochs=2, accumulation_steps=2)  # 3 per epoch, 6 in all
+    steps = count_optimizer_steps(len(batches), epochs=2, accumulation_steps=2)  # 3 per epoch, 6 in all
     model, optimizer, allocator = build(steps, dropout=True)
     torch.manual_seed(1)
     fit(model, batches, optimizer, allocator, epochs=2, accumulation_steps=2)
@@ -154,7 +154,7 @@ def test_start_step_continues_exactly_mid_epoch() -> None:
     class Stop(Exception):
         pass
 
-    def stop_at_4(result: StepResult) -> None:
+    def stop_at_4(result: FitStepReport) -> None:
         if result.step == 4:
             raise Stop
 
@@ -195,10 +195,10 @@ def test_start_step_continues_exactly_mid_epoch() -> None:
 
 def test_training_past_total_steps_is_reported() -> None:
     batches = micro_batches(3, 2)
-    model, optimizer, allocator = build(total_steps(3, epochs=2), on_misuse="warn")
+    model, optimizer, allocator = build(count_optimizer_steps(3, epochs=2), on_misuse="warn")
     with pytest.warns(RuntimeWarning, match="past total_steps=6"):
         fit(model, batches, optimizer, allocator, epochs=3)
-    model, optimizer, allocator = build(total_steps(3, epochs=2), on_misuse="error")
+    model, optimizer, allocator = build(count_optimizer_steps(3, epochs=2), on_misuse="error")
     with pytest.raises(RuntimeError, match="past total_steps"):
         fit(model, batches, optimizer, allocator, epochs=3)
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import importlib
 
-from . import parallel as _parallel  # noqa: F401  (registers the importance trackers for DDP and FSDP2)
 from .allocator import RankAllocator
 from .compact import compact
 from .config import AdaLoRAConfig
 from .files.adapter import load_adapter, save_adapter
 from .files.peft import export_peft, import_peft
 from .inject import inject
-from .integrations.loop import fit, total_steps
+from .integrations.loop import count_optimizer_steps, fit
 from .layers import SVDAdapter, disable_adapters, find_adapters
 from .merge import merge, unload
 
@@ -45,6 +44,7 @@ __all__ = [
     "SVDAdapter",
     "__version__",
     "compact",
+    "count_optimizer_steps",
     "disable_adapters",
     "export_peft",
     "find_adapters",
@@ -54,6 +54,5 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
-    "total_steps",
     "unload",
 ]

@@ -6,36 +6,32 @@ Like an LR scheduler, the allocator is not an ``nn.Module``: it has ``step()``, 
 
 Step counting: the k-th call of ``step()`` (k = 0, 1, ...) is optimizer step t = k, matching PEFT's
 ``update_and_allocate(global_step)`` with a 0-based ``global_step``.
+
+The allocator composes three helpers and asks them instead of knowing what they know:
+
+- :class:`~adalora.importance.ImportanceTracker`: the statistics and triplet scores (eq. 7-11);
+- a :class:`~adalora.parallel.layout.Layout`: how the adapters lie over processes (one, DDP, FSDP2): the local
+  gradients, how to zero masked lambdas, whether compaction is allowed, the cross-process consistency check;
+- :class:`~adalora.integrations.pairing.OptimizerPairing`: the optimizer's step hooks, and the misuse they reveal.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import regularizer
 from .compact import compact
 from .config import AdaLoRAConfig
-from .importance import ImportanceTracker, make_tracker
-from .layers import SVDAdapter, find_adapters, unwrap_model
+from .importance import ImportanceTracker
+from .integrations.diagnostics import no_gradient_warning
+from .integrations.pairing import Misuse, OnMisuse, OptimizerPairing, unwrap_optimizer
+from .layers import find_adapters, unwrap_model
+from .parallel import consistency_check_requested, layout_for
 from .schedule import BudgetDecision, Phase, budget_at
-
-OnMisuse = Literal["warn", "error"]
-
-CHECK_ENV = "ADALORA_CHECK_CONSISTENCY"
-"""Environment variable that switches the cross-process consistency check on (``1``) without code changes."""
-
-
-def consistency_check_requested(flag: bool | None = None) -> bool:
-    """The explicit ``flag`` if given, else whether ``ADALORA_CHECK_CONSISTENCY`` is set to a true value."""
-    if flag is not None:
-        return bool(flag)
-    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -48,7 +44,7 @@ class Allocation:
 
 
 @dataclass(frozen=True)
-class StepReport:
+class AllocatorReport:
     """What one ``RankAllocator.step()`` did.
 
     Attributes:
@@ -62,61 +58,6 @@ class StepReport:
     phase: Phase
     budget: int
     allocation: Allocation | None
-
-
-# --- integrations (issue 16): optimizer wrappers. Kept to this helper and one call in __init__.
-def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside wrappers that expose it as ``.optimizer`` or ``._optimizer`` (accelerate's
-    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``), however deeply nested; None stays None.
-
-    The allocator registers step hooks on the optimizer. accelerate's wrapper subclasses ``torch.optim.Optimizer``
-    without initialising it, so it has no hook registry (``AttributeError: ... _optimizer_step_post_hooks``); the
-    inner optimizer's hooks fire when the wrapper steps it.
-
-    Raises:
-        TypeError: what is left after unwrapping cannot register step hooks (not an optimizer).
-    """
-    original = optimizer
-    while optimizer is not None and not hasattr(optimizer, "_optimizer_step_post_hooks"):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
-            inner = getattr(optimizer, "_optimizer", None)
-        if inner is None or inner is optimizer:
-            raise TypeError(
-                f"RankAllocator: optimizer is a {type(original).__name__}, which is neither a torch.optim.Optimizer "
-                "nor a wrapper exposing one as .optimizer; pass the torch optimizer that trains the adapters."
-            )
-        optimizer = inner
-    return optimizer
-
-
-# --- the outer ring's checks of how training is set up (adalora.parallel registers DeepSpeed and launcher checks)
-SetupCheck = Callable[[nn.Module, "torch.optim.Optimizer | None", list[SVDAdapter], bool], "tuple[str, bool] | None"]
-"""``check(model as given, optimizer, adapters, check_consistency)`` -> ``(message, fatal)`` or None."""
-_SETUP_CHECKS: list[SetupCheck] = []
-
-
-def register_setup_check(check: SetupCheck) -> None:
-    """Have every new :class:`RankAllocator` run ``check``: a fatal problem raises, another is reported as misuse."""
-    if check not in _SETUP_CHECKS:
-        _SETUP_CHECKS.append(check)
-
-
-def _no_gradient_cause(names: list[str]) -> str:
-    """The likeliest reason adapters on ``names`` got no gradient, read from the module names."""
-    heads = [n for n in names if n.rsplit(".", 1)[-1] in ("lm_head", "embed_out", "output_projection")]
-    if heads:
-        return (
-            f"{heads[0]} is a language-model head: trainers with a fused LM-head loss (TRL's SFTTrainer and "
-            "DPOTrainer) compute log-probabilities from its weight directly and never call the module, so its "
-            "adapter takes no part in the loss."
-        )
-    if any("pooler" in n for n in names):
-        return "The pooler is unused when the loss reads hidden states only (e.g. BERT's pooler under a custom head)."
-    return "They do not feed the loss (modules the forward pass never calls, or whose output is discarded)."
-
-
-# --- end integrations
 
 
 def top_b_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:
@@ -137,11 +78,33 @@ def top_b_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:
     return keep
 
 
+def _check_arguments(config: AdaLoRAConfig, has_adapters: bool, optimizer: torch.optim.Optimizer | None) -> None:
+    """Raise ``ValueError`` for a setting the allocator cannot run with, saying how to fix it."""
+    if not has_adapters:
+        raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
+    if config.total_steps is None:
+        raise ValueError(
+            "RankAllocator: config.total_steps is None. Set it to the number of optimizer steps "
+            "(config.replace(total_steps=T)); the Trainer integration fills it in for you."
+        )
+    if config.importance_timing == "before_step" and optimizer is None:
+        raise ValueError(
+            "RankAllocator: importance_timing='before_step' measures importance just before the optimizer "
+            "updates the weights, so it needs the optimizer: RankAllocator(model, config, optimizer=opt)."
+        )
+    if config.compact_at_final and optimizer is None:
+        raise ValueError(
+            "RankAllocator: compact_at_final=True shrinks the adapters at the final allocation, and the "
+            "optimizer's state must shrink with them: pass it, RankAllocator(model, config, optimizer=opt)."
+        )
+
+
 class RankAllocator:
     """Adaptive budget allocation over every :class:`SVDAdapter` in ``model``.
 
     Call :meth:`step` once per optimizer step, after ``optimizer.step()`` and before
-    ``optimizer.zero_grad()``; add :meth:`regularization` to the loss.
+    ``optimizer.zero_grad()``; add :meth:`regularization` to the loss (or call :meth:`add_regularization_gradient`
+    before ``optimizer.step()``).
 
     Args:
         model: a model prepared by :func:`adalora.inject`.
@@ -171,41 +134,14 @@ class RankAllocator:
         on_misuse: OnMisuse = "warn",
         check_consistency: bool | None = None,
     ) -> None:
-        engine = model
-        model = unwrap_model(model)  # DDP's "module." prefix would change every module name
-        optimizer = unwrap_optimizer(optimizer)  # integrations (issue 16): accelerate's AcceleratedOptimizer
+        engine, model = model, unwrap_model(model)  # DDP's "module." prefix would change every module name
+        optimizer = unwrap_optimizer(optimizer)
         named = find_adapters(model)
-        self.check_consistency = consistency_check_requested(check_consistency)
-        found = (check(engine, optimizer, [a for _, a in named], self.check_consistency) for check in _SETUP_CHECKS)
-        problems = [problem for problem in found if problem is not None]
-        for message, fatal in problems:
-            if fatal:
-                raise ValueError(f"RankAllocator: {message}")
-        if not named:
-            raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
-        if config.total_steps is None:
-            raise ValueError(
-                "RankAllocator: config.total_steps is None. Set it to the number of optimizer steps "
-                "(config.replace(total_steps=T)); the Trainer integration fills it in for you."
-            )
-        if config.importance_timing == "before_step" and optimizer is None:
-            raise ValueError(
-                "RankAllocator: importance_timing='before_step' measures importance just before the optimizer "
-                "updates the weights, so it needs the optimizer: RankAllocator(model, config, optimizer=opt)."
-            )
-        if on_misuse not in ("warn", "error"):
-            raise ValueError(f"RankAllocator: on_misuse must be 'warn' or 'error', got {on_misuse!r}")
-        if config.compact_at_final and optimizer is None:
-            raise ValueError(
-                "RankAllocator: compact_at_final=True shrinks the adapters at the final allocation, and the "
-                "optimizer's state must shrink with them: pass it, RankAllocator(model, config, optimizer=opt)."
-            )
-        self.config = config
-        self.model = model  # compact_at_final compacts it at the final allocation
-        self.optimizer = optimizer
+        self.misuse = Misuse(on_misuse)
+        _check_arguments(config, bool(named), optimizer)
+        self.config, self.model, self.optimizer = config, model, optimizer  # compaction needs model and optimizer
         self.names = [n for n, _ in named]
-        self.adapters: list[SVDAdapter] = [a for _, a in named]
-        self.on_misuse = on_misuse
+        self.adapters = [a for _, a in named]
         # b(0) = init_r x n by construction of inject; not the current sum of ranks, which is smaller once a
         # checkpoint taken after compaction is resumed.
         self.init_budget = config.init_r * len(self.adapters)
@@ -216,40 +152,39 @@ class RankAllocator:
                 f"budget {self.init_budget} - 1 ({len(self.adapters)} adapters x init_r). "
                 "Lower target_total_rank/target_r or raise init_r."
             )
-        # The tracker knows how the adapters are laid out over processes (one, DDP, FSDP2); the allocator never asks.
-        self.tracker: ImportanceTracker = make_tracker(self.adapters, config.importance, config.beta1, config.beta2)
-        if config.compact_at_final and not self.tracker.supports_compaction:
+        self.check_consistency = consistency_check_requested(check_consistency)
+        self.layout = layout_for(engine, optimizer, self.adapters)
+        if config.compact_at_final and not self.layout.supports_compaction:
             raise ValueError(
                 "RankAllocator: compact_at_final=True is not supported with several processes: DDP and FSDP hold "
                 "on to the parameters that compaction replaces. Leave it off (save_adapter still saves the "
                 "adapters cut to their kept ranks)."
             )
-        for message, _ in problems:  # not fatal: reported like any other misuse
-            if on_misuse == "error":
-                raise RuntimeError(f"RankAllocator: {message}")
-            warnings.warn(f"RankAllocator: {message}", RuntimeWarning, stacklevel=2)
-        # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
-        self._owner = torch.repeat_interleave(
-            torch.arange(len(self.adapters), device=self.tracker.device),
-            torch.tensor(self.tracker.ranks, device=self.tracker.device),
-            output_size=sum(self.tracker.ranks),  # known here, so that no device sync is needed to size it
-        )
-        # An allocation's keep-mask for the rank_mask buffers, with its per-adapter views made once here: splitting
-        # a fresh mask into one view per adapter at every allocation costs more than the copies themselves.
-        self._keep = torch.empty(sum(self.tracker.ranks), dtype=torch.bool, device=self.tracker.device)
-        self._keep_views = list(self._keep.split(self.tracker.ranks))
+        self.tracker = ImportanceTracker(self.adapters, config.importance, config.beta1, config.beta2, self.layout)
+        problem = self.layout.setup_problem(self.check_consistency)
+        if problem is not None:
+            self.misuse.report("setup", f"RankAllocator: {problem}")
+        self._prepare_masks()
         self.step_count = 0  # number of step() calls so far = the next step's t
         self.history: list[Allocation] = []
         self.final = False  # True once the pattern is frozen (t >= T - t_f)
-        self._warned: set[str] = set()
-        self._optimizer_steps = 0
-        self._optimizer_steps_at_last_step = 0
         self._measured_step = -1  # t whose importance was measured before the update (paper order)
-        self._hooks = []
-        if optimizer is not None:
-            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-            if config.importance_timing == "before_step":
-                self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+        before_step = self.measure_importance if config.importance_timing == "before_step" else None
+        self.pairing = OptimizerPairing(optimizer, lambda: self.step_count, self.adapters, self.misuse, before_step)
+
+    def _prepare_masks(self) -> None:
+        """Buffers every allocation reuses, so that it needs no host sync to size them and no per-adapter split."""
+        ranks, device = [a.r for a in self.adapters], self.layout.device
+        # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
+        self._owner = torch.repeat_interleave(
+            torch.arange(len(self.adapters), device=device),
+            torch.tensor(ranks, device=device),
+            output_size=sum(ranks),  # known here, so that no device sync is needed to size it
+        )
+        # An allocation's keep-mask for the rank_mask buffers, with its per-adapter views made once here: splitting
+        # a fresh mask into one view per adapter at every allocation costs more than the copies themselves.
+        self._keep = torch.empty(sum(ranks), dtype=torch.bool, device=device)
+        self._keep_views = list(self._keep.split(ranks))
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -273,7 +208,7 @@ class RankAllocator:
         )
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> StepReport:
+    def step(self) -> AllocatorReport:
         """Update importance, then rank and mask triplets if the schedule says so (Algorithm 1, lines 4-8).
 
         In the reference order (default) the importance of step t is measured here from the adapters'
@@ -281,51 +216,44 @@ class RankAllocator:
         performs no host-device synchronisation.
         """
         t = self.step_count
-        self._check_optimizer_pairing(t)
+        self.pairing.check(t)
         decision = self.decision(t)
         # The reference measures importance strictly before T - t_f; the forced allocation at T - t_f uses
         # the statistics as they stand.
         if t < self.final_start and self.config.importance_timing == "after_step":
             self._update_importance()
         elif t < self.final_start and self._measured_step != t:
-            self._misuse(
+            self.misuse.report(
                 "unmeasured",
                 "RankAllocator.step() ran without the optimizer step it pairs with: with "
                 "importance_timing='before_step' importance is measured when the optimizer steps.",
             )
-
         allocation = None
         if decision.allocate and not self.final:
             allocation = self._allocate(t, decision.budget)
             if t >= self.final_start:
-                self.final = True
-                self.tracker.free()
-                if self.config.compact_at_final:
-                    # The pattern is frozen: masked triplets can no longer come back, so drop them for good
-                    # (the final phase then trains (d_out, k)/(k, d_in) factors; outputs are unchanged).
-                    compact(self.model, self.optimizer)
-                self.tracker.freeze_masks()  # in this step, which synchronises anyway
+                self._freeze()
         elif self.final:
-            self.tracker.reapply_frozen_masks()
+            self.layout.reapply_masks()
         if t >= self.config.total_steps:  # type: ignore[operator]
-            self._misuse(
+            self.misuse.report(
                 "past_total",
                 f"RankAllocator stepped past total_steps={self.config.total_steps}: the schedule assumes "
                 "training ends there (the pattern stays frozen). Set total_steps to the real number of "
                 "optimizer steps.",
             )
         self.step_count += 1
-        return StepReport(t, decision.phase, decision.budget, allocation)
+        return AllocatorReport(t, decision.phase, decision.budget, allocation)
 
     def _allocate(self, step: int, budget: int) -> Allocation:
         scores = self.tracker.triplet_scores()
         keep = top_b_mask(scores, budget)
         if self.check_consistency:
-            self.tracker.verify(step, budget, keep, scores, self.names)
+            self.layout.check_allocation(step, budget, keep, scores, self.names)
         with torch.no_grad():
             self._keep.copy_(keep)
             torch._foreach_copy_([a.rank_mask for a in self.adapters], self._keep_views)
-            self.tracker.mask(keep)
+            self.layout.mask(keep)
         # Kept triplets per adapter by a scatter-add (boolean indexing would synchronise to size its result), read
         # together with the skipped-update counter: the one host sync of an allocation step.
         kept = torch.zeros(len(self.adapters), dtype=torch.long, device=keep.device)
@@ -333,16 +261,51 @@ class RankAllocator:
         *ranks, skipped = torch.cat([kept, self.tracker.skipped.view(1)]).tolist()
         allocation = Allocation(step, budget, tuple(ranks))
         self.history.append(allocation)
-        self._warn_skipped(skipped)
+        if skipped:  # counted on the device, read here where the step synchronises anyway
+            self.misuse.warn_once(
+                "non_finite",
+                f"AdaLoRA skipped {skipped} importance update(s) because some adapter gradient was NaN or inf "
+                "(e.g. an fp16 overflow step); the statistics were left unchanged for those steps.",
+            )
         return allocation
 
+    def _freeze(self) -> None:
+        """The final allocation: the pattern is frozen, the statistics are no longer needed."""
+        self.final = True
+        self.tracker.free()
+        if self.config.compact_at_final:
+            # Masked triplets can no longer come back, so drop them for good (the final phase then trains
+            # (d_out, k)/(k, d_in) factors; outputs are unchanged).
+            compact(self.model, self.optimizer)
+        self.layout.freeze_masks()  # in this step, which synchronises anyway
+
     # ------------------------------------------------------------------ importance
+    def measure_importance(self) -> None:
+        """With ``importance_timing="before_step"``: measure step t's importance now, before the optimizer updates
+        the weights (the paper's order).
+
+        The optimizer's pre-step hook calls it; a framework that runs the backward pass inside
+        ``optimizer.step()`` (Lightning) calls it itself once the gradients exist. Once per step: later calls
+        before the allocator steps do nothing.
+        """
+        t = self.step_count
+        if t < self.final_start and self._measured_step != t:
+            self._update_importance()
+            self._measured_step = t
+
+    def _update_importance(self) -> None:
+        if self.tracker.needs_gradients:
+            self.tracker.update(self._gradients())
+
     def _gradients(self) -> list[torch.Tensor]:
+        """The local gradient of every tracked parameter; zeros for one that received none (zero sensitivity)."""
         params = self.tracker.parameters()
-        grads = [p.grad for p in params]
+        grads = self.layout.gradients(params)
         missing = [i for i, g in enumerate(grads) if g is None]
+        if not missing:
+            return grads  # type: ignore[return-value]
         if len(missing) == len(grads):
-            if self.tracker.stale():
+            if self.layout.replaced(params):
                 raise RuntimeError(
                     "RankAllocator.step(): the model was sharded with fully_shard after this allocator was built (or "
                     "its adapters were compacted by hand), so it tracks parameters that no longer train. Build the "
@@ -352,106 +315,39 @@ class RankAllocator:
                 "RankAllocator.step(): no adapter parameter has a gradient. Call it after loss.backward() and "
                 "optimizer.step() but before optimizer.zero_grad() (which sets gradients to None)."
             )
-        if missing:
-            # A frozen factor (the fixed lambda = 1 gate of a LoRA doublet, see baselines.py) has no
-            # sensitivity by design; only trainable factors without a gradient deserve a warning.
-            unexpected = [i for i in missing if params[i].requires_grad]
-            if unexpected and "no_grad" not in self._warned:
-                owners = sorted({self.names[self._owner_index(params[i])] for i in unexpected})
-                self._warn_once(
-                    "no_grad",
-                    f"AdaLoRA adapters received no gradient and count as unimportant (zero sensitivity): "
-                    f"{', '.join(owners[:6])}{' ...' if len(owners) > 6 else ''}. {_no_gradient_cause(owners)} "
-                    "Drop them from target_modules.",
-                )
-            grads = [torch.zeros_like(params[i]) if g is None else g for i, g in enumerate(grads)]
-        return grads  # type: ignore[return-value]
+        # A frozen factor (the fixed lambda = 1 gate of a LoRA doublet, see baselines.py) has no sensitivity by
+        # design; only trainable factors without a gradient deserve a warning.
+        unexpected = sorted({self.names[self.tracker.owners[i]] for i in missing if params[i].requires_grad})
+        if unexpected:
+            self.misuse.warn_once("no_grad", no_gradient_warning(unexpected))
+        values = self.layout.values(params)
+        return [torch.zeros_like(values[i]) if g is None else g for i, g in enumerate(grads)]
 
-    def _owner_index(self, param: torch.Tensor) -> int:
-        for i, a in enumerate(self.adapters):
-            if any(param is p for p in a.adapter_parameters()):
-                return i
-        raise KeyError("parameter does not belong to a tracked adapter")
-
-    def _update_importance(self) -> None:
-        if self.tracker.needs_gradients:
-            self.tracker.update(self._gradients())
-
-    def _warn_skipped(self, skipped: int) -> None:
-        """Report non-finite updates (counted on the device, read at allocation steps, which synchronise anyway)."""
-        if skipped and "non_finite" not in self._warned:
-            self._warn_once(
-                "non_finite",
-                f"AdaLoRA skipped {skipped} importance update(s) because some adapter gradient was NaN or inf "
-                "(e.g. an fp16 overflow step); the statistics were left unchanged for those steps.",
-            )
-
-    # ------------------------------------------------------------------ optimizer pairing
-    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        t = self.step_count
-        if t < self.final_start and self._measured_step != t:
-            self._update_importance()
-            self._measured_step = t
-
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._optimizer_steps += 1
-        lag = self._optimizer_steps - self.step_count
-        if lag >= 2:
-            self._misuse(
-                "lagging",
-                f"The optimizer has taken {self._optimizer_steps} steps but RankAllocator.step() was called "
-                f"{self.step_count} times: call it after every optimizer step, or the budget schedule "
-                "and importance scores fall behind (nothing gets pruned on time).",
-            )
-
-    def _check_optimizer_pairing(self, t: int) -> None:
-        if not self._hooks:
-            return
-        if self._optimizer_steps == self._optimizer_steps_at_last_step and t > 0:
-            # No optimizer step since the last call: either one call per micro-batch (misuse) or a step
-            # that a GradScaler skipped after an overflow (legitimate; its gradients are non-finite).
-            # Read from the adapters, not the tracker: compact() replaces the parameters in the final phase.
-            grads = [p.grad for a in self.adapters for p in a.adapter_parameters() if p.grad is not None]
-            overflow = bool(grads) and not bool(torch.stack(torch._foreach_max(grads)).isfinite().all())
-            if not overflow:
-                self._misuse(
-                    "micro_batches",
-                    "RankAllocator.step() was called twice without an optimizer step in between: call it once "
-                    "per optimizer step, not per micro-batch (gradient accumulation).",
-                )
-        self._optimizer_steps_at_last_step = self._optimizer_steps
-
-    # ------------------------------------------------------------------ reporting
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-    def _misuse(self, key: str, message: str) -> None:
-        if self.on_misuse == "error":
-            raise RuntimeError(message)
-        self._warn_once(key, message)
-
+    # ------------------------------------------------------------------ the regulariser
     def regularization(self) -> torch.Tensor:
-        """gamma * R(P, Q) over all adapters (eq. 4); add it to any loss."""
+        """gamma * R(P, Q) over all adapters (eq. 4), with gradient; add it to any loss."""
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=self.adapters[0].E.device)
-        penalty = self.tracker.penalty(self.config.regularizer)
-        return self.config.orth_reg_weight * penalty
+        return self.config.orth_reg_weight * regularizer.regularization(self.adapters, self.config.regularizer)
 
     def add_regularization_gradient(self) -> torch.Tensor:
         """Add gamma * dR/dP and dR/dQ to the adapters' ``.grad`` instead of putting R in the loss; once per step.
 
         The same update as ``(loss + regularization()).backward()`` contributes, in closed form and without an
-        autograd graph (see ``adalora.integrations.gradient`` for when to call it).
+        autograd graph, and independent of how a trainer scales its loss (see :mod:`adalora.regularizer`). Call it
+        after the last backward pass of an optimizer step and before ``optimizer.step()`` (so before the
+        ``importance_timing="before_step"`` hook: importance is then measured on the gradient of the whole
+        objective, task loss + gamma * R, as with the regulariser in the loss).
 
         Returns:
             gamma * R before the update, detached (zero when ``orth_reg_weight`` is 0).
         """
-        if self.config.orth_reg_weight == 0:
+        weight = self.config.orth_reg_weight
+        if weight == 0:
             return torch.zeros((), device=self.adapters[0].E.device)
-        return self.tracker.add_penalty_gradient(self.config.orth_reg_weight, self.config.regularizer)
+        return regularizer.add_regularization_gradient(self.adapters, weight, self.config.regularizer)
 
+    # ------------------------------------------------------------------ reading
     def rank_pattern(self) -> dict[str, int]:
         """{module name: kept rank} of the latest allocation (init rank before the first one)."""
         ranks = torch.stack([a.rank_mask.sum() for a in self.adapters]).tolist()
@@ -464,9 +360,7 @@ class RankAllocator:
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer (e.g. before building a new allocator for it)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self.pairing.remove()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -481,12 +375,28 @@ class RankAllocator:
                 k: (None if v is None else v.detach().clone()) for k, v in self.tracker.state_dict().items()
             },
             "history": [{"step": a.step, "budget": a.budget, "ranks": list(a.ranks)} for a in self.history],
-            "optimizer_steps": self._optimizer_steps,
+            "optimizer_steps": self.pairing.optimizer_steps,
             "config": self.config.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output onto an allocator for the same adapter layout."""
+        self._check_compatible(state)
+        self.step_count = int(state["step_count"])
+        self.final = bool(state["final"])
+        self.pairing.restore(int(state["optimizer_steps"]))
+        self.history = [Allocation(h["step"], h["budget"], tuple(h["ranks"])) for h in state["history"]]
+        with torch.no_grad():
+            for adapter, mask in zip(self.adapters, state["masks"], strict=True):
+                adapter.rank_mask.copy_(mask)
+        if self.final:
+            self.layout.freeze_masks()
+            self.tracker.free()
+        else:
+            self.tracker.load_state_dict(state["importance"])
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` was saved for other adapters or another configuration."""
         current = [a.r for a in self.adapters]
         if list(state["module_names"]) != self.names:
             raise ValueError(
@@ -507,15 +417,3 @@ class RankAllocator:
                 "RankAllocator.load_state_dict: the checkpoint's config differs from this allocator's. "
                 f"Saved: {saved}; current: {self.config}. Resume with the same configuration."
             )
-        self.step_count = int(state["step_count"])
-        self.final = bool(state["final"])
-        self._optimizer_steps = self._optimizer_steps_at_last_step = int(state["optimizer_steps"])
-        self.history = [Allocation(h["step"], h["budget"], tuple(h["ranks"])) for h in state["history"]]
-        with torch.no_grad():
-            for adapter, mask in zip(self.adapters, state["masks"], strict=True):
-                adapter.rank_mask.copy_(mask)
-        if self.final:
-            self.tracker.freeze_masks()
-            self.tracker.free()
-        else:
-            self.tracker.load_state_dict(state["importance"])

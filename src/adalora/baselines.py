@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .config import AdaLoRAConfig
-from .importance import METRICS
 from .inject import inject
 from .layers import find_adapters
+from .metrics import METRICS
 
 
 def lora_config(

@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .importance import METRICS
+from .metrics import METRICS
 
-ImportanceMetric = str  # a key of adalora.importance.METRICS: "smoothed", "sensitivity", "magnitude"
 RegularizerForm = Literal["reference", "paper"]
 ImportanceTiming = Literal["after_step", "before_step"]
 
@@ -46,7 +45,7 @@ class AdaLoRAConfig:
     beta1: float = 0.85  # EMA factor of the smoothed sensitivity Ibar (eq. 9)
     beta2: float = 0.85  # EMA factor of the uncertainty Ubar (eq. 10)
     orth_reg_weight: float = 0.1  # gamma: weight of the orthogonality regulariser R(P, Q)
-    importance: ImportanceMetric = "smoothed"  # s = Ibar * Ubar (eq. 11), plain |w g| (eq. 8), or |lambda|
+    importance: str = "smoothed"  # a METRICS name: s = Ibar * Ubar (eq. 11), plain |w g| (eq. 8), or |lambda|
     regularizer: RegularizerForm = "reference"  # mean ||cov - I||_F (authors' code) or sum of squares (eq. 4)
     importance_timing: ImportanceTiming = "after_step"  # measure after optimizer.step (code) or before (Alg. 1)
     modules_to_save: tuple[str, ...] = ()  # modules trained fully and saved with the adapter (e.g. "classifier")

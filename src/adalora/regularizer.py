@@ -6,12 +6,20 @@ Two forms (docs/algorithm.md, the regulariser):
 - ``"reference"``: mean over all 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (norm not squared),
                    as in the authors' code and PEFT. The default.
 
-Two ways to apply it:
+Two ways to apply gamma * R (``orth_reg_weight``), each one function:
 
-- :func:`orthogonal_penalty`: R as a differentiable tensor; the caller multiplies by gamma (``orth_reg_weight``)
-  and adds it to whatever loss it has (one autograd graph through every adapter's Gram matrices);
-- :func:`add_orthogonal_gradient`: gamma * dR/dP and gamma * dR/dQ in closed form, added straight into the
-  factors' ``.grad`` (no graph, no loss): what the training integrations do just before the optimizer step.
+- :func:`regularization`: R as a differentiable tensor, for the caller to add gamma * R to its loss (one autograd
+  graph through every adapter's Gram matrices);
+- :func:`add_regularization_gradient`: gamma * dR/dP and gamma * dR/dQ in closed form, added straight into the
+  factors' ``.grad`` (no graph, no loss). What every training integration does, once per optimizer step between
+  the last backward pass and ``optimizer.step()``: adding gamma * R to a loss relies on how a trainer scales and
+  fuses that loss (divided by the accumulation steps or not, normalised by a token count or not, replaced by a
+  fused kernel); adding its gradient to the accumulated gradients does not.
+
+Factors sharded by FSDP2 are all-gathered (``full_tensor()``, differentiable: the backward pass hands each process
+the gradient of its own rows), so R and its gradient are those of a single process; computing the Gram matrices on
+the shards directly does not work (no sharding rule for the norm's backward). The gradient form then runs autograd
+on R alone through the gather.
 
 Closed forms, with D_P = P^T P - I (r, r) and D_Q = Q Q^T - I (r, r), both symmetric, over n adapters:
 
@@ -25,22 +33,20 @@ is taken as 0, the minimum-norm subgradient and what autograd's ``matrix_norm`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import get_args
 
 import torch
 
+from .config import RegularizerForm
 from .layers import SVDAdapter
+from .parallel.sharded import full_tensor, is_sharded
 
-if TYPE_CHECKING:
-    from .config import RegularizerForm
+FORMS: tuple[RegularizerForm, ...] = get_args(RegularizerForm)
 
 
-def _groups(adapters: Sequence[SVDAdapter]) -> dict[tuple, list[SVDAdapter]]:
-    """Adapters keyed by (P shape, Q shape, dtype, device): each group stacks into one batched matmul."""
-    groups: dict[tuple, list[SVDAdapter]] = {}
-    for a in adapters:
-        groups.setdefault((a.P.shape, a.Q.shape, a.P.dtype, a.P.device), []).append(a)
-    return groups
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"regularizer: unknown form {form!r}; choose 'reference' or 'paper'")
 
 
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
@@ -49,45 +55,44 @@ def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
     Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward
     (72 DeBERTa-sized adapters: 12 groups' worth of kernels instead of 216 small ones).
     """
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for a in adapters:
+        p, q = full_tensor(a.P), full_tensor(a.Q)
+        groups.setdefault((p.shape, q.shape, p.dtype, p.device), []).append((p, q))
     out = []
-    for (p_shape, _, dtype, device), members in _groups(adapters).items():
+    for (p_shape, _, dtype, device), members in groups.items():
         eye = torch.eye(p_shape[1], dtype=dtype, device=device)
-        p = torch.stack([a.P for a in members])  # (g, d_out, r)
-        q = torch.stack([a.Q for a in members])  # (g, r, d_in)
+        p = torch.stack([p for p, _ in members])  # (g, d_out, r)
+        q = torch.stack([q for _, q in members])  # (g, r, d_in)
         out.append(p.mT @ p - eye)
         out.append(q @ q.mT - eye)
     return out
 
 
-def orthogonal_penalty(adapters: Sequence[SVDAdapter], form: RegularizerForm = "reference") -> torch.Tensor:
+def regularization(adapters: Sequence[SVDAdapter], form: RegularizerForm = "reference") -> torch.Tensor:
     """R summed (paper) or averaged (reference) over ``adapters``; a 0-dim tensor with gradient.
 
     Returns zero (without gradient) when there are no adapters.
     """
+    _check_form(form)
     deviations = gram_deviations(adapters)
     if not deviations:
         return torch.zeros(())
     if form == "paper":
         return torch.stack([d.square().sum() for d in deviations]).sum()
-    if form == "reference":
-        return torch.cat([torch.linalg.matrix_norm(d) for d in deviations]).mean()
-    raise ValueError(f"orthogonal_penalty: unknown form {form!r}; choose 'reference' or 'paper'")
+    return torch.cat([torch.linalg.matrix_norm(d) for d in deviations]).mean()
 
 
-@torch.no_grad()
-def add_orthogonal_gradient(
+def add_regularization_gradient(
     adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm = "reference"
 ) -> torch.Tensor:
     """Add ``weight * dR/dP`` and ``weight * dR/dQ`` into every adapter's ``P.grad`` and ``Q.grad``.
 
-    Equals ``(weight * orthogonal_penalty(adapters, form)).backward()`` (tested against autograd in float64 and
-    float32) without building a graph. Every factor is grouped with the factors of the same shape, P's and Q's
-    separately (MiniLM's 36 adapters: 2 groups of P, 2 of Q): one stack and two batched matmuls per group; the
-    (r, r) Gram deviations of every group are written into one buffer so that their norms and the reference
-    form's 1/||D|| scaling take one operation each; one multi-tensor add puts it all into the gradients. A
-    ``.grad`` that is None is set to the regulariser's gradient alone (as autograd would); lambda's gradient is
-    untouched (R does not depend on it). Where a Gram deviation is exactly 0 the reference form's gradient is 0
-    (see the module docstring).
+    Equals ``(weight * regularization(adapters, form)).backward()`` (tested against autograd in float64 and
+    float32), in closed form and without building a graph unless the factors are sharded. A ``.grad`` that is None
+    is set to the regulariser's gradient alone (as autograd would); lambda's gradient is untouched (R does not
+    depend on it). Where a Gram deviation is exactly 0 the reference form's gradient is 0 (see the module
+    docstring).
 
     Args:
         adapters: the adapters R sums or averages over (for the reference form, all of them: the mean is over
@@ -98,34 +103,51 @@ def add_orthogonal_gradient(
     Returns:
         ``weight * R`` as a detached 0-dim tensor on the adapters' device (for logging; reading it synchronises).
     """
-    if form not in ("reference", "paper"):
-        raise ValueError(f"add_orthogonal_gradient: unknown form {form!r}; choose 'reference' or 'paper'")
+    _check_form(form)
     if not adapters:
         return torch.zeros(())
-    n = len(adapters)
-    # Factors by (shape, dtype, device, is P): P (d_out, r) has Gram matrix P^T P, Q (r, d_in) has Q Q^T.
-    groups: dict[tuple, list[torch.Tensor]] = {}
+    if any(is_sharded(a.P) for a in adapters):
+        # Through the all-gather: the backward pass accumulates each process's rows of the gradient into its .grad.
+        value = weight * regularization(adapters, form)
+        value.backward()
+        return value.detach()
+    return _add_closed_form_gradient(adapters, weight, form)
+
+
+def _factor_groups(adapters: Sequence[SVDAdapter]) -> dict[tuple, list[tuple[bool, list[torch.Tensor]]]]:
+    """The factors by the (r, r) buffer their Gram deviations share, ``(r, dtype, device)``, each as a list of
+    ``(is P, factors of one shape)``: P (d_out, r) has Gram matrix P^T P, Q (r, d_in) has Q Q^T."""
+    stacks: dict[tuple, list[torch.Tensor]] = {}
     for a in adapters:
-        groups.setdefault((a.P.shape, a.P.dtype, a.P.device, True), []).append(a.P)
-        groups.setdefault((a.Q.shape, a.Q.dtype, a.Q.device, False), []).append(a.Q)
-    # Groups by the (r, r) buffer their deviations share: (r, dtype, device) -> [group key].
-    buffers: dict[tuple, list[tuple]] = {}
-    for key in groups:
-        shape, dtype, device, is_p = key
-        buffers.setdefault((shape[1] if is_p else shape[0], dtype, device), []).append(key)
+        stacks.setdefault((a.P.shape, a.P.dtype, a.P.device, True), []).append(a.P)
+        stacks.setdefault((a.Q.shape, a.Q.dtype, a.Q.device, False), []).append(a.Q)
+    buffers: dict[tuple, list[tuple[bool, list[torch.Tensor]]]] = {}
+    for (shape, dtype, device, is_p), factors in stacks.items():
+        buffers.setdefault((shape[1] if is_p else shape[0], dtype, device), []).append((is_p, factors))
+    return buffers
+
+
+@torch.no_grad()
+def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm) -> torch.Tensor:
+    """:func:`add_regularization_gradient` for unsharded factors.
+
+    Every factor is grouped with the factors of the same shape, P's and Q's separately (MiniLM's 36 adapters: 2
+    groups of P, 2 of Q): one stack and two batched matmuls per group; the (r, r) Gram deviations of every group
+    are written into one buffer so that their norms and the reference form's 1/||D|| scaling take one operation
+    each; one multi-tensor add puts it all into the gradients.
+    """
+    n = len(adapters)
     params: list[torch.Tensor] = []
     updates: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
-    for (r, dtype, device), keys in buffers.items():
+    for (r, dtype, device), groups in _factor_groups(adapters).items():
         eye = torch.eye(r, dtype=dtype, device=device)
-        sizes = [len(groups[key]) for key in keys]
+        stacks = [torch.stack(factors) for _, factors in groups]  # (g, d_out, r) for P, (g, r, d_in) for Q
+        sizes = [len(x) for x in stacks]
         deviations = torch.empty(sum(sizes), r, r, dtype=dtype, device=device)  # (G, r, r), all groups of this r
-        stacks = []
-        for key, deviation in zip(keys, deviations.split(sizes), strict=True):
-            x = torch.stack(groups[key])  # (g, d_out, r) for P, (g, r, d_in) for Q
-            a, b = (x.mT, x) if key[3] else (x, x.mT)
+        for (is_p, _), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
+            a, b = (x.mT, x) if is_p else (x, x.mT)
             torch.baddbmm(eye, a, b, beta=-1, out=deviation)  # P^T P - I or Q Q^T - I, symmetric
-            stacks.append(x)
         norms = torch.linalg.matrix_norm(deviations)  # (G,)
         values.append(norms)
         if form == "paper":
@@ -134,10 +156,19 @@ def add_orthogonal_gradient(
             # weight / (n ||D||), and 0 where ||D|| = 0 (the subgradient autograd takes): 1/0 = inf -> 0.
             coefficient = norms.reciprocal().nan_to_num_(posinf=0.0).mul_(weight / n)
             deviations *= coefficient[:, None, None]  # scale the small (r, r) factor, not the (d, r) product
-        for key, x, deviation in zip(keys, stacks, deviations.split(sizes), strict=True):
-            grad = torch.bmm(x, deviation) if key[3] else torch.bmm(deviation, x)  # P D or D Q
-            params.extend(groups[key])
+        for (is_p, factors), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
+            grad = torch.bmm(x, deviation) if is_p else torch.bmm(deviation, x)  # P D or D Q
+            params.extend(factors)
             updates.extend(grad.unbind(0))
+    _accumulate(params, updates)
+    norms = values[0] if len(values) == 1 else torch.cat(values)  # (2n,): every Gram deviation's norm
+    if form == "paper":
+        return norms.square().sum().mul_(weight)
+    return norms.sum().mul_(weight / (2 * n))
+
+
+def _accumulate(params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
+    """``p.grad += u`` for every pair (one multi-tensor add); a ``.grad`` that is None becomes a copy of ``u``."""
     existing = [(p.grad, u) for p, u in zip(params, updates, strict=True) if p.grad is not None]
     if existing:
         grads, adds = zip(*existing, strict=True)
@@ -145,7 +176,3 @@ def add_orthogonal_gradient(
     for p, u in zip(params, updates, strict=True):
         if p.grad is None:
             p.grad = u.clone()
-    norms = values[0] if len(values) == 1 else torch.cat(values)  # (2n,): every Gram deviation's norm
-    if form == "paper":
-        return norms.square().sum().mul_(weight)
-    return norms.sum().mul_(weight / (2 * n))

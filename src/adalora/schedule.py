@@ -63,26 +63,6 @@ def budget_at(
     return BudgetDecision(budget, "budgeting", allocate=step % mask_interval == 0 or step == final_start)
 
 
-def budget_curve(
-    steps: int,
-    *,
-    init_budget: int,
-    target_budget: int,
-    warmup_steps: int,
-    final_steps: int,
-    total_steps: int,
-    mask_interval: int,
-) -> list[int]:
-    """b(t) for t = 0 .. steps - 1 (for plots and tests)."""
-    return [
-        budget_at(
-            t,
-            init_budget=init_budget,
-            target_budget=target_budget,
-            warmup_steps=warmup_steps,
-            final_steps=final_steps,
-            total_steps=total_steps,
-            mask_interval=mask_interval,
-        ).budget
-        for t in range(steps)
-    ]
+def budget_curve(steps: int, **schedule: int) -> list[int]:
+    """b(t) for t = 0 .. steps - 1 (for plots and tests); ``schedule`` holds :func:`budget_at`'s keyword arguments."""
+    return [budget_at(t, **schedule).budget for t in range(steps)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.atomic import WriteError
-from ..importance import METRICS
+from ..metrics import METRICS
 from ..run.causal_lm import CAUSAL_LM
 from ..run.data import BUILTIN_TASKS
 from ..run.defaults import describe_defaults

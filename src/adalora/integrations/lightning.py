@@ -1,6 +1,6 @@
-"""PyTorch Lightning (``lightning.pytorch`` or ``pytorch_lightning`` 2.x): :class:`AdaLoRACallback`.
+"""PyTorch Lightning (``lightning.pytorch`` or ``pytorch_lightning`` 2.x): :class:`AdaLoRALightningCallback`.
 
-``Trainer(callbacks=[AdaLoRACallback(config)])`` is all a LightningModule whose model went through
+``Trainer(callbacks=[AdaLoRALightningCallback(config)])`` is all a LightningModule whose model went through
 :func:`adalora.inject` needs:
 
 - T is read from ``trainer.estimated_stepping_batches`` (optimizer steps: epochs, ``max_steps``, gradient
@@ -18,22 +18,23 @@ allocator's ``importance_timing="before_step"`` hook would read the gradients be
 takes that hook off and measures importance in ``on_before_optimizer_step`` instead, just after adding the
 regulariser's gradient (the gradient of the whole objective, as in the paper).
 
-Lightning is imported on first use of ``AdaLoRACallback``, never by ``import adalora``. The callback subclasses
-``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else ``pytorch_lightning.Callback``;
-:func:`callback_class` builds it for the other one when both are installed.
+Lightning is imported on first use of ``AdaLoRALightningCallback``, never by ``import adalora``. The callback
+subclasses ``lightning.pytorch.Callback`` when the ``lightning`` package is installed, else
+``pytorch_lightning.Callback``; :func:`callback_class` builds it for the other one when both are installed.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from typing import Any
 
 from torch import nn
 
-from ..allocator import OnMisuse, RankAllocator, StepReport
+from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
-from .gradient import add_regularizer_gradient
+from .pairing import OnMisuse
 
 STATE_KEY = "adalora_allocator"
 
@@ -61,7 +62,7 @@ class _AdaLoRALightning:
 
     Attributes:
         allocator: the :class:`~adalora.RankAllocator`, built when training starts.
-        last_report: the latest :class:`~adalora.allocator.StepReport`.
+        last_report: the latest :class:`~adalora.allocator.AllocatorReport`.
         last_regularization: gamma * R at the latest optimizer step (a detached 0-dim tensor).
     """
 
@@ -70,7 +71,7 @@ class _AdaLoRALightning:
         self.config = config
         self.on_misuse = on_misuse
         self.allocator: RankAllocator | None = None
-        self.last_report: StepReport | None = None
+        self.last_report: AllocatorReport | None = None
         self.last_regularization = None
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0
@@ -93,13 +94,9 @@ class _AdaLoRALightning:
         optimizer = trainer.optimizers[0]
         config = self.config.replace(total_steps=total)
         self.allocator = RankAllocator(pl_module, config, optimizer=optimizer, on_misuse=self.on_misuse)
-        if config.importance_timing == "before_step":
-            # Torch's pre-step hooks fire before Lightning's closure runs the backward pass: measure in
-            # on_before_optimizer_step instead (see the module docstring).
-            hooks = self.allocator.optimizer._optimizer_step_pre_hooks  # type: ignore[union-attr]
-            for key, hook in list(hooks.items()):
-                if hook == self.allocator._before_optimizer_step:
-                    del hooks[key]
+        # Torch's pre-step hooks fire before Lightning's closure runs the backward pass: importance_timing=
+        # "before_step" is measured in on_before_optimizer_step instead (see the module docstring).
+        self.allocator.pairing.remove_pre_hook()
         if self._pending_state is not None:
             self.allocator.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -107,9 +104,9 @@ class _AdaLoRALightning:
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         assert self.allocator is not None, "on_before_optimizer_step before on_train_start"
-        self.last_regularization = add_regularizer_gradient(self.allocator)
+        self.last_regularization = self.allocator.add_regularization_gradient()
         if self.allocator.config.importance_timing == "before_step":
-            self.allocator._before_optimizer_step(optimizer, (), {})
+            self.allocator.measure_importance()
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self.allocator is not None, "on_train_batch_end before on_train_start"
@@ -135,8 +132,6 @@ class _AdaLoRALightning:
     def _misuse(self, message: str) -> None:
         if self.on_misuse == "error":
             raise RuntimeError(message)
-        import warnings
-
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
@@ -145,11 +140,11 @@ def callback_class(package: str | None = None) -> type:
     """The callback class on the ``Callback`` of ``package`` (``"lightning.pytorch"`` or ``"pytorch_lightning"``;
     None: the one :func:`_lightning_package` finds)."""
     module = importlib.import_module(package) if package else _lightning_package()
-    return type("AdaLoRACallback", (_AdaLoRALightning, module.Callback), {"__module__": __name__})
+    return type("AdaLoRALightningCallback", (_AdaLoRALightning, module.Callback), {"__module__": __name__})
 
 
 def __getattr__(name: str) -> Any:
-    # AdaLoRACallback is built on first access, so that importing this module without Lightning fails only there.
-    if name == "AdaLoRACallback":
+    # The callback class is built on first access, so that importing this module without Lightning fails only there.
+    if name == "AdaLoRALightningCallback":
         return callback_class()
     raise AttributeError(name)

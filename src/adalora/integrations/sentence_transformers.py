@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files.atomic import atomic_write
 from ..layers import find_adapters
 
 ADAPTERS_FILE = "adalora_adapters.pt"
@@ -123,8 +124,6 @@ def protect(model: nn.Module) -> _Guard:
 
 def save_adapters_file(model: nn.Module, directory: Path) -> None:
     """Write :func:`adapter_state` to ``directory / adalora_adapters.pt`` atomically."""
-    from ..files.atomic import atomic_write
-
     state = adapter_state(model)
     atomic_write(directory / ADAPTERS_FILE, lambda file: torch.save(state, file))
 

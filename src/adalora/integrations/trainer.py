@@ -32,16 +32,17 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..allocator import OnMisuse, RankAllocator, StepReport
+from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..layers import find_adapters
 from ..parallel import DEEPSPEED_REFUSAL, get_rank
 from . import sentence_transformers as st
-from .gradient import add_regularizer_gradient
+from .pairing import OnMisuse
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 RegularizerMode = Literal["gradient", "loss"]
@@ -58,8 +59,6 @@ def _unscale_gradients(optimizer: Any) -> None:
     inner = getattr(optimizer, "optimizer", None)
     if scaler is None or inner is None or not scaler.is_enabled():
         return
-    from torch.amp.grad_scaler import OptState
-
     state = scaler._per_optimizer_states[id(inner)]
     if state["stage"] is OptState.READY:
         scaler.unscale_(inner)
@@ -80,7 +79,7 @@ class AdaLoRACallback(TrainerCallback):
 
     Attributes:
         allocator: the allocator, built at ``on_train_begin`` (None before).
-        last_report: the :class:`~adalora.allocator.StepReport` of the latest step.
+        last_report: the :class:`~adalora.allocator.AllocatorReport` of the latest step.
         last_regularization: gamma * R at the latest step, a detached 0-dim tensor (gradient form only).
         resume_from: checkpoint directory to restore the allocator from; :class:`AdaLoRATrainer` sets it. When
             None and the Trainer resumes, ``<output_dir>/checkpoint-<global_step>`` is used.
@@ -95,7 +94,7 @@ class AdaLoRACallback(TrainerCallback):
         self.on_misuse = on_misuse
         self.regularizer = regularizer
         self.allocator: RankAllocator | None = None
-        self.last_report: StepReport | None = None
+        self.last_report: AllocatorReport | None = None
         self.last_regularization: torch.Tensor | None = None
         self.resume_from: str | None = None
         self._regularized = False
@@ -170,7 +169,7 @@ class AdaLoRACallback(TrainerCallback):
             _unscale_gradients(optimizer)
             # Before optimizer.step(), hence before the allocator's importance_timing="before_step" hook: importance
             # is measured on the gradient of task loss + gamma * R, as with the regulariser in the loss.
-            self.last_regularization = add_regularizer_gradient(self.allocator)
+            self.last_regularization = self.allocator.add_regularization_gradient()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         assert self.allocator is not None, "on_optimizer_step before on_train_begin"
@@ -196,7 +195,7 @@ class AdaLoRACallback(TrainerCallback):
             return
         # Under DDP every process holds the same allocator state: the one that writes the Trainer's files saves
         # it. Under FSDP2 each process holds its own shard of the importance statistics and saves that.
-        if not (self.allocator.tracker.per_process_state or args.should_save):
+        if not (self.allocator.layout.per_process_state or args.should_save):
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if directory.is_dir():
@@ -208,7 +207,7 @@ class AdaLoRACallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     def _state_file(self) -> str:
         """``adalora_allocator.pt``, or one file per process when FSDP2 shards the statistics."""
-        if self.allocator.tracker.per_process_state:
+        if self.allocator.layout.per_process_state:
             return ALLOCATOR_FILE.replace(".pt", f"_rank{get_rank()}.pt")
         return ALLOCATOR_FILE
 

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+CHECK_ENV = "ADALORA_CHECK_CONSISTENCY"
+"""Environment variable that switches the cross-process consistency check on (``1``) without code changes."""
+
 
 class ConsistencyError(RuntimeError):
     """The processes of one training run disagree about the allocation (raised on every process at once)."""
 
 
-# ---------------------------------------------------------------------- the consistency check
+def consistency_check_requested(flag: bool | None = None) -> bool:
+    """The explicit ``flag`` if given, else whether ``ADALORA_CHECK_CONSISTENCY`` is set to a true value."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def mask_fingerprint(masks: Sequence[torch.Tensor]) -> str:
     """A short SHA-256 of the masks (and of how they split into adapters), for logs and tests.
 
@@ -84,7 +94,18 @@ def check_allocation_consistency(
     high, low = payload[: n * 2 + 2], -payload[n * 2 + 2 :]
     if torch.equal(high, low):
         return
-    high, low = high.cpu(), low.cpu()
+    raise ConsistencyError(
+        f"AdaLoRA allocation at step {step} differs across the {dist.get_world_size(group)} processes: "
+        + "; ".join(_differences(high.cpu(), low.cpu(), names, ranks))
+        + ". The replicas have diverged. Usual causes: the model is not wrapped in DistributedDataParallel (or "
+        "FSDP), so gradients are not averaged; processes started from different weights or seeds; the "
+        "allocator stepped at different times; non-deterministic kernels on different hardware."
+    )
+
+
+def _differences(high: torch.Tensor, low: torch.Tensor, names: Sequence[str], ranks: Sequence[int]) -> list[str]:
+    """What differs between processes, from the maxima and minima over them of ``[step, budget, keep, scores]``."""
+    n = sum(ranks)
     problems = []
     if high[0] != low[0] or high[1] != low[1]:
         problems.append(
@@ -104,10 +125,4 @@ def check_allocation_consistency(
         # Scores computed from the same all-reduced gradients are bitwise equal; any difference means the
         # replicas are drifting apart, even while the masks still happen to agree.
         problems.append(f"the masks agree but the triplet scores differ by up to {spread:.3g}")
-    raise ConsistencyError(
-        f"AdaLoRA allocation at step {step} differs across the {dist.get_world_size(group)} processes: "
-        + "; ".join(problems)
-        + ". The replicas have diverged. Usual causes: the model is not wrapped in DistributedDataParallel (or "
-        "FSDP), so gradients are not averaged; processes started from different weights or seeds; the "
-        "allocator stepped at different times; non-deterministic kernels on different hardware."
-    )
+    return problems

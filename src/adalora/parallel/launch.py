@@ -1,5 +1,6 @@
-"""How training was set up, checked when a RankAllocator is built: DeepSpeed (refused) and launchers that started
-independent processes instead of one training (reported). Registered with ``adalora.allocator.register_setup_check``.
+"""How training was set up, checked when a RankAllocator is built: DeepSpeed (refused by
+:func:`adalora.parallel.layout_for`) and launchers that started independent processes instead of one training
+(reported by :meth:`adalora.parallel.layout.Layout.setup_problem`).
 """
 
 from __future__ import annotations
@@ -59,12 +60,3 @@ def launch_problem(check_consistency: bool) -> str | None:
             "but this is a single process: there is nothing to compare, and the check does nothing."
         )
     return None
-
-
-def setup_problem(model: Any, optimizer: Any, adapters: list[Any], check_consistency: bool) -> tuple[str, bool] | None:
-    """The first problem with how training is set up, as ``(message, fatal)``, or None (see the module docstring)."""
-    deepspeed = deepspeed_in_use(model, optimizer, adapters)
-    if deepspeed is not None:
-        return f"{deepspeed}. {DEEPSPEED_REFUSAL}", True
-    problem = launch_problem(check_consistency)
-    return None if problem is None else (problem, False)

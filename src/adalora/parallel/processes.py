@@ -14,7 +14,6 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------------- process-group awareness
 def is_distributed() -> bool:
     """Whether a default process group with more than one process is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -11,13 +11,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import AdaLoRAConfig
+from ..files.adapter import save_adapter
 from ..inject import name_matches
 from ..layers import find_adapters, unwrap_model
 from .processes import is_distributed, is_main_process
 from .sharded import is_sharded
 
 
-# ---------------------------------------------------------------------- saving from several processes
 @contextlib.contextmanager
 def gathered_adapters(model: nn.Module, config: AdaLoRAConfig) -> Iterator[nn.Module]:
     """Inside the block, the adapters and ``modules_to_save`` of an FSDP2-sharded model hold full tensors.
@@ -65,16 +65,14 @@ def save_adapter_collective(
     Returns:
         The adapter directory on rank 0, None on the other processes.
     """
-    from ..files.adapter import save_adapter as save  # the adapter format imports much of the package
-
     model = unwrap_model(model)
     with gathered_adapters(model, config):
         if not is_distributed():
-            return save(model, directory, config, metadata)
+            return save_adapter(model, directory, config, metadata)
         path, failure = None, None
         if is_main_process():
             try:
-                path = save(model, directory, config, metadata)
+                path = save_adapter(model, directory, config, metadata)
             except Exception as error:  # re-raised below, after the others have heard of it
                 failure = error
         outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]

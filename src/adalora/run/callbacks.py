@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.atomic import read_json
 from ..files.checkpoint import save_checkpoint, trainable_state_dict
 from ..finite import non_finite
-from ..integrations.loop import StepResult
+from ..integrations.loop import FitStepReport
 from .collapse import guard_epoch
 from .defaults import training_rank
 from .divergence import Diverged, diverged, track
@@ -66,7 +66,7 @@ class RunCallbacks:
         self.setup, self.settings, self.state, self.scaler = setup, setup.settings, state, scaler
         if scaler is not None and "grad_scaler" in state:  # fp16: the loss scale reached before the restart
             scaler.load_state_dict(state["grad_scaler"])
-        self.main = distributed.is_main_process()
+        self.main = parallel.is_main_process()
         self.checkpoint_path = output_dir / CHECKPOINT_FILE
         self.run_id = read_json(output_dir / RUN_FILE)["run_id"] if self.main else None  # what checkpoints belong to
         self.metric = primary_metric(self.settings.task)
@@ -124,11 +124,11 @@ class RunCallbacks:
         if self.main:
             self.bar.write(f"warning: {' '.join(message.split())}")
 
-    def on_step(self, result: StepResult) -> None:
+    def on_step(self, result: FitStepReport) -> None:
         """After every optimizer step: loss (averaged over the processes' shares of the batch), bar, logs."""
         state = self.state
         state["step"] = result.step
-        result = dataclasses.replace(result, loss=distributed.mean_over_processes(result.loss))
+        result = dataclasses.replace(result, loss=parallel.mean_over_processes(result.loss))
         state["loss_sum"] += result.loss
         state["loss_n"] += 1
         if track(state, result.step, result.loss):

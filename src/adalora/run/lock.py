@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .. import parallel as distributed
+from .. import parallel
 from .settings import LOCK_FILE, RunError
 
 try:
@@ -94,12 +94,12 @@ def locked_for_all_processes(directory: Path, command: str, *, fix: str, create:
     rank 0 is refused, so that none waits for the others."""
     with contextlib.ExitStack() as stack:
         refusal = None
-        if distributed.is_main_process():
+        if parallel.is_main_process():
             try:
                 stack.enter_context(locked(directory, command, exclusive=True, fix=fix, create=create))
             except RunInUse as error:
                 refusal = str(error)
-        refusal = distributed.from_main_process(refusal)
+        refusal = parallel.from_main_process(refusal)
         if refusal is not None:
             raise RunInUse(refusal)
         yield

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.atomic import atomic_directory, read_json, write_json
 from .evaluate import primary_metric
 from .settings import (
@@ -37,7 +37,7 @@ def save_weights(setup: Setup, output_dir: Path) -> Path:
     fine-tuning). Every process calls it (FSDP2 gathers the shards); rank 0 writes."""
     if setup.config is None:
         target = output_dir / "model"
-        if distributed.is_main_process():
+        if parallel.is_main_process():
             # Written aside and swapped in whole; its files then follow the umask (safetensors makes them 0600).
             with atomic_directory(target, marker="config.json") as tmp:
                 setup.model.save_pretrained(tmp)
@@ -52,7 +52,7 @@ def save_weights(setup: Setup, output_dir: Path) -> Path:
         "max_length": setup.settings.max_length,
     }
     target = output_dir / "adapter"
-    distributed.save_adapter_collective(setup.model, target, setup.config, metadata)
+    parallel.save_adapter_collective(setup.model, target, setup.config, metadata)
     return target
 
 
@@ -150,7 +150,7 @@ def finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float
     returns the metrics (the others return an empty dict)."""
     weights = save_weights(setup, output_dir)
     ranks = rank_pattern(setup)
-    if not distributed.is_main_process():
+    if not parallel.is_main_process():
         return {}
     if ranks:
         write_json(output_dir / RANKS_FILE, ranks)
@@ -167,7 +167,7 @@ def fail(output_dir: Path, failure: dict[str, Any]) -> None:
     """Record a failed run (e.g. :class:`~adalora.run.divergence.Diverged`'s record) under ``"failure"`` in its
     ``run.json`` and remove its checkpoints: a failed run is not resumed (``--resume`` says why) and leaves no
     weights; ``--overwrite`` starts it over. Rank 0 writes."""
-    if not distributed.is_main_process():
+    if not parallel.is_main_process():
         return
     write_json(output_dir / RUN_FILE, read_json(output_dir / RUN_FILE) | {"failure": failure})
     remove_checkpoints(output_dir)

@@ -16,7 +16,7 @@ from ..allocator import RankAllocator
 from ..baselines import inject_lora, lora_config, pruned_lora_config
 from ..config import AdaLoRAConfig
 from ..inject import inject
-from ..integrations.loop import total_steps
+from ..integrations.loop import count_optimizer_steps
 from . import causal_lm
 from .data import Task, builtin_task, encode, file_task
 from .defaults import default_lr, training_rank
@@ -180,7 +180,7 @@ def prepare(settings: RunSettings) -> Setup:
     batches = rows // settings.batch_size
     if batches == 0:
         raise RunError(f"--batch-size {settings.batch_size} is larger than the {rows} training rows")
-    steps = total_steps(batches, settings.epochs, settings.grad_accum)
+    steps = count_optimizer_steps(batches, settings.epochs, settings.grad_accum)
     heads = settings.modules_to_save
     if heads is None:
         heads = head_modules(inputs.model, inputs.fresh_weights)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from .. import parallel as distributed
+from .. import parallel
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -90,8 +90,8 @@ class StopRequests:
         """At a step boundary: if a signal came (on any process), checkpoint unless ``saved_step == step`` and
         raise :class:`Stopped`."""
         asked = self.signum is not None
-        if distributed.is_distributed():  # every process stops at the same step if any was signalled
-            asked = distributed.mean_over_processes(float(asked)) > 0
+        if parallel.is_distributed():  # every process stops at the same step if any was signalled
+            asked = parallel.mean_over_processes(float(asked)) > 0
         if not asked:
             return
         if saved_step != step:

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .. import parallel as distributed
+from .. import parallel
 from .words import plural
 
 
@@ -58,7 +58,7 @@ class ThreadChoice:
 
 def choose_threads() -> ThreadChoice:
     """Torch threads for this process: its cores, but no more than the other processes leave idle."""
-    processes = distributed.get_local_world_size()
+    processes = parallel.get_local_world_size()
     cores = max(1, available_cores() // processes)
     share = f" (of {available_cores()}, shared by {processes} processes)" if processes > 1 else ""
     idle = idle_cores()

@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from .. import parallel as distributed
+from .. import parallel
 from ..files.atomic import read_json, write_json
 from ..files.checkpoint import CheckpointError, load_latest_checkpoint
-from ..integrations.loop import StepResult, fit
+from ..integrations.loop import FitStepReport, fit
 from . import causal_lm
 from .batches import TensorBatches
 from .callbacks import RunCallbacks, new_state, summary_writer_class
@@ -96,9 +96,9 @@ def run(
             adapter is written.
     """
     # A launcher's environment starts the process group here, unless the caller already has one.
-    owns_group = not distributed.is_distributed() and distributed.init_from_env("gloo")
+    owns_group = not parallel.is_distributed() and parallel.init_from_env("gloo")
     try:
-        if not distributed.is_main_process():  # one process reports for all
+        if not parallel.is_main_process():  # one process reports for all
             progress, log = False, _silent
         output_dir = Path(output_dir)
         command, fix = ("train --resume", "") if resume else ("train", ", or choose another --output-dir")
@@ -143,7 +143,7 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
     else:
         check_new_run(output_dir, overwrite)
     settings.check()
-    world = distributed.get_world_size()
+    world = parallel.get_world_size()
     if settings.batch_size % world:
         raise RunError(
             f"--batch-size {settings.batch_size} (the global micro-batch) does not split evenly over {world} "
@@ -167,7 +167,7 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
         choice = choose_threads()
         settings = settings.replace(threads=choice.threads)
         log(f"using {plural(choice.threads, 'torch thread')}: {choice.reason}")
-    distributed.barrier()  # every process has checked the directory before rank 0 writes into it
+    parallel.barrier()  # every process has checked the directory before rank 0 writes into it
     return settings
 
 
@@ -214,7 +214,7 @@ def start_or_resume(setup: Setup, output_dir: Path, *, resume: bool, overwrite: 
         if changed:
             raise RunError(f"cannot resume {output_dir}: the data or model changed since it started ({changed})")
         state = resume_state(setup, output_dir, run_file["run_id"], log)
-    if distributed.is_main_process():
+    if parallel.is_main_process():
         if overwrite and not resume:
             clear_outputs(output_dir)
         claim(output_dir)
@@ -254,7 +254,7 @@ def resume_state(setup: Setup, output_dir: Path, run_id: str, log: Any) -> dict[
 
 def describe(setup: Setup, log: Any) -> None:
     """One line: method, task, data sizes, steps, examples per step, trainable parameters, threads."""
-    settings, derived, world = setup.settings, setup.derived, distributed.get_world_size()
+    settings, derived, world = setup.settings, setup.derived, parallel.get_world_size()
     # causal-lm packs text into rows of --max-length tokens: the rows are what batches count
     rows = f" ({derived['train_rows']} / {derived['eval_rows']} rows)" if "train_rows" in derived else ""
     per_step = settings.batch_size * settings.grad_accum
@@ -284,7 +284,7 @@ def train(
 
     With ``stop``, a signal stops the run at the next step boundary, after a checkpoint (stop.py)."""
     settings = setup.settings
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = parallel.get_rank(), parallel.get_world_size()
     describe(setup, log)
     if settings.task == causal_lm.CAUSAL_LM and "eval_before" not in state:
         with autocast(setup.device, settings.precision):
@@ -297,7 +297,7 @@ def train(
     def stop_if_asked() -> None:
         stop.check(state["step"], setup.total_steps, callbacks.saved_step, callbacks.checkpoint)
 
-    def on_step(result: StepResult) -> None:
+    def on_step(result: FitStepReport) -> None:
         callbacks.on_step(result)
         if result.step % callbacks.per_epoch:  # the last step of an epoch stops after its evaluation
             stop_if_asked()
