@@ -8,7 +8,14 @@ from collections.abc import Iterable
 from torch import nn
 
 from .config import AdaLoRAConfig
-from .layers import SVDAdapter, adapter_class_for, find_adapters, supported_layers, unwrap_model
+from .layers import (
+    SVDAdapter,
+    adapter_class_for,
+    find_adapters,
+    keep_differentiable_layout,
+    supported_layers,
+    unwrap_model,
+)
 
 
 def name_matches(name: str, targets: tuple[str, ...] | str) -> bool:
@@ -35,7 +42,9 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Replace every targeted layer of ``model`` by an SVD adapter, in place, and freeze the rest.
 
     After this call only the adapters' P, E, Q and the parameters of ``config.modules_to_save`` are
-    trainable. The adapted model computes exactly what the base model did (lambda starts at 0).
+    trainable. The adapted model computes exactly what the base model did (lambda starts at 0). Quantized layers
+    of the model, adapted or not, pass the dequantized layer's gradient to their input, in eval mode too (see
+    ``adalora.layers.keep_differentiable_layout``).
 
     Args:
         model: any module; Hugging Face transformers models work as they are.
@@ -86,6 +95,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
         )
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_differentiable_layout(model)  # bitsandbytes' CPU inference kernel for 4-bit weights has no backward
     for name, module in matched:
         adapter_cls = adapter_class_for(module)
         assert adapter_cls is not None

@@ -24,6 +24,7 @@ from .quantized import (
     SVDLinear8bitLt,
     SVDTorchAOLinear,
     is_quantized_adapter,
+    keep_differentiable_layout,
     logical_shape,
     precision_of,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "disable_adapters",
     "find_adapters",
     "is_quantized_adapter",
+    "keep_differentiable_layout",
     "kept_triplets",
     "layer_type_of",
     "logical_shape",
