@@ -13,44 +13,71 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .fields import COUNT, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, STEPS, ConfigError, check_fields, setting
 from .metrics import METRICS
 
 RegularizerForm = Literal["reference", "paper"]
 ImportanceTiming = Literal["after_step", "before_step"]
 
-_REGULARIZERS = ("reference", "paper")
-_TIMINGS = ("after_step", "before_step")
+_METRICS_HELP = "; ".join(f"{m.name}: {m.description}" for m in METRICS.values())
 
 
 @dataclass(frozen=True)
 class AdaLoRAConfig:
     """Everything that defines an AdaLoRA run. Immutable: derive variants with :meth:`replace`.
 
+    Every field says what it means and which values it takes (:func:`adalora.fields.setting`); ``adalora train``
+    makes each one a flag (``init_r`` -> ``--init-r``) from that alone.
+
     Raises:
-        ValueError: on construction, naming the field, what is wrong with it and how to fix it.
+        ValueError: (:class:`~adalora.fields.ConfigError`) on construction, naming the field, what is wrong with
+            it and how to fix it.
     """
 
-    target_modules: tuple[str, ...] | str = ("query", "key", "value", "dense")
-    """Module names to adapt: a list matches names equal to an entry or ending in ``"." + entry``;
-    a single string is a regular expression that must match the whole module name."""
-    init_r: int = 12  # r at step 0 for every adapted matrix; the paper starts at ~1.5 x the final rank
-    target_r: int | None = 8  # average final rank: b(T) = target_r * n matrices
-    target_total_rank: int | None = None  # alternative to target_r: b(T) given directly
-    alpha: float = 16.0  # adapter scale = alpha / init_r, fixed even when triplets are masked (reference)
-    dropout: float = 0.0  # dropout on the adapter input only
-    warmup_steps: int = 200  # t_i: no masking while t <= t_i
-    final_steps: int = 500  # t_f: the last t_f steps train with a frozen rank pattern
-    mask_interval: int = 10  # DeltaT: reallocate when t % DeltaT == 0 during the budgeting phase
-    total_steps: int | None = 3000  # T in optimizer steps; None = let a training integration fill it in
-    beta1: float = 0.85  # EMA factor of the smoothed sensitivity Ibar (eq. 9)
-    beta2: float = 0.85  # EMA factor of the uncertainty Ubar (eq. 10)
-    orth_reg_weight: float = 0.1  # gamma: weight of the orthogonality regulariser R(P, Q)
-    importance: str = "smoothed"  # a METRICS name: s = Ibar * Ubar (eq. 11), plain |w g| (eq. 8), or |lambda|
-    regularizer: RegularizerForm = "reference"  # mean ||cov - I||_F (authors' code) or sum of squares (eq. 4)
-    importance_timing: ImportanceTiming = "after_step"  # measure after optimizer.step (code) or before (Alg. 1)
-    modules_to_save: tuple[str, ...] = ()  # modules trained fully and saved with the adapter (e.g. "classifier")
-    init_std: float = 0.02  # std of the Gaussian init of P and Q; lambda starts at 0
-    compact_at_final: bool = False  # cut adapters to their kept rank at the final allocation (see compact.py)
+    target_modules: tuple[str, ...] | str = setting(
+        ("query", "key", "value", "dense"),
+        'module names to adapt: a list matches names equal to an entry or ending in "." + entry; a single string '
+        "is a regular expression that must match the whole module name",
+        metavar="NAME",
+    )
+    init_r: int = setting(
+        12, "r at step 0 of every adapted matrix (the paper starts at ~1.5 x the final rank)", COUNT, metavar="R"
+    )
+    target_r: int | None = setting(
+        8, "average final rank: b(T) = target_r x the number of matrices", COUNT, metavar="R"
+    )
+    target_total_rank: int | None = setting(
+        None, "the final budget b(T) over all matrices, instead of target_r", COUNT, metavar="B", instead_of="target_r"
+    )
+    alpha: float = setting(
+        16.0, "adapter scale = alpha / init_r, fixed even when triplets are masked (reference)", POSITIVE
+    )
+    dropout: float = setting(0.0, "dropout probability on the adapter input", FRACTION, metavar="P")
+    warmup_steps: int = setting(200, "t_i: no masking while t <= t_i", STEPS, metavar="T_I")
+    final_steps: int = setting(500, "t_f: the last t_f steps train with a frozen rank pattern", STEPS, metavar="T_F")
+    mask_interval: int = setting(
+        10, "DeltaT: reallocate when t % DeltaT == 0 in the budgeting phase", COUNT, metavar="STEPS"
+    )
+    total_steps: int | None = setting(3000, "T in optimizer steps; None = let a training integration fill it in", COUNT)
+    beta1: float = setting(0.85, "EMA factor of the smoothed sensitivity Ibar (eq. 9)", OPEN_UNIT)
+    beta2: float = setting(0.85, "EMA factor of the uncertainty Ubar (eq. 10)", OPEN_UNIT)
+    orth_reg_weight: float = setting(
+        0.1, "gamma: weight of the orthogonality regulariser R(P, Q)", NON_NEGATIVE, metavar="GAMMA"
+    )
+    importance: str = setting(
+        "smoothed", f"score that ranks the singular values: {_METRICS_HELP}", choices=tuple(METRICS)
+    )
+    regularizer: RegularizerForm = setting(
+        "reference", "R(P, Q): mean ||cov - I||_F (authors' code) or sum of squares (eq. 4)"
+    )
+    importance_timing: ImportanceTiming = setting(
+        "after_step", "measure importance after optimizer.step (authors' code) or before it (Alg. 1)"
+    )
+    modules_to_save: tuple[str, ...] = setting(
+        (), 'modules trained fully and saved with the adapter (e.g. "classifier")', metavar="NAME"
+    )
+    init_std: float = setting(0.02, "std of the Gaussian init of P and Q (lambda starts at 0)", POSITIVE)
+    compact_at_final: bool = setting(False, "cut adapters to their kept rank at the final allocation (compact.py)")
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so the frozen config is hashable and JSON round-trips exactly.
@@ -59,85 +86,48 @@ class AdaLoRAConfig:
         if isinstance(self.modules_to_save, list | str):
             value = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
             object.__setattr__(self, "modules_to_save", tuple(value))
-        self._validate()
+        check_fields(self)
+        self._check_relations()
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> None:
-        def fail(name: str, problem: str, fix: str) -> None:
-            raise ValueError(f"AdaLoRAConfig.{name}: {problem}. {fix}")
+    def _check_relations(self) -> None:
+        """What one field alone cannot say: the targets' form, one final budget below the initial one, and a
+        budgeting phase between warm-up and final phase."""
 
-        def check_int(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, f"expected an integer, got {value!r}", f"Pass a whole number >= {minimum}.")
-            if value < minimum:
-                fail(name, f"must be >= {minimum}, got {value}", f"Set {name} to at least {minimum}.")
+        def fail(name: str, problem: str, fix: str) -> None:
+            raise ConfigError("AdaLoRAConfig", name, problem, fix)
 
         targets = self.target_modules
-        if isinstance(targets, str):
-            if not targets:
-                fail("target_modules", "is an empty regular expression", "Name the modules to adapt.")
-        elif not targets or not all(isinstance(t, str) and t for t in targets):
+        if isinstance(targets, str) and not targets:
+            fail("target_modules", "is an empty regular expression", "Name the modules to adapt.")
+        if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) and t for t in targets)):
             fail(
                 "target_modules",
                 f"must be a non-empty list of module names or a regex string, got {targets!r}",
                 'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama.',
             )
-        check_int("init_r", 1)
         if (self.target_r is None) == (self.target_total_rank is None):
             fail(
                 "target_r",
                 "exactly one of target_r and target_total_rank must be set",
                 "Give the average final rank (target_r) or the total final budget (target_total_rank), not both.",
             )
-        if self.target_r is not None:
-            check_int("target_r", 1)
-            if self.target_r >= self.init_r:
-                fail(
-                    "target_r",
-                    f"the final rank must be smaller than init_r, got target_r={self.target_r} >= init_r={self.init_r}",
-                    f"Lower target_r or raise init_r (the paper starts at about 1.5 x the target, "
-                    f"e.g. init_r={max(self.target_r + 1, round(1.5 * self.target_r))}).",
-                )
-        if self.target_total_rank is not None:
-            check_int("target_total_rank", 1)
-        for name in ("warmup_steps", "final_steps"):
-            check_int(name, 0)
-        check_int("mask_interval", 1)
-        if self.total_steps is not None:
-            check_int("total_steps", 1)
-            if self.total_steps <= self.warmup_steps + self.final_steps:
-                fail(
-                    "total_steps",
-                    f"total_steps={self.total_steps} leaves no budgeting phase after warmup_steps="
-                    f"{self.warmup_steps} and before final_steps={self.final_steps}",
-                    "Train for more steps or shorten warmup_steps/final_steps so that "
-                    "total_steps > warmup_steps + final_steps (the authors spend about half of training "
-                    "reducing the budget).",
-                )
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 < value < 1.0:
-                fail(name, f"must lie strictly between 0 and 1, got {value!r}", "The paper uses 0.85.")
-        for name in ("alpha", "orth_reg_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0:
-                fail(name, f"must be a non-negative number, got {value!r}", f"Set {name} >= 0.")
-        if not isinstance(self.init_std, int | float) or not self.init_std > 0:
-            fail("init_std", f"must be positive, got {self.init_std!r}", "The reference uses 0.02.")
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            fail("dropout", f"must lie in [0, 1), got {self.dropout!r}", "Use 0.0 for no dropout.")
-        for name, allowed in (
-            ("importance", tuple(METRICS)),
-            ("regularizer", _REGULARIZERS),
-            ("importance_timing", _TIMINGS),
-        ):
-            if getattr(self, name) not in allowed:
-                fail(name, f"unknown value {getattr(self, name)!r}", f"Choose one of {', '.join(allowed)}.")
-        if not all(isinstance(m, str) and m for m in self.modules_to_save):
-            fail("modules_to_save", f"must be module names, got {self.modules_to_save!r}", 'e.g. ["classifier"].')
-        if not isinstance(self.compact_at_final, bool):
-            fail("compact_at_final", f"must be True or False, got {self.compact_at_final!r}", "Pass a bool.")
+        if self.target_r is not None and self.target_r >= self.init_r:
+            fail(
+                "target_r",
+                f"the final rank must be smaller than init_r, got target_r={self.target_r} >= init_r={self.init_r}",
+                f"Lower target_r or raise init_r (the paper starts at about 1.5 x the target, "
+                f"e.g. init_r={max(self.target_r + 1, round(1.5 * self.target_r))}).",
+            )
+        if self.total_steps is not None and self.total_steps <= self.warmup_steps + self.final_steps:
+            fail(
+                "total_steps",
+                f"total_steps={self.total_steps} leaves no budgeting phase after warmup_steps="
+                f"{self.warmup_steps} and before final_steps={self.final_steps}",
+                "Train for more steps or shorten warmup_steps/final_steps so that "
+                "total_steps > warmup_steps + final_steps (the authors spend about half of training "
+                "reducing the budget).",
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
