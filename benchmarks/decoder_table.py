@@ -238,18 +238,9 @@ def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], t
         max_length=dict(grid.max_lengths)[spec.cell.task],
         model=None,  # the packaged SmolLM2-135M-Instruct
         method=variant.method,
-        init_r=init_r,
-        target_r=budget,
         lora_r=budget if variant.method == "lora" else None,
-        alpha=alpha,
-        dropout=0.0,
         warmup_fraction=0.2,
         final_fraction=0.3,
-        mask_interval=grid.mask_interval,
-        importance="smoothed",
-        orth_reg_weight=0.1,
-        beta1=0.85,
-        beta2=0.85,
         epochs=grid.epochs,
         batch_size=grid.batch_size,
         lr=spec.lr,
@@ -262,6 +253,16 @@ def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], t
         threads=threads,
         device=device,  # resolved here: the run records the concrete device, and a resume compares equal
         precision=grid.precision,
+    ).replace(  # the method's settings (AdaLoRAConfig fields)
+        init_r=init_r,
+        target_r=budget,
+        alpha=alpha,
+        dropout=0.0,
+        mask_interval=grid.mask_interval,
+        importance="smoothed",
+        orth_reg_weight=0.1,
+        beta1=0.85,
+        beta2=0.85,
     )
     return settings.replace(**dict(variant.overrides))
 
@@ -282,11 +283,9 @@ def benchmark_settings(task: str, threads: int, **overrides: Any) -> Any:
         max_eval=None,
         max_length=dict(grid.max_lengths)[task],
         batch_size=grid.batch_size,
-        init_r=3,
-        target_r=2,
         threads=threads,
         seed=0,
-    )
+    ).replace(init_r=3, target_r=2)
     return settings.replace(**overrides)
 
 

@@ -76,7 +76,7 @@ class Variant:
     method: str  # adalora | lora | pruned-lora | full (adalora.run.settings.METHODS)
     label: str  # as printed in the table
     lr_from: str | None = None  # reuse this variant's chosen lr (ablations) instead of searching
-    overrides: tuple[tuple[str, Any], ...] = ()  # RunSettings fields
+    overrides: tuple[tuple[str, Any], ...] = ()  # fields of RunSettings or of its AdaLoRAConfig (RunSettings.replace)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -384,18 +384,9 @@ def settings_for(grid: Grid, spec: RunSpec, files: dict[str, Path], threads: int
         max_eval=None,
         max_length=TASKS[spec.cell.task].max_length,
         method=variant.method,
-        init_r=round(grid.init_factor * budget) if budget else 12,
-        target_r=budget if budget else 8,
         lora_r=budget if variant.method == "lora" else None,
-        alpha=16.0,
-        dropout=0.0,
         warmup_fraction=0.2,  # with final_fraction 0.3: half of training decreases the budget (the authors' advice)
         final_fraction=0.3,
-        mask_interval=grid.mask_interval,
-        importance="smoothed",
-        orth_reg_weight=0.1,
-        beta1=0.85,
-        beta2=0.85,
         epochs=grid.epochs,
         batch_size=grid.batch_size,
         lr=spec.lr,
@@ -405,6 +396,16 @@ def settings_for(grid: Grid, spec: RunSpec, files: dict[str, Path], threads: int
         seed=spec.seed,
         save_every=grid.save_every,
         threads=threads,
+    ).replace(  # the method's settings (AdaLoRAConfig fields)
+        init_r=round(grid.init_factor * budget) if budget else 12,
+        target_r=budget if budget else 8,
+        alpha=16.0,
+        dropout=0.0,
+        mask_interval=grid.mask_interval,
+        importance="smoothed",
+        orth_reg_weight=0.1,
+        beta1=0.85,
+        beta2=0.85,
     )
     return settings.replace(**dict(variant.overrides))
 
@@ -426,11 +427,19 @@ def kept_parameters(run_dir: Path, trainable: int) -> int:
     return adapters + head
 
 
+def flat_settings(settings: Any) -> dict[str, Any]:
+    """A run's settings as one flat dict (its AdaLoRAConfig's fields beside the run's, those the run derives left
+    out), as the results files have always recorded them."""
+    data = settings.to_dict()
+    config, derived = data.pop("adalora"), data.pop("derived")
+    return data | {k: v for k, v in config.items() if k not in derived and k != "total_steps"}
+
+
 def record_of(spec: RunSpec, metrics: dict[str, Any], run_dir: Path, settings: Any) -> dict[str, Any]:
     """What the results file keeps of a finished run."""
     from adalora.run.settings import RANKS_FILE, RunSettings
 
-    defaults = RunSettings().to_dict()
+    defaults = flat_settings(RunSettings())
     ranks_file = run_dir / RANKS_FILE
     record = {
         "task": spec.cell.task,
@@ -451,7 +460,9 @@ def record_of(spec: RunSpec, metrics: dict[str, Any], run_dir: Path, settings: A
         "final_total_rank": metrics["final_total_rank"],
         "train_seconds": metrics["train_seconds"],
         "settings": {
-            k: v for k, v in settings.to_dict().items() if v != defaults.get(k) and k not in ("train_file", "eval_file")
+            k: v
+            for k, v in flat_settings(settings).items()
+            if v != defaults.get(k) and k not in ("train_file", "eval_file")
         },
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

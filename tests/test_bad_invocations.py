@@ -49,7 +49,7 @@ CASES = [
     Case("batch-size-negative", train("--batch-size", "-4"), "argument --batch-size: expected an integer >= 1"),
     Case("grad-accum-zero", train("--grad-accum", "0"), "argument --grad-accum: expected an integer >= 1"),
     Case("dropout-one", train("--dropout", "1"), "argument --dropout: expected a number in [0, 1)"),
-    Case("beta1-above-one", train("--beta1", "1.5"), "argument --beta1: expected a number in [0, 1)"),
+    Case("beta1-above-one", train("--beta1", "1.5"), "argument --beta1: expected a number strictly between 0 and 1"),
     Case("warmup-fraction-negative", train("--warmup-fraction", "-0.1"), "argument --warmup-fraction: expected"),
     Case("final-steps-negative", train("--final-steps", "-1"), "argument --final-steps: expected an integer >= 0"),
     Case("max-train-negative", train("--max-train", "-5"), "argument --max-train: expected an integer >= 1 or 'all'"),
@@ -77,6 +77,8 @@ CASES = [
     Case("device-unknown", train("--device", "tpu"), "argument --device: expected auto, cpu, cuda, cuda:N or mps"),
     Case("device-missing", train("--device", "cuda:99"), "--device cuda:99: this machine has"),
     Case("precision-unknown", train("--precision", "int8"), "argument --precision: invalid choice: 'int8'"),
+    Case("target-r-above-init-r", train("--target-r", "8"), "--target-r: the final rank must be smaller than --init-r"),
+    Case("compact-at-final", train("--compact-at-final"), "--compact-at-final: adalora train cannot resume"),
     Case("tensorboard-missing", train("--tensorboard"), "pip install tensorboard", needs="no-tensorboard"),
     # data and model
     Case("train-without-eval", ("train", "--train", "{data}/train.csv"), "give both --train and --eval"),

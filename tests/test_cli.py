@@ -126,7 +126,7 @@ ERRORS = [
     (["--target-modules", "nothing_here"], "no module name matches target_modules"),
     (["--warmup-steps", "6", "--final-steps", "6"], "training has 12 optimizer steps .* leaves no budget-decreasing"),
     (["--batch-size", "500"], "larger than the 48 training"),
-    (["--target-r", "8"], "init_r"),
+    (["--target-r", "8"], "--target-r: the final rank must be smaller than --init-r, got --target-r=8 >= --init-r=4"),
 ]
 
 

@@ -59,11 +59,12 @@ def test_settings_reproduce_pefts_scale_and_our_defaults(dt, tmp_path):
         return dt.decoder_settings(grid, spec, files, threads=1, device="cpu")
 
     peft = settings("adalora-peft-scale", 8)
-    assert (peft.init_r, peft.target_r, peft.alpha, peft.alpha / peft.init_r) == (16, 8, 2.0, 8 / 64)
+    peft_config = peft.adalora
+    assert (peft_config.init_r, peft_config.target_r, peft_config.alpha, peft_config.scale) == (16, 8, 2.0, 8 / 64)
     ours = settings("adalora-lora-lr", 8)
-    assert (ours.init_r, ours.target_r, ours.alpha, ours.method) == (12, 8, 16.0, "adalora")
+    assert (ours.adalora.init_r, ours.adalora.target_r, ours.adalora.alpha, ours.method) == (12, 8, 16.0, "adalora")
     lora = settings("lora", 8)
-    assert (lora.lora_r, lora.alpha / lora.lora_r) == (8, 2.0)  # PEFT's LoRA r32 / alpha 64: scale 2 as well
+    assert (lora.lora_r, lora.adalora.alpha / lora.lora_r) == (8, 2.0)  # PEFT's LoRA r32 / alpha 64: scale 2 as well
     assert settings("adalora", 2, "search").eval_file.endswith("val.jsonl")
     assert settings("adalora", 2).task == "causal-lm" and settings("adalora", 2).eval_file.endswith("test.jsonl")
 

@@ -109,8 +109,8 @@ def test_gradient_checkpointing_changes_no_gradient(assets) -> None:
     model_dir, data_dir = assets
     settings = RunSettings(
         model=str(model_dir), train_file=str(data_dir / "train.csv"), eval_file=str(data_dir / "eval.csv"),
-        max_length=16, batch_size=8, init_r=4, target_r=2, threads=1, device="cpu",
-    )  # fmt: skip
+        max_length=16, batch_size=8, threads=1, device="cpu",
+    ).replace(init_r=4, target_r=2)  # fmt: skip
     grads = []
     for checkpointing in (False, True):
         setup = prepare(settings.replace(gradient_checkpointing=checkpointing))

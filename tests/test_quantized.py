@@ -29,7 +29,7 @@ from adalora.layers import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, kee
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
 
-from adalora.run.quantize import METHODS, QuantizationUnavailable, quantize_model  # noqa: E402
+from adalora.run.quantize import QUANTIZATIONS, QuantizationUnavailable, quantize_model  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG = AdaLoRAConfig(
@@ -373,7 +373,7 @@ def test_quantize_model_keeps_the_output_embedding_and_named_heads_in_float() ->
     assert names and "classifier" not in names and type(model.classifier) is nn.Linear
     llama = tiny_llama(hidden=64)
     assert "lm_head" not in quantize_model(llama, "bnb-8bit") and type(llama.lm_head) is nn.Linear
-    assert set(METHODS) == {"bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8"}
+    assert set(QUANTIZATIONS) == {"bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8"}
 
 
 # ---------------------------------------------------------------------- adapter files

@@ -36,8 +36,8 @@ class AdaLoRAConfig:
 
     target_modules: tuple[str, ...] | str = setting(
         ("query", "key", "value", "dense"),
-        'module names to adapt: a list matches names equal to an entry or ending in "." + entry; a single string '
-        "is a regular expression that must match the whole module name",
+        'modules to adapt: names equal to an entry or ending in "." + entry (a single string instead is a regular '
+        "expression that must match the whole name)",
         metavar="NAME",
     )
     init_r: int = setting(

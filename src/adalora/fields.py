@@ -148,6 +148,11 @@ def about(field: dataclasses.Field) -> About:
     return field.metadata.get("about") or About("")
 
 
+def flag(field: dataclasses.Field) -> str:
+    """The command-line flag of a field: ``--field-name``, unless its :class:`About` names another."""
+    return about(field).flag or "--" + field.name.replace("_", "-")
+
+
 def hints(cls: type) -> dict[str, Any]:
     """The resolved type of every field of the dataclass ``cls`` (annotations may be strings)."""
     return typing.get_type_hints(cls)

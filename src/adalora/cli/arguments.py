@@ -2,7 +2,8 @@
 
 - :class:`Parser`: argparse, but an error is one line naming the option, plus where to read more
   (``see adalora train --help``), instead of the whole usage block;
-- :func:`number`: an argparse ``type`` that checks the option's range from :data:`adalora.run.settings.LIMITS`;
+- :func:`add_flags`: one flag per field of a settings dataclass, made from what the field says about itself
+  (:mod:`adalora.fields`: help, range, choices), its value checked against the field's range as it is parsed;
 - :func:`join_negative_numbers`: ``--lr -1e-3`` reaches the range check (argparse alone takes ``-1e-3`` for an
   option and says "expected one argument").
 """
@@ -10,11 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NoReturn
 
-from ..run.settings import LIMITS, Limit
+from ..fields import About, about, base_type, choices_of, flag, hints
 
 
 class UsageError(ValueError):
@@ -29,43 +32,82 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where there is one and the help text does not already explain it."""
+def add_flags(
+    groups: Mapping[str, Any],
+    defaults: Any,
+    *,
+    group: str | None = None,
+    skip: Collection[str] = (),
+    shown: Mapping[str, str] | None = None,
+    wording: Callable[[str], str] = str,
+) -> None:
+    """Add a flag for every field of the dataclass instance ``defaults`` (``init_r`` -> ``--init-r``).
 
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def number(setting: str, *, zero_means: str | None = None) -> Callable[[str], Any]:
-    """An argparse ``type`` for the numeric setting ``setting``: parses and checks its range (:data:`LIMITS`).
+    Each flag's help is the field's, with its default; its value is parsed as the field's type and checked
+    against the field's range or choices, so a mistake is refused naming the flag. A flag that is not typed
+    leaves no attribute in the parsed namespace (``argparse.SUPPRESS``): what is there is what the user typed.
 
     Args:
-        setting: a :class:`~adalora.run.settings.RunSettings` field with an entry in ``LIMITS``.
-        zero_means: ``0`` is also accepted, as this word (e.g. ``"all"``), and returned as None; the word itself
-            is accepted too.
+        groups: argument groups (or the parser) by key; a field goes to ``group``, else to its ``About.group``.
+        defaults: the dataclass instance whose values are the defaults shown.
+        skip: fields without a flag.
+        shown: words to show as the default of some fields instead of their value.
+        wording: rewrites each help text (e.g. names of other fields as their flags).
     """
-    limit: Limit = LIMITS[setting]
+    types = hints(type(defaults))
+    for field in dataclasses.fields(defaults):
+        if field.name in skip:
+            continue
+        info = about(field)
+        default = (shown or {}).get(field.name) or _shown(getattr(defaults, field.name), info)
+        text = wording(info.help) + (f" (default: {default})" if default else "")
+        options = _options(field, types[field.name], info)
+        target = groups[group or info.group]
+        target.add_argument(
+            flag(field), dest=field.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **options
+        )
+
+
+def _shown(value: Any, info: About) -> str:
+    """A default as it would be typed (nothing for a flag without a value, or a None without a word)."""
+    if isinstance(value, bool):
+        return ""
+    if value is None:
+        return info.none_as or ""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _options(field: dataclasses.Field, hint: Any, info: About) -> dict[str, Any]:
+    """``add_argument``'s keywords for a field of type ``hint``: an action for bools, choices, a list, or a type."""
+    kind, choices = base_type(hint), choices_of(field, hint)
+    if kind is bool:
+        return {"action": "store_true" if field.default is False else argparse.BooleanOptionalAction}
+    if choices is not None:
+        return {"choices": list(choices)}
+    options: dict[str, Any] = {"metavar": info.metavar}
+    if tuple in (typing.get_origin(kind), *map(typing.get_origin, typing.get_args(kind))):
+        options["nargs"] = "+"  # a list of names (of ``tuple[str, ...]``, alone or in a union)
+    if info.allowed is not None:
+        options["type"] = _parser(info)
+    return options
+
+
+def _parser(info: About) -> Callable[[str], Any]:
+    """An argparse ``type``: the text as a value in ``info.allowed`` (or None for ``info.none_as``)."""
+    assert info.allowed is not None
+    allowed, word = info.allowed, info.none_as
 
     def parse(text: str) -> Any:
-        if zero_means is not None and text.strip().lower() in (zero_means, "none", "0"):
+        if word is not None and text.strip().lower() in (word, "none", "0"):
             return None
         try:
-            value = limit.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(_expected(limit, zero_means, text)) from None
-        if limit.problem(value) is not None:
-            raise argparse.ArgumentTypeError(_expected(limit, zero_means, text))
-        return value
+            return allowed.parse(text)
+        except ValueError as error:
+            alternative = f" or '{word}'" if word is not None and not _is_number(word) else ""
+            raise argparse.ArgumentTypeError(f"{error}{alternative}, got '{text}'") from None
 
-    parse.__name__ = limit.kind.__name__  # argparse names the type in some messages
+    parse.__name__ = getattr(allowed, "kind", str).__name__  # argparse names the type in some messages
     return parse
-
-
-def _expected(limit: Limit, zero_means: str | None, text: str) -> str:
-    alternative = f" or '{zero_means}'" if zero_means else ""
-    return f"expected {limit.describe()}{alternative}, got '{text}'"
 
 
 def _is_number(text: str) -> bool:

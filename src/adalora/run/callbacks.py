@@ -193,5 +193,6 @@ def collapse_guard_inputs(setup: Setup) -> tuple[list[int], list[int], float, fl
     labels = len(setup.task.label_names)
     train = torch.bincount(setup.train["labels"], minlength=labels).tolist()
     held_out = torch.bincount(setup.eval["labels"], minlength=labels).tolist()
-    rank = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
-    return train, held_out, setup.optimizer.defaults["lr"], settings.alpha / rank if rank else None
+    config = settings.adalora
+    rank = training_rank(settings.method, settings.lora_r, config.target_r, config.init_r)
+    return train, held_out, setup.optimizer.defaults["lr"], config.alpha / rank if rank else None

@@ -1,44 +1,21 @@
-"""Default learning rates of ``adalora train``, per method and adapter scale.
+"""The default learning rate of ``adalora train``: one rule for every adapter method, by its adapter scale.
 
-An adapter's update is multiplied by its scale alpha / r, so at a fixed learning rate a smaller rank takes
-larger steps in weight space: 8 at r = 2 against 2 at r = 8 with alpha = 16. With Adam, whose steps have a
-fixed size per parameter whatever the gradient's, the change of a layer's output per step grows roughly like
-``lr * alpha / sqrt(r)`` (the r rank-one terms add up like random vectors; this is the "rank-stabilised" scale
-of rsLoRA). The default learning rate therefore depends on that rank-stabilised scale
+    lr = base(method) * min(1, s_ref(method) / s),    s = alpha / sqrt(r)
 
-    s = alpha / sqrt(r),    r = the rank the adapter trains at (LoRA: --lora-r; AdaLoRA and pruned LoRA:
-                            --init-r, the rank of every matrix while the scale is applied),
-
-through one rule for every adapter method::
-
-    lr = base_lr(method) * min(1, reference_scale(method) / s)
-
-``base_lr`` is the rate measured as safe and good at the reference rank; beyond the reference scale (smaller
-ranks, or a larger --alpha) the rate shrinks in proportion, so the step in weight space stays at most the
-measured one. At larger ranks the rate is not raised: the measurements found the collapse edge of LoRA at
-about the same learning rate at r = 2 and r = 8, so a larger rate is not known to be safe there.
-
-The measured basis (docs/cli.md, *Defaults that do not collapse*; runs of all-MiniLM-L6-v2 on 2,000
-examples): LoRA collapsed to a constant prediction at lr 3e-3 at r = 2 and r = 8 alike, and at the previous
-default 2e-3 in one of three seeds at r = 2; 1e-3 was the best learning rate found for LoRA at both ranks
-on all three tasks tried and collapsed nowhere, so it is LoRA's base at r = 2 (s = 11.3). Pruned LoRA
-collapsed at 3e-3 (TREC-6 and SMS spam) and never at 1e-3, at initial ranks 3 and 12: base 1e-3 at r = 3.
-AdaLoRA (lambda starts at 0, so its update starts small) collapsed only at 3e-2 (and at 1e-2 without the
-orthogonal regulariser): base 5e-3 at its r = 3 (init rank of the r = 2 budget), a margin of 6x. Full
-fine-tuning has no adapter scale: 5e-5, the common BERT rate, which trained at every rate tried from 3e-5 to
-3e-4 (collapse only at 1e-3).
-
-rsLoRA's alternative, changing the scale itself to alpha / sqrt(r), is not offered: it changes what a
-trained adapter means (its saved scale would no longer match PEFT's LoRA at the same alpha), while
-adjusting the learning rate keeps every adapter comparable with PEFT.
+where r is the rank the scale alpha / r is applied at (LoRA: its rank; AdaLoRA and pruned LoRA: the initial rank).
+Why this form: with Adam every parameter moves by about the learning rate per step whatever its gradient, and an
+adapter's r rank-one terms add up like random vectors, so the change of a layer's output per step grows like
+``lr * alpha / sqrt(r)`` (rsLoRA's rank-stabilised scale). ``base`` is the rate measured as good and safe at the
+reference scale ``s_ref``; beyond it (smaller ranks, a larger alpha) the rate shrinks in proportion, so the step in
+weight space never exceeds the measured one; below it the rate is not raised, as no larger rate was found safe.
+Full fine-tuning has no adapter scale and one rate. The measurements behind each base and reference, and why
+the scale itself stays PEFT's alpha / r: docs/cli.md, *Defaults that do not collapse*.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-METHODS: tuple[str, ...] = ("adalora", "lora", "pruned-lora", "full")
 
 
 @dataclass(frozen=True)
@@ -47,9 +24,6 @@ class LearningRateRule:
 
     base: float
     reference_scale: float | None  # alpha / sqrt(r) at which ``base`` was measured; None = no adapter
-
-
-DEFAULT_LR: dict[str, float] = {}  # filled below: each method's base rate (the rate at its reference scale)
 
 
 def _scale_at(rank: int, alpha: float = 16.0) -> float:
@@ -62,7 +36,6 @@ RULES: dict[str, LearningRateRule] = {
     "pruned-lora": LearningRateRule(1e-3, _scale_at(3)),
     "full": LearningRateRule(5e-5, None),
 }
-DEFAULT_LR.update({method: rule.base for method, rule in RULES.items()})
 
 
 def training_rank(method: str, lora_r: int | None, target_r: int | None, init_r: int) -> int | None:
@@ -91,7 +64,7 @@ def default_lr(method: str, rank: int | None, alpha: float = 16.0) -> float:
         ValueError: unknown method, or a rank below 1 / a non-positive alpha for an adapter method.
     """
     if method not in RULES:
-        raise ValueError(f"unknown method '{method}' for a default learning rate; choose one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method '{method}' for a default learning rate; choose one of {', '.join(RULES)}")
     rule = RULES[method]
     if rule.reference_scale is None:
         return rule.base

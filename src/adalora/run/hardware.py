@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .settings import DEVICE_PATTERN, RunError
+from .settings import DEVICE, RunError
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the keys are settings.PRECISIONS
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the keys are settings.Precision
 
 
 def resolve_device(name: str) -> str:
@@ -32,7 +32,7 @@ def resolve_device(name: str) -> str:
     Raises:
         RunError: for a device that this machine does not have, or a name that is no device.
     """
-    if not DEVICE_PATTERN.fullmatch(name):
+    if DEVICE.problem(name) is not None:
         raise RunError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():

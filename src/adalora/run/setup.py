@@ -95,8 +95,9 @@ def load_inputs(settings: RunSettings) -> _Inputs:
 
 def resolve_schedule(settings: RunSettings, steps: int, batches: int) -> tuple[int, int]:
     """(t_i, t_f) for T = ``steps``; fractions of T unless given in steps."""
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else round(settings.warmup_fraction * steps)
-    final = settings.final_steps if settings.final_steps is not None else round(settings.final_fraction * steps)
+    warmup, final = settings.value("warmup_steps"), settings.value("final_steps")
+    warmup = warmup if warmup is not None else round(settings.warmup_fraction * steps)
+    final = final if final is not None else round(settings.final_fraction * steps)
     if steps <= warmup + final:
         raise RunError(
             f"training has {plural(steps, 'optimizer step')} ({plural(batches, 'batch', 'batches')} x "
@@ -126,33 +127,20 @@ def apply_method(
         return None
     targets = resolve_targets(settings, model)
     derived["target_modules"] = list(targets)
+    given = settings.adalora
     if settings.method == "lora":
-        rank = settings.lora_r or settings.target_r
+        rank = settings.lora_r or given.target_r
         if rank is None:
             raise RunError("--method lora needs a rank: give --lora-r (or --target-r)")
         config = lora_config(
-            rank, target_modules=targets, alpha=settings.alpha, dropout=settings.dropout, modules_to_save=heads
+            rank, target_modules=targets, alpha=given.alpha, dropout=given.dropout, modules_to_save=heads
         )
         inject_lora(model, config)
         return config
     warmup, final = resolve_schedule(settings, steps, batches)
     derived.update(warmup_steps=warmup, final_steps=final)
-    config = AdaLoRAConfig(
-        target_modules=targets,
-        init_r=settings.init_r,
-        target_r=None if settings.target_budget is not None else settings.target_r,
-        target_total_rank=settings.target_budget,
-        alpha=settings.alpha,
-        dropout=settings.dropout,
-        warmup_steps=warmup,
-        final_steps=final,
-        mask_interval=settings.mask_interval,
-        total_steps=steps,
-        beta1=settings.beta1,
-        beta2=settings.beta2,
-        orth_reg_weight=settings.orth_reg_weight,
-        importance=settings.importance,  # type: ignore[arg-type]
-        modules_to_save=heads,
+    config = given.replace(
+        target_modules=targets, warmup_steps=warmup, final_steps=final, total_steps=steps, modules_to_save=heads
     )
     if settings.method == "pruned-lora":
         config = pruned_lora_config(config)
@@ -167,7 +155,6 @@ def prepare(settings: RunSettings) -> Setup:
 
     The torch thread count is ``settings.threads``, else the default of :func:`adalora.run.threads.choose_threads`.
     """
-    settings.check()
     torch.set_num_threads(settings.threads or default_threads())
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
@@ -181,7 +168,7 @@ def prepare(settings: RunSettings) -> Setup:
     if batches == 0:
         raise RunError(f"--batch-size {settings.batch_size} is larger than the {rows} training rows")
     steps = count_optimizer_steps(batches, settings.epochs, settings.grad_accum)
-    heads = settings.modules_to_save
+    heads = settings.value("modules_to_save")
     if heads is None:
         heads = head_modules(inputs.model, inputs.fresh_weights)
     derived: dict[str, Any] = {
@@ -197,8 +184,8 @@ def prepare(settings: RunSettings) -> Setup:
     if settings.task == causal_lm.CAUSAL_LM:
         derived.update(train_rows=rows, eval_rows=len(inputs.eval["labels"]))
     # The default depends on the method and the adapter scale alpha / r (run/defaults.py).
-    rank = training_rank(settings.method, settings.lora_r, settings.target_r, settings.init_r)
-    lr = settings.lr if settings.lr is not None else default_lr(settings.method, rank or 1, settings.alpha)
+    rank = training_rank(settings.method, settings.lora_r, settings.adalora.target_r, settings.adalora.init_r)
+    lr = settings.lr if settings.lr is not None else default_lr(settings.method, rank or 1, settings.adalora.alpha)
     derived["lr"] = lr
     if settings.quantize != "none":
         # On the training device first: bitsandbytes quantizes its layers where they are (on a GPU when moved there).

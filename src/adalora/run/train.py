@@ -46,6 +46,7 @@ from .evaluate import evaluator, primary_metric, training_loss
 from .hardware import DeviceLoss, autocast, grad_scaler, resolve_device
 from .lock import locked_for_all_processes
 from .outputs import fail, finish
+from .quantize import QuantizationUnavailable, require_package
 from .settings import (
     CHECKPOINT_FILE,
     MARKER_FILE,
@@ -142,7 +143,16 @@ def check_start(settings: RunSettings, output_dir: Path, *, resume: bool, overwr
             settings = settings.replace(threads=threads)
     else:
         check_new_run(output_dir, overwrite)
-    settings.check()
+    if settings.adalora.compact_at_final:  # the run would have checkpoints it cannot resume
+        raise RunError(
+            "--compact-at-final: adalora train cannot resume from a checkpoint of compacted adapters, so it trains "
+            "them uncompacted (the saved adapter keeps only the kept triplets either way); drop --compact-at-final"
+        )
+    if settings.quantize != "none":
+        try:
+            require_package(settings.quantize)
+        except QuantizationUnavailable as error:
+            raise RunError(str(error)) from None
     world = parallel.get_world_size()
     if settings.batch_size % world:
         raise RunError(
