@@ -36,24 +36,26 @@ TASKS = ("trec", "sms-spam")
 
 def measure(task: str, steps: int, threads: int, precision: str) -> dict[str, Any]:
     from adalora.run.batches import TensorBatches
-    from adalora.run.hardware import DeviceLoss
+    from adalora.run.hardware import DeviceLoss, resolve_device
     from adalora.run.lm_loss import kept_positions, next_token_loss, position_ids
-    from adalora.run.setup import prepare
+    from adalora.run.train import prepare
 
-    setup = prepare(benchmark_settings(task, threads, precision=precision))
+    settings = benchmark_settings(task, threads, precision=precision)
+    settings = settings.replace(device=resolve_device(settings.device))  # as the run's check stage decides it
+    data, model, _ = prepare(settings)
     ways = {
-        "every position": DeviceLoss(setup.device, precision),  # transformers' loss from the labels
-        "labelled positions": DeviceLoss(setup.device, precision, next_token_loss),
+        "every position": DeviceLoss(model.device, precision),  # transformers' loss from the labels
+        "labelled positions": DeviceLoss(model.device, precision, next_token_loss),
     }
-    batches = TensorBatches(setup.train, setup.settings.batch_size, setup.settings.seed, 0)
+    batches = TensorBatches(data.train, settings.batch_size, settings.seed, 0)
     chosen = [batches[i] for i in range(min(steps, len(batches)))]
     for batch in chosen:  # both ways see the same inputs: position ids counted from each row's first token
         batch["position_ids"] = position_ids(batch["attention_mask"])
-    parameters = [p for p in setup.model.parameters() if p.requires_grad]
+    parameters = [p for p in model.module.parameters() if p.requires_grad]
 
     def step(way: str, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         start = time.perf_counter()
-        loss = ways[way](setup.model, batch)
+        loss = ways[way](model.module, batch)
         loss.backward()
         for p in parameters:
             p.grad = None
@@ -72,7 +74,7 @@ def measure(task: str, steps: int, threads: int, precision: str) -> dict[str, An
     return {
         "task": task,
         "steps": len(chosen),
-        "batch_size": setup.settings.batch_size,
+        "batch_size": settings.batch_size,
         "precision": precision,
         "mean_length": statistics.mean(b["input_ids"].shape[1] for b in chosen),
         "mean_kept_positions": statistics.mean(kept_positions(b["labels"]) for b in chosen),

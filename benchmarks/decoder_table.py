@@ -220,8 +220,7 @@ def read_prompts(path: Path) -> tuple[list[str], list[int]]:
 # ---------------------------------------------------------------------------------------------- one run
 def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], threads: int, device: str) -> Any:
     """The RunSettings of a run; every schedule setting spelled out, as in the encoder table."""
-    from adalora.run.causal_lm import CAUSAL_LM
-    from adalora.run.settings import RunSettings
+    from adalora.run.settings import CAUSAL_LM, RunSettings
 
     variant, budget = VARIANTS[spec.cell.variant], spec.cell.budget
     assert budget is not None, "the decoder table has no full fine-tuning row"
@@ -270,8 +269,7 @@ def decoder_settings(grid: DecoderGrid, spec: RunSpec, files: dict[str, Path], t
 def benchmark_settings(task: str, threads: int, **overrides: Any) -> Any:
     """RunSettings for timing steps on the table's data (train / validation files of ``task``, its max length and
     batch size; AdaLoRA 3 -> 2), for the benchmarks that measure what a table run spends its time on."""
-    from adalora.run.causal_lm import CAUSAL_LM
-    from adalora.run.settings import RunSettings
+    from adalora.run.settings import CAUSAL_LM, RunSettings
 
     grid = DecoderGrid()
     files = DecoderRunner(grid, DECODER_RUNS, threads).files[task]
@@ -320,9 +318,9 @@ class DecoderRunner:
 
     def base(self) -> tuple[Any, Any]:
         if self._base is None:
-            from adalora.run.causal_lm import load_causal_lm, resolve_lm_path
+            from adalora.run.model import causal_lm_path, load_causal_lm
 
-            self._base = load_causal_lm(resolve_lm_path(None))
+            self._base = load_causal_lm(causal_lm_path(None))
         return self._base
 
     def __call__(self, spec: RunSpec) -> dict[str, Any]:

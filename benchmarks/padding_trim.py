@@ -2,7 +2,7 @@
 
 ``adalora.run.batches.trim_padding`` cuts the columns that are padding in every row of a batch (rounded up to a
 multiple of 8) before the forward. The loss is the same (tests/test_batches.py); this measures what it saves
-on the runs ``adalora train`` makes, built by :func:`adalora.run.setup.prepare` exactly as the CLI builds them:
+on the runs ``adalora train`` makes, built by :func:`adalora.run.train.prepare` exactly as the CLI builds them:
 
 - ``default``: the CLI's default run (packaged all-MiniLM-L6-v2, Rotten Tomatoes, AdaLoRA, its defaults);
 - ``trec``: the same model on TREC-6 questions (short texts) at ``--max-length 64``, batch 32;
@@ -50,21 +50,23 @@ def settings_for(case: str, threads: int) -> Any:
 
 def measure(case: str, steps: int, threads: int) -> dict[str, Any]:
     from adalora.run.batches import TensorBatches
-    from adalora.run.evaluate import training_loss
-    from adalora.run.hardware import DeviceLoss
-    from adalora.run.setup import prepare
+    from adalora.run.hardware import DeviceLoss, resolve_device
+    from adalora.run.tasks import kind_of
+    from adalora.run.train import prepare
 
-    setup = prepare(settings_for(case, threads))
-    loss_fn = DeviceLoss(setup.device, setup.settings.precision, training_loss(setup.settings.task))
-    batches = TensorBatches(setup.train, setup.settings.batch_size, setup.settings.seed, 0)
+    settings = settings_for(case, threads)
+    settings = settings.replace(device=resolve_device(settings.device))  # as the run's check stage decides it
+    data, model, _ = prepare(settings)
+    loss_fn = DeviceLoss(model.device, settings.precision, kind_of(settings.task).loss)
+    batches = TensorBatches(data.train, settings.batch_size, settings.seed, 0)
     cut = [batches[i] for i in range(min(steps, len(batches)))]
     rows = batches.order[: len(cut) * batches.batch_size].view(len(cut), -1)
-    full = [{key: value[r] for key, value in setup.train.items()} for r in rows]
-    parameters = [p for p in setup.model.parameters() if p.requires_grad]
+    full = [{key: value[r] for key, value in data.train.items()} for r in rows]
+    parameters = [p for p in model.module.parameters() if p.requires_grad]
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()
-        loss_fn(setup.model, batch).backward()
+        loss_fn(model.module, batch).backward()
         for p in parameters:
             p.grad = None
         return time.perf_counter() - start
@@ -78,8 +80,8 @@ def measure(case: str, steps: int, threads: int) -> dict[str, Any]:
     return {
         "case": case,
         "steps": len(cut),
-        "batch_size": setup.settings.batch_size,
-        "max_length": setup.settings.max_length,
+        "batch_size": settings.batch_size,
+        "max_length": settings.max_length,
         "mean_cut_length": statistics.mean(b["input_ids"].shape[1] for b in cut),
         "padded_s_per_step": padded_s,
         "cut_s_per_step": cut_s,

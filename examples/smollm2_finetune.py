@@ -11,7 +11,7 @@ It prints the held-out perplexity before and after training and writes, under ``
 (``adalora.save_adapter``), ``rank_heatmap.png`` (final rank of every adapted matrix: rows q/k/v/o/gate/up/down,
 columns the 30 layers), ``budget_curve.png`` and ``metrics.json``. ``adalora merge OUT/adapter --out DIR`` then
 writes a merged float32 model that loads with ``from_pretrained`` (transformers refuses ``save_pretrained`` for a
-model loaded from GGUF; ``adalora.run.causal_lm.load_causal_lm`` removes that flag, the weights being plain float32).
+model loaded from GGUF; ``adalora.run.model.load_causal_lm`` removes that flag, the weights being plain float32).
 
 Measured on 2 shared CPU cores (load average ~5 from other jobs): perplexity on 100 held-out sentences
 199.4 -> 76.8 after 40 steps of 4 x 64 tokens (410 s of training); docs/causal-lm.md has the details.
@@ -30,9 +30,11 @@ from adalora import AdaLoRAConfig, RankAllocator, inject, save_adapter
 from adalora.inject import trainable_parameter_count
 from adalora.integrations.loop import fit
 from adalora.run.batches import TensorBatches
-from adalora.run.causal_lm import builtin_text, encode_lm, evaluate_perplexity, load_causal_lm, resolve_lm_path
+from adalora.run.evaluate import evaluate_perplexity
+from adalora.run.lm_data import builtin_text, encode_lm
+from adalora.run.method import warmup_then_decay
+from adalora.run.model import causal_lm_path, load_causal_lm
 from adalora.run.plots import plot_budget_curve, plot_rank_heatmap
-from adalora.run.setup import warmup_then_decay
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +58,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    tokenizer, model = load_causal_lm(resolve_lm_path(None))  # the packaged SmolLM2 GGUF
+    tokenizer, model = load_causal_lm(causal_lm_path(None))  # the packaged SmolLM2 GGUF
     print(f"loaded SmolLM2-135M in {time.perf_counter() - started:.0f} s")
     train_text, eval_text = builtin_text()
     train = encode_lm(tokenizer, train_text.head(args.train), args.max_length)  # packed rows of max_length tokens
@@ -108,7 +110,7 @@ def main() -> None:
     print(f"held-out perplexity after {steps} steps: {after['perplexity']:.2f} (before {before['perplexity']:.2f})")
     ranks = allocator.rank_pattern()
     # The recorded model path lets `adalora merge OUT/adapter --out DIR` rebuild the base and write a merged model.
-    save_adapter(model, args.out / "adapter", config, metadata={"model": str(resolve_lm_path(None))})
+    save_adapter(model, args.out / "adapter", config, metadata={"model": str(causal_lm_path(None))})
     plot_rank_heatmap(ranks, args.out / "rank_heatmap.png", init_r=config.init_r, title="SmolLM2-135M: final ranks")
     plot_budget_curve(budgets, args.out / "budget_curve.png", title="Budget b(t)")
     metrics = {

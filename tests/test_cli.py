@@ -55,7 +55,7 @@ def test_train_writes_metrics_adapter_ranks_history_and_figures(model_dir, data_
 
     from adalora.files.adapter import load_adapter, read_adapter_config
     from adalora.run.data import file_task
-    from adalora.run.evaluate import evaluate
+    from adalora.run.evaluate import evaluate_accuracy
 
     info = read_adapter_config(out / "adapter")
     assert info["metadata"]["model"] == str(model_dir) and info["metadata"]["num_labels"] == 2
@@ -65,7 +65,7 @@ def test_train_writes_metrics_adapter_ranks_history_and_figures(model_dir, data_
     from adalora.run.data import encode
 
     tensors = encode(AutoTokenizer.from_pretrained(model_dir), task.eval, 16)
-    assert evaluate(model, tensors, 64)["accuracy"] == metrics["eval_accuracy"]
+    assert evaluate_accuracy(model, tensors, 64)["accuracy"] == metrics["eval_accuracy"]
 
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
@@ -208,7 +208,7 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
     monkeypatch.setattr(threads, "available_cores", lambda: 4)
     for idle, count in [(None, 4), (4.0, 4), (9.0, 4), (1.6, 2), (0.3, 1)]:
         monkeypatch.setattr(threads, "idle_cores", lambda idle=idle: idle)
-        assert threads.default_threads() == count
+        assert threads.choose_threads().threads == count
 
 
 def test_the_run_says_which_thread_count_it_chose_and_resume_reuses_it(

@@ -72,18 +72,18 @@ def test_the_help_text_quotes_the_values() -> None:
 @pytest.mark.parametrize(("method", "extra", "expected"), [("lora", {"lora_r": 1}, 1e-3 / math.sqrt(2))])
 def test_a_run_uses_the_default(method: str, extra: dict, expected: float, tmp_path) -> None:
     from adalora.run.settings import RunSettings
-    from adalora.run.setup import prepare
+    from adalora.run.train import prepare
 
     model, data = write_tiny_model(tmp_path / "model"), write_tiny_data(tmp_path / "data")
     settings = RunSettings(
         model=str(model), train_file=str(data / "train.csv"), eval_file=str(data / "eval.csv"), max_length=16,
-        batch_size=8, method=method, threads=1, **extra,
+        batch_size=8, method=method, threads=1, device="cpu", **extra,
     )  # fmt: skip
     threads = torch.get_num_threads()
     try:
-        setup = prepare(settings)
-        assert setup.derived["lr"] == pytest.approx(expected)
-        assert setup.optimizer.param_groups[0]["initial_lr"] == pytest.approx(expected)
-        assert prepare(settings.replace(lr=0.25)).derived["lr"] == 0.25  # --lr wins
+        _, _, method = prepare(settings, log=lambda line: None)
+        assert method.lr == pytest.approx(expected)
+        assert method.optimizer.param_groups[0]["initial_lr"] == pytest.approx(expected)
+        assert prepare(settings.replace(lr=0.25), log=lambda line: None)[2].lr == 0.25  # --lr wins
     finally:
         torch.set_num_threads(threads)

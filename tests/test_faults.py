@@ -281,7 +281,7 @@ def full_disk(point: str) -> Callable[[Case], Outcome]:
     def provoke(case: Case) -> Outcome:
         import adalora.files.adapter
         import adalora.run.outputs
-        import adalora.run.train
+        import adalora.run.start
         from adalora.allocator import RankAllocator
 
         disk = case.request.getfixturevalue("disk")
@@ -300,7 +300,7 @@ def full_disk(point: str) -> Callable[[Case], Outcome]:
             monkeypatch.setattr(module, name, fill_first)
 
         if point == "run.json":
-            filling(adalora.run.train, "write_json")
+            filling(adalora.run.start, "write_json")
         elif point == "adapter":
             filling(adalora.files.adapter, "save_file")
         elif point == "figure":

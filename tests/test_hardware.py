@@ -104,7 +104,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def test_gradient_checkpointing_changes_no_gradient(assets) -> None:
-    from adalora.run.setup import prepare
+    from adalora.run.train import prepare
 
     model_dir, data_dir = assets
     settings = RunSettings(
@@ -113,16 +113,16 @@ def test_gradient_checkpointing_changes_no_gradient(assets) -> None:
     ).replace(init_r=4, target_r=2)  # fmt: skip
     grads = []
     for checkpointing in (False, True):
-        setup = prepare(settings.replace(gradient_checkpointing=checkpointing))
-        assert setup.model.is_gradient_checkpointing == checkpointing
+        data, model, _ = prepare(settings.replace(gradient_checkpointing=checkpointing), log=lambda line: None)
+        assert model.module.is_gradient_checkpointing == checkpointing
         with torch.no_grad():
-            for name, param in setup.model.named_parameters():
+            for name, param in model.module.named_parameters():
                 if name.endswith(".E"):
                     param.fill_(0.1)
-        setup.model.train()
-        rows = {key: value[:8] for key, value in setup.train.items()}
-        setup.model(**rows).loss.backward()
-        grads.append({n: p.grad for n, p in setup.model.named_parameters() if p.requires_grad})
+        model.module.train()
+        rows = {key: value[:8] for key, value in data.train.items()}
+        model.module(**rows).loss.backward()
+        grads.append({n: p.grad for n, p in model.module.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, msg=name)
@@ -138,11 +138,13 @@ def test_a_bf16_run_records_device_and_precision_and_saves_float32_adapters(asse
     assert {t.dtype for t in load_file(out / "adapter" / "adalora_adapter.safetensors").values()} == {torch.float32}
 
 
-def test_auto_is_saved_resolved_and_runs_from_before_the_flag_ran_on_the_cpu() -> None:
-    old = RunSettings().to_dict()
-    del old["device"], old["precision"], old["gradient_checkpointing"]
-    restored = RunSettings.from_dict(old)
-    assert (restored.device, restored.precision, restored.gradient_checkpointing) == ("cpu", "fp32", False)
+def test_auto_is_resolved_once_by_the_check_stage_and_saved_so(tmp_path) -> None:
+    from adalora.run.check import check_run
+
+    settings = check_run(RunSettings(threads=1), tmp_path / "new", resume=False, overwrite=False, log=print)
+    assert settings.device == resolve_device("auto") and settings.device != "auto" and settings.threads == 1
+    assert RunSettings.from_dict(settings.to_dict()).device == settings.device  # what run.json keeps
+    assert not (tmp_path / "new").exists()  # the check writes nothing
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

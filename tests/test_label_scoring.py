@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from test_causal_lm import ids, word_tokenizer
 
-from adalora.run.causal_lm import LMError
 from adalora.run.label_scoring import completion_token_ids, label_accuracy, score_completions
+from adalora.run.lm_data import LMError
 
 PROMPTS = ["Q: the cat sat on the mat", "Q: dog", "Q: the dog ran to a"]
 COMPLETIONS = [" yes", " no no", " A: the cat"]  # 1, 2 and 3 tokens (+ EOS): lengths differ within a batch

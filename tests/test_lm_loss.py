@@ -9,8 +9,15 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from test_causal_lm import word_tokenizer
 
-from adalora.run.causal_lm import IGNORE_INDEX, LMExamples, encode_lm
-from adalora.run.lm_loss import kept_positions, next_token_loss, position_ids, summed_nll, takes_logits_to_keep
+from adalora.run.lm_data import LMExamples, encode_lm
+from adalora.run.lm_loss import (
+    IGNORE_INDEX,
+    kept_positions,
+    next_token_loss,
+    position_ids,
+    summed_nll,
+    takes_logits_to_keep,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -305,13 +305,13 @@ def test_a_4bit_causal_lm_run_evaluates_and_still_trains_with_the_dequantized_gr
         if not (scale > 0 and torch.allclose(grad_in[0].float(), expected, rtol=0.02, atol=0.02 * scale)):  # bf16
             wrong.append((name, checked[name]))
 
-    def prepare(settings):
-        setup = prepare_run(settings)
-        for name, layer in setup.model.named_modules():
+    def prepare(settings, log):
+        data, model, method = prepare_run(settings, log)
+        for name, layer in model.module.named_modules():
             if isinstance(layer, bnb.nn.Linear4bit):
                 dense = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
                 layer.register_full_backward_hook(functools.partial(check, name, dense))
-        return setup
+        return data, model, method
 
     prepare_run = adalora.run.train.prepare
     monkeypatch.setattr(adalora.run.train, "prepare", prepare)

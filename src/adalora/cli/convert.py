@@ -6,6 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..files.exports import EXPORT_FORMATS
+from ..files.lora_layout import LAYOUTS
+from ..run.convert import default_export_dir, export_output_dir, find_adapter_dir, merge_output_dir
+from ..run.directory import check_writable
+from ..run.lock import locked_runs
+from ..run.settings import RunError
 from .arguments import UsageError
 
 SubParsers = Any
@@ -13,8 +19,6 @@ SubParsers = Any
 
 def _check_source(path: str, command: str) -> None:
     """A run directory with an ``adapter/``, or an adapter directory: refused in one line before a model loads."""
-    from ..run.convert import find_adapter_dir
-
     if Path(path).is_file():
         raise FileNotFoundError(f"adalora {command} {path}: a file, not a run or adapter directory")
     find_adapter_dir(path)  # FileNotFoundError saying what was expected where
@@ -22,9 +26,6 @@ def _check_source(path: str, command: str) -> None:
 
 def _check_target(out: Path, marker: str, option: str) -> None:
     """``out`` may be created or replaced (new, empty, or holding ``marker``) and can be written."""
-    from ..run.directory import check_writable
-    from ..run.settings import RunError
-
     if out.exists() and not out.is_dir():
         raise RunError(f"{option} {out} is a file; choose a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
@@ -46,9 +47,6 @@ def _runs_touched(source: str, out: str | None) -> list[Path]:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
-
-    from ..run.convert import merge_output_dir
-    from ..run.lock import locked_runs
 
     hf_logging.disable_progress_bar()  # loading and writing bars: a merge says one line, or one error line
     with locked_runs(_runs_touched(args.output_dir, args.out), "merge", fix=""):
@@ -74,18 +72,11 @@ def register_merge(subparsers: SubParsers) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..run.lock import locked_runs
-
     with locked_runs(_runs_touched(args.output_dir, args.out), "export", fix=""):
         return _export(args)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..files.exports import EXPORT_FORMATS
-    from ..run.convert import default_export_dir, export_output_dir
-    from ..run.directory import check_writable
-    from ..run.settings import RunError
-
     _check_source(args.output_dir, "export")
     if args.rank is not None and args.rank < 1:
         raise UsageError(f"--rank must be a positive rank, got {args.rank}")
@@ -111,9 +102,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register_export(subparsers: SubParsers) -> None:
-    from ..files.exports import EXPORT_FORMATS
-    from ..files.lora_layout import LAYOUTS
-
     formats = "; ".join(f"{name}: {entry.help}" for name, entry in EXPORT_FORMATS.items())
     p = subparsers.add_parser(
         "export",

@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ..files.atomic import read_json
-from ..run.directory import require_run_dir
+from ..files.checkpoint import CheckpointError, read_checkpoint
+from ..run.directory import check_writable, is_unstarted, not_started, require_run_dir
 from ..run.lock import holder, locked_runs
+from ..run.outputs import draw_figures
+from ..run.plots import rank_grid
 from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, PREVIOUS_CHECKPOINT_FILE, RANKS_FILE, RUN_FILE, RunError
+from ..run.tasks import kind_of
 from ..run.words import plural
 
 SubParsers = Any
@@ -22,8 +26,6 @@ def _run_dir(path: str, command: str) -> Path:
 
 def format_rank_table(ranks: dict[str, int]) -> str:
     """Ranks as text: one row per matrix type, one column per layer (1-based), as the heatmap."""
-    from ..run.plots import rank_grid
-
     types, layers, grid = rank_grid(ranks)
     header = ["", *("-" if layer is None else str(layer + 1) for layer in layers), "total"]
     rows = [header]
@@ -46,16 +48,13 @@ def _read(directory: Path, name: str) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..run.directory import is_unstarted, not_started
-    from ..run.evaluate import primary_metric
-
     directory = _run_dir(args.output_dir, "inspect")
     if is_unstarted(directory):
         print(f"status: not started; {not_started(directory)}")
         return 0
     run = _read(directory, RUN_FILE)
     try:
-        _print_run(directory, run, primary_metric(run["settings"]["task"]))
+        _print_run(directory, run, kind_of(run["settings"]["task"]).metric)
     except (KeyError, TypeError) as error:
         raise RunError(f"{directory}: a file of the run lacks {error}; the run directory is damaged") from None
     return 0
@@ -101,8 +100,6 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
 
 def _print_incomplete(directory: Path, run: dict[str, Any]) -> None:
     """Where a run that has not finished stopped: its newest usable checkpoint (checked as ``--resume`` does)."""
-    from ..files.checkpoint import CheckpointError, read_checkpoint
-
     problems = []
     for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
         if not (directory / name).is_file():
@@ -130,9 +127,6 @@ def register_inspect(subparsers: SubParsers) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ..run.directory import check_writable
-    from ..run.outputs import draw_figures
-
     with locked_runs([Path(args.output_dir)], "plot", fix=""):  # not while a run writes its own figures there
         directory = _run_dir(args.output_dir, "plot")
         check_writable(directory, "adalora plot", "make it writable, or copy the run somewhere writable")

@@ -3,8 +3,8 @@
 typed become the run's settings.
 
 ``--resume`` takes the settings saved in the run; a flag typed with it must say what the run already uses,
-whatever its default (only typed flags reach the parsed namespace: :func:`~adalora.cli.arguments.add_flags`),
-except :data:`RESUME_MAY_CHANGE`."""
+whatever its default: only typed flags reach the parsed namespace (:func:`~adalora.cli.arguments.add_flags`), and
+the run compares those (``given``: adalora.run.check)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..fields import ConfigError, about
-from ..files.atomic import WriteError, read_json
-from ..run.directory import is_run_dir, is_unstarted, require_run_dir
-from ..run.settings import CONFIG_FIELDS, DERIVED, METRICS_FILE, RUN_FIELDS, RUN_FILE, RunError, RunSettings, flag
+from ..fields import ConfigError
+from ..files.atomic import WriteError
+from ..run.directory import how_to_continue
+from ..run.settings import CONFIG_FIELDS, DERIVED, RUN_FIELDS, RunError, RunSettings, flag
 from ..run.train import run
 from .arguments import UsageError, add_flags
 
 SubParsers = Any  # argparse's private _SubParsersAction
-
-# Settings that --resume may change: they decide how fast the run computes, not what it computes (a float
-# reduction over another thread count may round differently in the last bits).
-RESUME_MAY_CHANGE = frozenset({"threads"})
 
 # The parts of ``adalora train --help``: the ``group`` of each RunSettings field; the AdaLoRAConfig's are "adalora".
 GROUPS = {
@@ -72,6 +68,11 @@ def add_setting_flags(groups: dict[str, Any], defaults: RunSettings) -> None:
     add_flags(groups, defaults, skip=("adalora", "derived"), wording=_in_flags)
 
 
+def typed_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``{field: value}`` of the setting flags typed (those not typed are not in ``args``: argparse.SUPPRESS)."""
+    return {name: getattr(args, name) for name in (*RUN_FIELDS, *CONFIG_FIELDS) if hasattr(args, name)}
+
+
 def settings_from_flags(typed: dict[str, Any], defaults: RunSettings | None = None) -> RunSettings:
     """The settings of the flags ``typed`` (``{field: value}``) over ``defaults``.
 
@@ -95,16 +96,18 @@ def _in_flags(text: str, every_name: bool = False) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    typed = {name: value for name, value in vars(args).items() if name in RUN_FIELDS or name in CONFIG_FIELDS}
+    typed = typed_settings(args)
     settings = settings_from_flags(typed)
     if args.resume is not None:
+        if args.output_dir is not None or args.overwrite:
+            raise UsageError("--resume continues a run in its own directory; drop --output-dir/--overwrite")
         output_dir, resume = Path(args.resume), True
-        check_resume_options(output_dir, settings, args, typed)
     else:
         name = Path(settings.train_file).stem if settings.train_file else settings.task
         output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
+    progress = not args.no_progress
     try:
-        run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=not args.no_progress)
+        run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=progress, given=tuple(typed))
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (run/stop.py): the work so far is saved
         print(f"adalora: {stopped(stop, output_dir)}", file=sys.stderr)
         return getattr(stop, "exit_status", 128 + signal.SIGINT)
@@ -118,47 +121,3 @@ def stopped(stop: KeyboardInterrupt, output_dir: Path) -> str:
     step, total = getattr(stop, "step", None), getattr(stop, "total", None)
     where = "" if step is None else f" at step {step}/{total} (checkpoint saved)"
     return f"stopped by {getattr(stop, 'name', 'SIGINT')}{where}; {how_to_continue(output_dir)}"
-
-
-def how_to_continue(output_dir: Path) -> str:
-    """``continue with: adalora train --resume DIR``, or what else fits the state the directory is in."""
-    if (output_dir / METRICS_FILE).is_file():
-        return f"the run is complete; see adalora inspect {output_dir}"
-    if not output_dir.is_dir() or not is_run_dir(output_dir) or is_unstarted(output_dir):
-        return "run the same command again"
-    return f"continue with: adalora train --resume {output_dir}"
-
-
-def check_resume_options(output_dir: Path, settings: RunSettings, args: argparse.Namespace, typed: dict) -> None:
-    """``--resume`` with other options: each typed setting must equal the run's saved one (but
-    :data:`RESUME_MAY_CHANGE`); ``--output-dir`` and ``--overwrite`` make no sense with it.
-
-    Raises:
-        UsageError: naming the first option that differs, its value and the run's.
-    """
-    names = [name for name in typed if name not in RESUME_MAY_CHANGE]
-    if args.output_dir is not None or args.overwrite:
-        raise UsageError("--resume continues a run in its own directory; drop --output-dir/--overwrite")
-    if not names:
-        return
-    require_run_dir(output_dir, "--resume")  # a directory that is no run is refused as such first
-    try:
-        saved = RunSettings.from_dict(read_json(output_dir / RUN_FILE)["settings"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # the run itself refuses a damaged run.json, in its own words
-    for name in names:
-        mine, theirs = settings.value(name), saved.value(name)
-        if mine != theirs:
-            raise UsageError(
-                f"--resume continues a run with the settings saved in it: {flag(name)} {_shown(name, mine)} differs "
-                f"from the run's {_shown(name, theirs)}; drop {flag(name)}"
-            )
-
-
-def _shown(name: str, value: Any) -> str:
-    """A setting as it is typed: ``a b`` for a list; None as the word its flag takes for it."""
-    if isinstance(value, tuple):
-        return " ".join(map(str, value))
-    if value is None:
-        return about(RUN_FIELDS.get(name) or CONFIG_FIELDS[name]).none_as or "unset (its default)"
-    return str(value)

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..files.adapter import CONFIG_NAME, _read_weights, load_adapter, read_adapter_config
-from ..files.atomic import atomic_directory
+from ..files.atomic import atomic_directory, read_json
 from ..files.export_source import ExportSource
 from ..files.exports import EXPORT_FORMATS, ExportOptions, export
 from ..merge import merge
+from .model import forget_gguf_origin
 from .quiet import no_progress_bars, quiet_imports
+from .settings import RUN_FILE
 
 
 def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
@@ -49,9 +51,6 @@ def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
 
 def _failure(path: Path) -> str | None:
     """The one-line message of a failed run in ``path`` (``run.json``'s ``failure``), else None."""
-    from ..files.atomic import read_json
-    from .settings import RUN_FILE
-
     try:
         return str(read_json(path / RUN_FILE)["failure"]["message"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -107,8 +106,6 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
     finally:
         hf_logging.set_verbosity(verbosity)
     if gguf:
-        from .causal_lm import forget_gguf_origin
-
         forget_gguf_origin(model)  # so that the merged model can be written with save_pretrained
     return model
 

@@ -383,21 +383,7 @@ def read_examples(
     if text_pair_column is not None:
         pairs = _texts(_column(records, text_pair_column, path, "--text-pair-column"), path, text_pair_column)
     raw, kind = _labels(_column(records, label_column, path, "--label-column"), typed, path, label_column)
-    if train_labels is None:
-        distinct = set(raw)
-        if len(distinct) < 2:
-            raise DataError(
-                f"{path}: every example has the same '{label_column}' ({raw[0]}); a classifier needs two classes"
-            )
-        names = sorted(distinct, key=int) if kind == INTEGER else sorted(distinct)
-        labels = Labels(tuple(names), kind)
-    elif kind != train_labels.kind:
-        raise DataError(
-            f"{path}: the labels are {kind}s but the training file's are {train_labels.kind}s (example 1 has "
-            f"'{raw[0]}'); write them the same way in both files"
-        )
-    else:
-        labels = train_labels
+    labels = _classes(raw, kind, train_labels, path, label_column)
     index = {name: i for i, name in enumerate(labels.names)}
     for number, label in enumerate(raw, start=1):
         if label not in index:
@@ -407,6 +393,25 @@ def read_examples(
                 f"(classes: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''})"
             )
     return Examples(texts, tuple(index[label] for label in raw), pairs), labels
+
+
+def _classes(raw: list[str], kind: str, train_labels: Labels | None, path: Path, column: str) -> Labels:
+    """The classes of a file whose labels are ``raw`` of ``kind``: its own (sorted), or the training file's.
+
+    Raises:
+        DataError: for a file with one class only, or labels of another kind than the training file's.
+    """
+    if train_labels is None:
+        distinct = set(raw)
+        if len(distinct) < 2:
+            raise DataError(f"{path}: every example has the same '{column}' ({raw[0]}); a classifier needs two classes")
+        return Labels(tuple(sorted(distinct, key=int) if kind == INTEGER else sorted(distinct)), kind)
+    if kind != train_labels.kind:
+        raise DataError(
+            f"{path}: the labels are {kind}s but the training file's are {train_labels.kind}s (example 1 has "
+            f"'{raw[0]}'); write them the same way in both files"
+        )
+    return train_labels
 
 
 def file_task(

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..files.atomic import write_json
+from ..files.atomic import read_json, write_json
 from .settings import (
     LOCK_FILE,
     MARKER_FILE,
@@ -30,6 +30,7 @@ from .settings import (
 )
 
 MARKER = {"format": "adalora-run", "format_version": 1}
+RUN_FORMAT_VERSION = 1  # of run.json
 
 
 def _read_json(path: Path) -> object:
@@ -138,16 +139,52 @@ def check_new_run(path: Path, overwrite: bool) -> None:
     check_writable(path)
 
 
-def check_resumable(path: Path) -> None:
-    """A run of ours that has not finished, in a directory that can be written."""
+def read_run_file(path: Path) -> dict[str, object]:
+    """``run.json`` of a run of ours that started, for ``--resume``.
+
+    Raises:
+        RunError: in one line, if ``path`` is not a run of ours, never started, or its ``run.json`` or marker is
+            missing, damaged or of another format version than this adalora writes.
+    """
     require_run_dir(path, "--resume")
     if is_unstarted(path):
         raise RunError(f"--resume {path}: {not_started(path)}")
     if not (path / RUN_FILE).is_file():
         raise RunError(f"--resume {path}: no run to continue there ({RUN_FILE} is missing)")
+    files = {}
+    for name, expected in ((MARKER_FILE, MARKER["format_version"]), (RUN_FILE, RUN_FORMAT_VERSION)):
+        try:
+            files[name] = read_json(path / name) if (path / name).is_file() else {}
+        except (OSError, ValueError) as error:
+            raise RunError(f"{path / name} cannot be read ({error}); the run directory is damaged") from None
+        version = files[name].get("format_version") if isinstance(files[name], dict) else None
+        if version != expected:
+            found = "no format_version (an older adalora's)" if version is None else f"format_version {version!r}"
+            raise RunError(
+                f"cannot resume {path}: its {name} has {found}, this adalora reads version {expected} only; "
+                "start the run over with --overwrite"
+            )
+    return files[RUN_FILE]
+
+
+def check_resumable(path: Path, run_file: dict[str, object]) -> None:
+    """The run of ``run_file`` (:func:`read_run_file`) has neither failed nor finished, and can be written."""
+    failure = run_file.get("failure")
+    if isinstance(failure, dict):
+        raise RunError(f"cannot resume {path}: it failed: {failure.get('message')}")
     if (path / METRICS_FILE).is_file():
         raise RunError(f"the run in {path} is already complete; see `adalora inspect {path}`")
     check_writable(path, "--resume", "make it writable, or copy the run somewhere writable and resume it there")
+
+
+def how_to_continue(path: Path) -> str:
+    """``continue with: adalora train --resume DIR``, or what else fits the state the directory ``path`` is in
+    (after a run stopped by a signal or a full disk)."""
+    if (path / METRICS_FILE).is_file():
+        return f"the run is complete; see adalora inspect {path}"
+    if not path.is_dir() or not is_run_dir(path) or is_unstarted(path):
+        return "run the same command again"
+    return f"continue with: adalora train --resume {path}"
 
 
 def claim(path: Path) -> None:

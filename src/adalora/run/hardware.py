@@ -1,4 +1,4 @@
-"""Where and in what precision a run computes: ``--device``, ``--precision`` and ``--gradient-checkpointing``.
+"""Where and in what precision a run computes: ``--device`` and ``--precision``.
 
 - The device: ``auto`` is the GPU when there is one (CUDA, else Apple's MPS), else the CPU. It is resolved once
   when a run starts and saved in ``run.json`` (like the thread count), so that ``--resume`` continues where the
@@ -8,19 +8,18 @@
   optimizer state stay float32. ``fp16`` also scales the loss (:class:`torch.amp.GradScaler`) so that small
   gradients do not underflow; a step whose gradients overflow is skipped by the scaler, and the allocator treats
   its non-finite gradients as it always does.
-- Gradient checkpointing (Hugging Face models): activations are recomputed in the backward pass instead of
-  stored, trading compute for memory; the gradients are the same.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..integrations.loop import model_loss
 from .settings import DEVICE, RunError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the keys are settings.Precision
@@ -88,28 +87,5 @@ class DeviceLoss:
         self.device, self.precision, self.loss = device, precision, loss
 
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        from ..integrations.loop import model_loss
-
         with autocast(self.device, self.precision):
             return (self.loss or model_loss)(model, to_device(batch, self.device)).float()
-
-
-@contextlib.contextmanager
-def evaluation_on(device: str, precision: str) -> Iterator[None]:
-    """Evaluation in the run's precision (the batches are moved by the evaluators themselves)."""
-    with autocast(device, precision):
-        yield
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turn on Hugging Face gradient checkpointing (non-reentrant: works with a frozen base and adapters).
-
-    Raises:
-        RunError: if the model does not support it.
-    """
-    supports = getattr(model, "supports_gradient_checkpointing", False)
-    if not supports or not hasattr(model, "gradient_checkpointing_enable"):
-        raise RunError(
-            f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing; drop the flag"
-        )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

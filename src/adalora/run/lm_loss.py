@@ -6,7 +6,7 @@ logits of the prompt positions too costs, for SmolLM2-135M, about a fifth of a t
 head has 28M multiply-adds per position against 106M for all 30 layers) and, in memory, a ``(rows, length,
 vocab)`` float32 tensor for the loss.
 
-:func:`adalora.run.causal_lm.encode_lm` pads rows on the left, so every row's completion ends in the batch's last
+:func:`adalora.run.lm_data.encode_lm` pads rows on the left, so every row's completion ends in the batch's last
 column; the loss asks the model for the logits of the last ``k`` positions only (transformers' ``logits_to_keep``),
 ``k`` reaching back to the first position that predicts a label in any row. Explicit position ids (counted from
 each row's first real token) make a left-padded row compute what it computes alone, for rotary and absolute
@@ -78,7 +78,7 @@ def predictions(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[to
         model: a causal LM taking ``input_ids``, ``attention_mask``, ``position_ids`` (and, if it can,
             ``logits_to_keep``), returning ``.logits`` of shape ``(rows, positions, vocab)``.
         batch: ``input_ids``, ``attention_mask`` and ``labels``, each ``(rows, length)``, labels -100 where no
-            token is predicted (:func:`adalora.run.causal_lm.encode_lm`; left padding keeps few positions, right
+            token is predicted (:func:`adalora.run.lm_data.encode_lm`; left padding keeps few positions, right
             padding is computed correctly too, with more positions kept).
 
     Returns:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import parallel
+from .directory import is_run_dir
 from .settings import LOCK_FILE, RunError
 
 try:
@@ -108,8 +109,6 @@ def locked_for_all_processes(directory: Path, command: str, *, fix: str, create:
 @contextlib.contextmanager
 def locked_runs(paths: Iterable[Path], command: str, *, fix: str) -> Iterator[None]:
     """Shared locks on those of ``paths`` that are run directories of ours (``export``, ``merge``, ``plot``)."""
-    from .directory import is_run_dir
-
     with contextlib.ExitStack() as stack:
         seen: set[Path] = set()
         for path in paths:

@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import parallel
+from ..allocator import RankAllocator
 from ..files.atomic import atomic_directory, read_json, write_json
+from ..layers import find_adapters
 from .defaults import training_rank
-from .evaluate import primary_metric
+from .method import Method
+from .model import Model
+from .plots import plot_budget_curve, plot_rank_heatmap
 from .settings import (
     BUDGET_FILE,
     CHECKPOINT_FILE,
@@ -22,46 +26,43 @@ from .settings import (
     RUN_FILE,
     RunSettings,
 )
-from .setup import Setup
+from .tasks import AnyTask, kind_of
+from .words import plural
 
 
-def rank_pattern(setup: Setup) -> dict[str, int]:
+def rank_pattern(model: Model, method: Method) -> dict[str, int]:
     """Final rank of every adapted matrix (empty for full fine-tuning)."""
-    if setup.allocator is not None:
-        return setup.allocator.rank_pattern()
-    from ..layers import find_adapters
-
-    return {name: adapter.kept_rank() for name, adapter in find_adapters(setup.model)}
+    if method.allocator is not None:
+        return method.allocator.rank_pattern()
+    return {name: adapter.kept_rank() for name, adapter in find_adapters(model.module)}
 
 
-def save_weights(setup: Setup, output_dir: Path) -> Path:
+def save_weights(settings: RunSettings, task: AnyTask, model: Model, method: Method, output_dir: Path) -> Path:
     """``adapter/`` (adapter methods, via :func:`adalora.files.adapter.save_adapter`) or ``model/`` (full
     fine-tuning). Every process calls it (FSDP2 gathers the shards); rank 0 writes."""
-    if setup.config is None:
+    if method.config is None:
         target = output_dir / "model"
         if parallel.is_main_process():
             # Written aside and swapped in whole; its files then follow the umask (safetensors makes them 0600).
             with atomic_directory(target, marker="config.json") as tmp:
-                setup.model.save_pretrained(tmp)
-                setup.tokenizer.save_pretrained(tmp)
+                model.module.save_pretrained(tmp)
+                model.tokenizer.save_pretrained(tmp)
         return target
     metadata = {
-        "model": str(setup.model_path),
-        "task": setup.task.name,
-        "num_labels": setup.task.num_labels,
-        "label_names": list(setup.task.label_names),
-        "method": setup.settings.method,
-        "max_length": setup.settings.max_length,
+        "model": str(model.path),
+        "task": task.name,
+        "num_labels": task.num_labels,
+        "label_names": list(task.label_names),
+        "method": settings.method,
+        "max_length": settings.max_length,
     }
     target = output_dir / "adapter"
-    parallel.save_adapter_collective(setup.model, target, setup.config, metadata)
+    parallel.save_adapter_collective(model.module, target, method.config, metadata)
     return target
 
 
-def allocation_history(setup: Setup, budgets: list[int]) -> dict[str, Any]:
-    """The schedule, b(t) at every step and every allocation ``{step, budget, ranks}`` (needs an allocator)."""
-    allocator = setup.allocator
-    assert allocator is not None
+def allocation_history(allocator: RankAllocator, budgets: list[int]) -> dict[str, Any]:
+    """The schedule, b(t) at every step and every allocation ``{step, budget, ranks}``."""
     names, config = allocator.names, allocator.config
     return {
         "schedule": {
@@ -82,8 +83,6 @@ def allocation_history(setup: Setup, budgets: list[int]) -> dict[str, Any]:
 
 def draw_figures(output_dir: str | Path) -> list[Path]:
     """(Re)draw ``rank_heatmap.png`` and ``budget_curve.png`` from a run's JSON files; returns the files drawn."""
-    from .plots import plot_budget_curve, plot_rank_heatmap
-
     output_dir = Path(output_dir)
     drawn: list[Path] = []
     run = read_json(output_dir / RUN_FILE)
@@ -92,8 +91,8 @@ def draw_figures(output_dir: str | Path) -> list[Path]:
     if ranks:
         label = {"lora": "LoRA", "pruned-lora": "pruned LoRA", "adalora": "AdaLoRA"}.get(settings["method"], "")
         title = f"{label} final ranks on {derived['task']} (total {sum(ranks.values())})"
-        saved = RunSettings.from_dict(settings)
-        rank = training_rank(saved.method, saved.lora_r, saved.adalora.target_r, saved.adalora.init_r)
+        config = settings["adalora"]
+        rank = training_rank(settings["method"], settings["lora_r"], config["target_r"], config["init_r"])
         drawn.append(plot_rank_heatmap(ranks, output_dir / HEATMAP_FILE, init_r=rank, title=title))
     history = read_json(output_dir / HISTORY_FILE) if (output_dir / HISTORY_FILE).is_file() else {}
     if history.get("budget"):
@@ -115,24 +114,30 @@ def draw_figures(output_dir: str | Path) -> list[Path]:
 
 
 def run_metrics(
-    setup: Setup, state: dict[str, Any], ranks: dict[str, int], seconds: float, weights: Path, figures: list[Path]
+    settings: RunSettings,
+    derived: dict[str, Any],
+    state: dict[str, Any],
+    ranks: dict[str, int],
+    seconds: float,
+    files: list[Path],
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``: per-epoch records, final and best score, sizes, time, what was written."""
-    settings, derived = setup.settings, setup.derived
+    """The content of ``metrics.json``: per-epoch records, final and best score, sizes, time, what was written
+    (``files``: the weights, then the figures)."""
     final = state["epochs"][-1] if state["epochs"] else {}
-    metric = primary_metric(settings.task)
+    metric = kind_of(settings.task).metric
     best = min if metric == "perplexity" else max
+    weights, *figures = files
     metrics = {
-        "task": setup.task.name,
+        "task": derived["task"],
         "method": settings.method,
-        "model": str(setup.model_path),
+        "model": derived["model_path"],
         f"eval_{metric}": final.get(f"eval_{metric}"),
         "eval_loss": final.get("eval_loss"),
         f"best_eval_{metric}": best((e[f"eval_{metric}"] for e in state["epochs"]), default=None),
         "epochs": state["epochs"],
         "train_examples": derived["train_examples"],
         "eval_examples": derived["eval_examples"],
-        "total_steps": setup.total_steps,
+        "total_steps": derived["total_steps"],
         "trainable_parameters": derived["trainable_parameters"],
         "final_total_rank": sum(ranks.values()) if ranks else None,
         "train_seconds": round(seconds, 1),
@@ -147,20 +152,23 @@ def run_metrics(
     return metrics
 
 
-def finish(setup: Setup, output_dir: Path, state: dict[str, Any], seconds: float) -> dict[str, Any]:
+def finish(
+    settings: RunSettings, task: AnyTask, model: Model, method: Method, output_dir: Path, state: dict, seconds: float
+) -> dict[str, Any]:
     """Write weights, rank pattern, allocation history, figures and (last, as the completion mark) metrics;
     remove the checkpoint. Every process calls it (saving the adapter is collective); only rank 0 writes and
     returns the metrics (the others return an empty dict)."""
-    weights = save_weights(setup, output_dir)
-    ranks = rank_pattern(setup)
+    weights = save_weights(settings, task, model, method, output_dir)
+    ranks = rank_pattern(model, method)
     if not parallel.is_main_process():
         return {}
     if ranks:
         write_json(output_dir / RANKS_FILE, ranks)
-    if setup.allocator is not None:
-        write_json(output_dir / HISTORY_FILE, allocation_history(setup, state["budgets"]))
+    if method.allocator is not None:
+        write_json(output_dir / HISTORY_FILE, allocation_history(method.allocator, state["budgets"]))
     figures = draw_figures(output_dir)
-    metrics = run_metrics(setup, state, ranks, seconds, weights, figures)
+    derived = read_json(output_dir / RUN_FILE)["derived"]
+    metrics = run_metrics(settings, derived, state, ranks, seconds, [weights, *figures])
     write_json(output_dir / METRICS_FILE, metrics)
     remove_checkpoints(output_dir)
     return metrics
@@ -180,3 +188,14 @@ def remove_checkpoints(output_dir: Path) -> None:
     """Both checkpoints of the run (a run that has ended needs none)."""
     for name in (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
         (output_dir / name).unlink(missing_ok=True)
+
+
+def summary(settings: RunSettings, metrics: dict[str, Any], output_dir: Path) -> str:
+    """The last line of a run: the final score (and the one before training, for causal-lm), time, where."""
+    metric = kind_of(settings.task).metric
+    before = metrics.get(f"eval_{metric}_before")
+    before_text = "" if before is None else f" (before training {before:.2f})"
+    return (
+        f"eval {metric} {metrics[f'eval_{metric}']:.4f}{before_text} after {plural(settings.epochs, 'epoch')} "
+        f"({metrics['train_seconds']:.0f} s); outputs in {output_dir}"
+    )

@@ -8,7 +8,10 @@ import contextlib
 import importlib
 import logging
 from collections.abc import Iterator
+from functools import partial
 from types import ModuleType
+
+from tqdm.auto import tqdm
 
 # Loggers of optional packages that transformers imports when they are installed (torchao at least), whose
 # import-time warnings (missing CUDA kernels, no triton, torch's pytree deprecations) say nothing about a run.
@@ -72,10 +75,7 @@ def no_progress_bars() -> Iterator[None]:
     is installed (accelerate checks whether the model is wrapped in its engine), which on a machine without CUDA
     logs to stdout that it falls back to the CPU.
     """
-    from functools import partial
-
     import transformers.modeling_gguf_pytorch_utils as gguf_loading
-    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
     bars_were_on = hf_logging.is_progress_bar_enabled()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from ..config import AdaLoRAConfig
 from ..fields import (
@@ -33,7 +33,6 @@ from .defaults import describe_defaults
 from .quantize import QUANTIZATIONS
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
-METHODS: tuple[str, ...] = get_args(Method)
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast of the forward pass (hardware.py)
 CAUSAL_LM = "causal-lm"  # the --task of next-token training (lm_data.py)
 DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")  # resolved by hardware.py
@@ -208,14 +207,17 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSettings:
-        """Inverse of :meth:`to_dict`; a run saved without a device ran on the CPU."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            RunError: for a setting this version does not know; ValueError for a value out of range.
+        """
         unknown = sorted(set(data) - set(RUN_FIELDS))
         if unknown:
             raise RunError(f"{RUN_FILE} has unknown settings {unknown}: written by another adalora version?")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         if "adalora" in data:
             values["adalora"] = AdaLoRAConfig.from_dict(data["adalora"])
-        values.setdefault("device", "cpu")
         return cls(**values)
 
 
@@ -227,3 +229,12 @@ def flag(name: str) -> str:
     """The command-line flag of a setting of the run or of its config: ``batch_size`` -> ``--batch-size``."""
     field = RUN_FIELDS.get(name) or CONFIG_FIELDS.get(name)
     return "--" + name.replace("_", "-") if field is None else flag_of(field)
+
+
+def as_typed(name: str, value: Any) -> str:
+    """A setting's value as its flag takes it: ``a b`` for a list; None as the flag's word for it."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if value is None:
+        return about(RUN_FIELDS.get(name) or CONFIG_FIELDS[name]).none_as or "unset (its default)"
+    return str(value)

@@ -69,8 +69,3 @@ def choose_threads() -> ThreadChoice:
     if threads < cores:
         reason += ": other processes are busy, so fewer threads than cores (--threads N to choose)"
     return ThreadChoice(threads, reason)
-
-
-def default_threads() -> int:
-    """The thread count of :func:`choose_threads`."""
-    return choose_threads().threads

