@@ -29,7 +29,8 @@ from adalora.layers import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, kee
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
 
-from adalora.run.quantize import QUANTIZATIONS, QuantizationUnavailable, quantize_model  # noqa: E402
+from adalora.layers import QUANTIZATIONS  # noqa: E402
+from adalora.run.quantize import QuantizationUnavailable, quantize_model  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG = AdaLoRAConfig(

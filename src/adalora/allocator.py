@@ -12,7 +12,7 @@ The allocator composes three helpers and asks them instead of knowing what they 
 - :class:`~adalora.importance.ImportanceTracker`: the statistics and triplet scores (eq. 7-11);
 - a :class:`~adalora.parallel.layout.Layout`: how the adapters lie over processes (one, DDP, FSDP2): the local
   gradients, how to zero masked lambdas, whether compaction is allowed, the cross-process consistency check;
-- :class:`~adalora.integrations.pairing.OptimizerPairing`: the optimizer's step hooks, and the misuse they reveal.
+- :class:`~adalora.misuse.OptimizerPairing`: the optimizer's step hooks, and the misuse they reveal.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from . import regularizer
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
-from .integrations.diagnostics import no_gradient_warning
-from .integrations.pairing import Misuse, OnMisuse, OptimizerPairing, unwrap_optimizer
 from .layers import find_adapters, unwrap_model
+from .misuse import Misuse, OnMisuse, OptimizerPairing, no_gradient_warning, unwrap_optimizer
 from .parallel import consistency_check_requested, layout_for
 from .schedule import BudgetDecision, Phase, budget_at
 

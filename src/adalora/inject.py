@@ -13,6 +13,7 @@ from .layers import (
     adapter_class_for,
     find_adapters,
     keep_differentiable_layout,
+    refusal,
     supported_layers,
     unwrap_model,
 )
@@ -81,7 +82,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
         )
     refused = []
     for name, module in matched:
-        reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
+        reason = refusal(module)
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
             # Its forward reads out_proj.weight/bias directly: an adapter in out_proj's place would never run.

@@ -44,11 +44,13 @@ from ..layers import (
     SVDAdapter,
     adapter_class_for,
     find_adapters,
+    is_quantized_precision,
     kept_triplets,
     logical_shape,
     precision_of,
     unwrap_model,
 )
+from ..version import __version__
 from .atomic import atomic_directory
 
 CONFIG_NAME = "adalora_config.json"
@@ -102,7 +104,7 @@ def save_adapter(
         factors = adapter.kept_factors(keep).to("cpu")
         tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
         modules[name] = {
-            "type": adapter.layer_type_for(adapter),
+            "type": adapter.layer_type_name(adapter),
             "rank": factors.rank,
             "scale": adapter.scale,
             "d_out": adapter.d_out,
@@ -120,7 +122,7 @@ def save_adapter(
     info: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": __version__,
         "config": config.to_dict(),
         "modules": modules,
         "modules_to_save_tensors": sorted(extra),
@@ -166,7 +168,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         fix = "Upgrade adalora." if isinstance(version, int) and version > FORMAT_VERSION else "Save the adapter again."
         raise ValueError(
-            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads version "
+            f"'{path}' has format_version {version!r}; this adalora ({__version__}) reads version "
             f"{FORMAT_VERSION} only. {fix}"
         )
     missing = [k for k in ("config", "modules", "tensors", "weights_file", "base_model") if k not in info]
@@ -273,8 +275,8 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _quantization(precision: dict[str, int]) -> dict[str, int]:
-    """The quantized part of a fingerprint's ``precision`` (bitsandbytes and torchao storage kinds)."""
-    return {k: v for k, v in precision.items() if k.startswith(("bnb-", "torchao"))}
+    """The quantized part of a fingerprint's ``precision`` (storage kinds of the layer table's quantized layers)."""
+    return {k: v for k, v in precision.items() if is_quantized_precision(k)}
 
 
 def _describe_precision(precision: dict[str, int]) -> str:
@@ -433,7 +435,7 @@ def _check_against_model(
     for name, meta in modules.items():
         module = model.get_submodule(name)
         adapter_cls = adapter_class_for(module)
-        if adapter_cls is None or adapter_cls.layer_type_for(module) != meta["type"]:
+        if adapter_cls is None or adapter_cls.layer_type_name(module) != meta["type"]:
             raise ValueError(
                 f"module '{name}' of the base model is a {type(module).__name__}, but the adapter in '{directory}' "
                 f"was saved for a {meta['type']} layer."
@@ -500,9 +502,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _library_version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
-from .pairing import OnMisuse
+from ..misuse import OnMisuse
 
 STATE_KEY = "adalora_allocator"
 

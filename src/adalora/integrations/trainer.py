@@ -40,9 +40,9 @@ from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..layers import find_adapters
+from ..misuse import OnMisuse
 from ..parallel import DEEPSPEED_REFUSAL, get_rank
 from . import sentence_transformers as st
-from .pairing import OnMisuse
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 RegularizerMode = Literal["gradient", "loss"]

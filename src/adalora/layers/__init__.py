@@ -20,21 +20,36 @@ from .conv import SVDConv
 from .embedding import SVDEmbedding
 from .linear import SVDConv1D, SVDLinear
 from .quantized import (
+    Quantization,
+    QuantizedAdapter,
     SVDLinear4bit,
     SVDLinear8bitLt,
     SVDTorchAOLinear,
-    is_quantized_adapter,
+    is_quantized_precision,
     keep_differentiable_layout,
     logical_shape,
-    precision_of,
 )
-from .registry import LAYER_TYPES, LayerType, adapter_class_for, adapter_class_named, layer_type_of, supported_layers
+from .registry import (
+    LAYER_TYPES,
+    QUANTIZATIONS,
+    LayerType,
+    adapter_class_for,
+    adapter_class_named,
+    layer_type_of,
+    precision_of,
+    refusal,
+    supported_layers,
+    supported_quantized,
+)
 
 __all__ = [
     "LAYER_TYPES",
+    "QUANTIZATIONS",
     "TRIPLET_DIMS",
     "KeptFactors",
     "LayerType",
+    "Quantization",
+    "QuantizedAdapter",
     "SVDAdapter",
     "SVDConv",
     "SVDConv1D",
@@ -47,13 +62,15 @@ __all__ = [
     "adapter_class_named",
     "disable_adapters",
     "find_adapters",
-    "is_quantized_adapter",
+    "is_quantized_precision",
     "keep_differentiable_layout",
     "kept_triplets",
     "layer_type_of",
     "logical_shape",
     "overrides",
     "precision_of",
+    "refusal",
     "supported_layers",
+    "supported_quantized",
     "unwrap_model",
 ]

@@ -28,9 +28,9 @@ from ..fields import (
 from ..fields import (
     flag as flag_of,
 )
+from ..layers import QUANTIZATIONS
 from .data import BUILTIN_TASKS
 from .defaults import describe_defaults
-from .quantize import QUANTIZATIONS
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast of the forward pass (hardware.py)
