@@ -437,7 +437,8 @@ def flat_settings(settings: Any) -> dict[str, Any]:
 
 def record_of(spec: RunSpec, metrics: dict[str, Any], run_dir: Path, settings: Any) -> dict[str, Any]:
     """What the results file keeps of a finished run."""
-    from adalora.run.settings import RANKS_FILE, RunSettings
+    from adalora.run.directory import RANKS_FILE
+    from adalora.run.settings import RunSettings
 
     defaults = flat_settings(RunSettings())
     ranks_file = run_dir / RANKS_FILE
@@ -492,7 +493,8 @@ def execute(settings: Any, run_dir: Path, log: Callable[[str], None] = print) ->
     metrics and the CPU seconds this process spent on it (about what the
     run takes alone on one core, whatever else the machine runs)."""
     from adalora.files.atomic import read_json
-    from adalora.run.settings import METRICS_FILE, RUN_FILE, RunError
+    from adalora.run.directory import METRICS_FILE, RUN_FILE
+    from adalora.run.settings import RunError
     from adalora.run.train import run
 
     same = False

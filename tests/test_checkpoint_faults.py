@@ -30,9 +30,9 @@ from adalora import AdaLoRAConfig, export_peft, find_adapters, inject, merge, sa
 from adalora.cli import main
 from adalora.files.checkpoint import previous_checkpoint
 from adalora.run import outputs
+from adalora.run.directory import PREVIOUS_CHECKPOINT_FILE
 from adalora.run.divergence import PATIENCE, track
 from adalora.run.loop import RunCallbacks
-from adalora.run.settings import PREVIOUS_CHECKPOINT_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
+from adalora.run.directory import LOCK_FILE
 from adalora.run.lock import RunInUse, holder, locked
-from adalora.run.settings import LOCK_FILE
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
 

@@ -14,8 +14,7 @@ from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
 
 from adalora.cli import main
 from adalora.files.atomic import WriteError, atomic_directory, atomic_write
-from adalora.run.directory import check_new_run, is_run_dir, is_unstarted
-from adalora.run.settings import MARKER_FILE
+from adalora.run.directory import MARKER_FILE, check_new_run, is_run_dir, is_unstarted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

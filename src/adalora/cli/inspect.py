@@ -9,11 +9,21 @@ from typing import Any
 
 from ..files.atomic import read_json
 from ..files.checkpoint import CheckpointError, read_checkpoint
-from ..run.directory import check_writable, is_unstarted, not_started, require_run_dir
+from ..run.directory import (
+    CHECKPOINT_FILE,
+    METRICS_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
+    RANKS_FILE,
+    RUN_FILE,
+    check_writable,
+    is_unstarted,
+    not_started,
+    require_run_dir,
+)
 from ..run.lock import holder, locked_runs
 from ..run.outputs import draw_figures
 from ..run.plots import rank_grid
-from ..run.settings import CHECKPOINT_FILE, METRICS_FILE, PREVIOUS_CHECKPOINT_FILE, RANKS_FILE, RUN_FILE, RunError
+from ..run.settings import RunError
 from ..run.tasks import kind_of
 from ..run.words import plural
 

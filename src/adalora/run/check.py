@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import parallel
-from .directory import check_new_run, check_resumable, read_run_file
+from .directory import RUN_FILE, check_new_run, check_resumable, read_run_file
 from .hardware import resolve_device
 from .loop import summary_writer_class
 from .quantize import QuantizationUnavailable, require_package
-from .settings import RUN_FILE, RunError, RunSettings, as_typed, flag
+from .settings import RunError, RunSettings, as_typed, flag
 from .threads import choose_threads
 from .words import plural
 

@@ -18,9 +18,9 @@ from ..files.atomic import atomic_directory, read_json
 from ..files.export_source import ExportSource
 from ..files.exports import EXPORT_FORMATS, ExportOptions, export
 from ..merge import merge
+from .directory import RUN_FILE
 from .model import forget_gguf_origin
 from .quiet import no_progress_bars, quiet_imports
-from .settings import RUN_FILE
 
 
 def find_adapter_dir(path: str | os.PathLike[str]) -> Path:

@@ -1,33 +1,38 @@
-"""Which directories a run may write into, recognised by our own marker file, and what ``--overwrite`` removes.
+"""The output directory of a run: the files a run writes there, which directories it may write into (recognised by
+our own marker file), what ``--overwrite`` removes, and the ``run.json`` that ``--resume`` reads.
 
-A run writes :data:`~adalora.run.settings.MARKER_FILE` first, before anything else. A directory is *a run of
+A run writes :data:`MARKER_FILE` first, before anything else. A directory is *a run of
 ours* when it holds that marker (or, for runs written before the marker existed, a ``run.json`` whose content is
 a run's settings); file names a user might also have (``metrics.json``, ``adapter/``) prove nothing. A directory
 holding nothing but what a run writes before its ``run.json`` (the marker, the lock of lock.py, their temporary
 files) is a run that never started, for instance on a full disk: it counts as a new, empty directory, so the
 same command runs there again. The checks here only read: they run before a model loads and before anything is
-written, so a refused command leaves the directory as it was.
+written, so a refused command leaves the directory as it was. What each file holds: docs/cli.md, "Output directory".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 from ..files.atomic import read_json, write_json
-from .settings import (
-    LOCK_FILE,
-    MARKER_FILE,
-    METRICS_FILE,
-    OUTPUT_DIRS,
-    OUTPUTS,
-    RUN_FILE,
-    RunError,
-    RunSettings,
-)
+from .settings import RUN_FIELDS, RunError
+
+# The files of an output directory (docs/cli.md, "Output directory").
+MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ours
+LOCK_FILE = ".adalora-run.lock"  # held by the one command using the directory (lock.py); removed after it
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before (files/checkpoint.py: previous_checkpoint)
+METRICS_FILE = "metrics.json"
+RANKS_FILE = "rank_pattern.json"
+HISTORY_FILE = "allocation_history.json"
+HEATMAP_FILE = "rank_heatmap.png"
+BUDGET_FILE = "budget_curve.png"
+OUTPUTS = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, HISTORY_FILE, HEATMAP_FILE, BUDGET_FILE)
+OUTPUT_DIRS = ("adapter", "model", "tensorboard")
 
 MARKER = {"format": "adalora-run", "format_version": 1}
 RUN_FORMAT_VERSION = 1  # of run.json
@@ -49,8 +54,7 @@ def is_run_dir(path: str | Path) -> bool:
     run = _read_json(path / RUN_FILE)  # a run written before the marker: recognised by what run.json says
     if not (isinstance(run, dict) and isinstance(run.get("settings"), dict) and isinstance(run.get("derived"), dict)):
         return False
-    known = {field.name for field in dataclasses.fields(RunSettings)}
-    return set(run["settings"]) <= known and "method" in run["settings"]
+    return set(run["settings"]) <= set(RUN_FIELDS) and "method" in run["settings"]
 
 
 def is_unstarted(path: Path) -> bool:

@@ -9,7 +9,7 @@ holder's process id, before it reads or writes anything there.
   export's default ``--out`` is inside the run): they can run side by side, but not beside a training run
   there, which would give them half a run (or an old adapter that an ``--overwrite`` is about to replace).
 
-The lock is ``fcntl.flock`` on :data:`~adalora.run.settings.LOCK_FILE` in the directory. The kernel releases it
+The lock is ``fcntl.flock`` on :data:`~adalora.run.directory.LOCK_FILE` in the directory. The kernel releases it
 when its holder exits, however it exits (SIGKILL, a crash), so a lock of a dead process never blocks: the file
 it left is simply locked again. The holder writes its process id and command into the file (for the message);
 the last holder removes the file, and a new or refused run removes the directory it created for the lock, so
@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import parallel
-from .directory import is_run_dir
-from .settings import LOCK_FILE, RunError
+from .directory import LOCK_FILE, is_run_dir
+from .settings import RunError
 
 try:
     import fcntl

@@ -25,11 +25,12 @@ from ..integrations.loop import FitStepReport, fit
 from .batches import TensorBatches
 from .collapse import guard_epoch
 from .defaults import training_rank
+from .directory import CHECKPOINT_FILE, RUN_FILE
 from .divergence import Diverged, diverged, track
 from .hardware import DeviceLoss, autocast, grad_scaler
 from .method import Method
 from .model import Model
-from .settings import CAUSAL_LM, CHECKPOINT_FILE, RUN_FILE, RunError, RunSettings
+from .settings import CAUSAL_LM, RunError, RunSettings
 from .stop import StopRequests
 from .tasks import Data, Kind, kind_of
 from .words import plural

@@ -12,10 +12,7 @@ from ..allocator import RankAllocator
 from ..files.atomic import atomic_directory, read_json, write_json
 from ..layers import find_adapters
 from .defaults import training_rank
-from .method import Method
-from .model import Model
-from .plots import plot_budget_curve, plot_rank_heatmap
-from .settings import (
+from .directory import (
     BUDGET_FILE,
     CHECKPOINT_FILE,
     HEATMAP_FILE,
@@ -24,8 +21,11 @@ from .settings import (
     PREVIOUS_CHECKPOINT_FILE,
     RANKS_FILE,
     RUN_FILE,
-    RunSettings,
 )
+from .method import Method
+from .model import Model
+from .plots import plot_budget_curve, plot_rank_heatmap
+from .settings import RunSettings
 from .tasks import AnyTask, kind_of
 from .words import plural
 

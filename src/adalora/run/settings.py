@@ -1,4 +1,4 @@
-"""What a run can be told: :class:`RunSettings`, and the names of the files a run writes.
+"""What a run can be told: :class:`RunSettings`.
 
 The settings of the method itself are an :class:`~adalora.AdaLoRAConfig` inside the run's settings, declared
 there once: ``adalora train`` makes a flag of every field of both dataclasses from what the field says about itself
@@ -44,20 +44,6 @@ DERIVED: dict[str, str] = {
     "warmup_steps": "--warmup-fraction x T",
     "final_steps": "--final-fraction x T",
 }
-
-# The files of an output directory (docs/cli.md, "Output directory").
-MARKER_FILE = ".adalora-run"  # written first: says the directory is a run of ours (see directory.py)
-LOCK_FILE = ".adalora-run.lock"  # held by the one command using the directory (lock.py); removed after it
-RUN_FILE = "run.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before (files/checkpoint.py: previous_checkpoint)
-METRICS_FILE = "metrics.json"
-RANKS_FILE = "rank_pattern.json"
-HISTORY_FILE = "allocation_history.json"
-HEATMAP_FILE = "rank_heatmap.png"
-BUDGET_FILE = "budget_curve.png"
-OUTPUTS = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, METRICS_FILE, RANKS_FILE, HISTORY_FILE, HEATMAP_FILE, BUDGET_FILE)
-OUTPUT_DIRS = ("adapter", "model", "tensorboard")
 
 _MODEL_HELP = (
     f"local HF model dir (default: the packaged MiniLM); for {CAUSAL_LM} also a .gguf file (default: the packaged "
@@ -214,7 +200,7 @@ class RunSettings:
         """
         unknown = sorted(set(data) - set(RUN_FIELDS))
         if unknown:
-            raise RunError(f"{RUN_FILE} has unknown settings {unknown}: written by another adalora version?")
+            raise RunError(f"unknown settings {unknown}: written by another adalora version?")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         if "adalora" in data:
             values["adalora"] = AdaLoRAConfig.from_dict(data["adalora"])

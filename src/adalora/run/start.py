@@ -14,10 +14,18 @@ from typing import Any
 from .. import parallel
 from ..files.atomic import read_json, write_json
 from ..files.checkpoint import CheckpointError, load_latest_checkpoint
-from .directory import RUN_FORMAT_VERSION, claim, clear_outputs, remove_torn_writes
+from .directory import (
+    CHECKPOINT_FILE,
+    PREVIOUS_CHECKPOINT_FILE,
+    RUN_FILE,
+    RUN_FORMAT_VERSION,
+    claim,
+    clear_outputs,
+    remove_torn_writes,
+)
 from .method import Method
 from .model import Model
-from .settings import CAUSAL_LM, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, RUN_FILE, RunError, RunSettings
+from .settings import CAUSAL_LM, RunError, RunSettings
 from .tasks import Data
 
 
