@@ -21,6 +21,8 @@ class NewConfig(AdaLoRAConfig):
     """AdaLoRAConfig with one more field, declared only here."""
 
     decay_power: float = setting(3.0, "exponent of the cubic budget decay", Range(float, 1), metavar="K")
+    log_every: int = setting(5, "steps between log lines")  # no range: parsed as an int all the same
+    keep_history: bool = setting(False, "record every allocation")
 
 
 def parser_for(defaults: RunSettings) -> argparse.ArgumentParser:
@@ -40,6 +42,8 @@ def test_a_new_config_field_is_a_flag_with_its_help_and_its_range(capsys) -> Non
     assert typed(parser, ["--decay-power", "2.5"]) == {"decay_power": 2.5}  # only what was typed
     settings = settings_from_flags(typed(parser, ["--decay-power", "2.5", "--epochs", "3"]), defaults)
     assert (settings.adalora.decay_power, settings.epochs, settings.adalora.init_r) == (2.5, 3, 12)
+    settings = settings_from_flags(typed(parser, ["--log-every", "7", "--keep-history"]), defaults)
+    assert (settings.adalora.log_every, settings.adalora.keep_history, settings.adalora.decay_power) == (7, True, 3.0)
     with pytest.raises(SystemExit) as exit:
         parser.parse_args(["--decay-power", "0.5"])
     assert exit.value.code == 2

@@ -14,6 +14,7 @@ choices that a comment could only describe in words.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -153,8 +154,10 @@ def flag(field: dataclasses.Field) -> str:
     return about(field).flag or "--" + field.name.replace("_", "-")
 
 
+@functools.cache
 def hints(cls: type) -> dict[str, Any]:
-    """The resolved type of every field of the dataclass ``cls`` (annotations may be strings)."""
+    """The resolved type of every field of the dataclass ``cls`` (annotations may be strings); looked up once per
+    class, as every construction of a settings dataclass checks its fields."""
     return typing.get_type_hints(cls)
 
 
@@ -191,9 +194,9 @@ def _problem(value: Any, field: dataclasses.Field, hint: Any) -> tuple[str, str]
         problem = info.allowed.problem(value)
         return None if problem is None else (problem, f"Set {field.name} to {info.allowed.describe()}.")
     if kind is bool and not isinstance(value, bool):
-        return f"must be True or False, got {value!r}", "Pass a bool."
-    if kind == tuple[str, ...] and not all(isinstance(v, str) and v for v in value):
-        return f"must be names, got {value!r}", 'List module names, e.g. ["classifier"].'
+        return f"must be True or False, got {value!r}", "Pass True or False."
+    if kind == tuple[str, ...] and not (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)):
+        return f"must be a list of names, got {value!r}", 'Give names, e.g. ["classifier"].'
     return None
 
 

@@ -89,6 +89,8 @@ def _options(field: dataclasses.Field, hint: Any, info: About) -> dict[str, Any]
         options["nargs"] = "+"  # a list of names (of ``tuple[str, ...]``, alone or in a union)
     if info.allowed is not None:
         options["type"] = _parser(info)
+    elif kind in (int, float):
+        options["type"] = kind  # a number without a range: parsed, the dataclass checks the rest
     return options
 
 
