@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --vllm-python, or --llama-cpp and --llama-lib, or both")
     if len({args.llama_cpp is None, args.llama_lib is None, args.llama_python is None}) > 1:
         parser.error("--llama-cpp, --llama-lib and --llama-python go together")
+    commit = git_commit()  # before the run: what ran, whatever is edited while it runs
     torch.manual_seed(SEED)
     args.work.mkdir(parents=True, exist_ok=True)
     files = prepare(args.work, args.llama_cpp, args.llama_python)
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(
         args.results,
         {
-            "commit": git_commit(),
+            "commit": commit,
             "engines": versions,
             "base": f"{files['gguf_q4'].name} dequantised to float32 by adalora's loader; vLLM reads it as a "
             "safetensors directory, llama.cpp as a float32 GGUF from its convert_hf_to_gguf.py",
