@@ -75,8 +75,7 @@ def export_peft(
         directory: the PEFT adapter directory to create or replace.
         config: the configuration the model was injected with (dropout and modules_to_save are taken from it).
         layout: ``"compact"`` (per-module ranks; PEFT, vLLM 0.32, llama.cpp) or ``"uniform"`` (one padded rank;
-            also for readers without
-            ``rank_pattern``, e.g. SGLang).
+            also for readers without ``rank_pattern``, e.g. SGLang).
         rank: uniform only: the rank to pad every module to (default: the largest kept rank).
         task_type: PEFT's ``task_type`` (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``); ``"auto"`` (default) takes it from
             the model's class; None writes none (PEFT then loads a plain ``PeftModel``).
