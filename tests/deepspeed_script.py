@@ -10,8 +10,10 @@ regulariser is the allocator's business under DeepSpeed (added inside the engine
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -116,33 +118,246 @@ def train(engine, allocator, rows: slice, steps: range, out: Path | None = None)
     }
 
 
-def plain_loop(out: Path, rank: int) -> dict:
-    """ZeRO-1/2/3 (and ZeRO-3 with small parameters persistent, its default) against one process; a resume."""
+def rows_of(rank: int) -> slice:
     import test_distributed as td
 
     half = td.GLOBAL_BATCH // WORLD
-    rows = slice(rank * half, (rank + 1) * half)
+    return slice(rank * half, (rank + 1) * half)
+
+
+def plain_loop(out: Path, rank: int) -> dict:
+    """ZeRO-1/2/3 (ZeRO-3 with every parameter partitioned, and with its default that keeps small tensors such as
+    the adapters' whole) against one process."""
+    import test_distributed as td
+
     results: dict = {"time": {}}
     modes = {
         "zero1": ds_config(1),
         "zero2": ds_config(2),
         "zero3": ds_config(3, stage3_param_persistence_threshold=0),  # every parameter partitioned
-        "zero3-persistent": ds_config(3),  # the adapters' small tensors stay whole (DeepSpeed's default)
+        "zero3-persistent": ds_config(3),  # DeepSpeed's default: tensors under 1e5 elements stay whole
     }
     for mode, ds in modes.items():
         start = time.perf_counter()
         engine, allocator = build(td.CONFIG, ds)
-        results[mode] = train(engine, allocator, rows, range(td.STEPS), out / mode)
+        results[mode] = train(engine, allocator, rows_of(rank), range(td.STEPS), out / mode)
         results["time"][mode] = time.perf_counter() - start
     return results
+
+
+def peft_masking(out: Path, rank: int) -> dict:
+    """The control: ZeRO-2 with masks applied PEFT's way, ``masked_fill_`` on the module's lambda only."""
+    import test_distributed as td
+
+    engine, allocator = build(td.CONFIG, ds_config(2))
+
+    @torch.no_grad()
+    def module_only(*_args: object) -> None:
+        for adapter in allocator.adapters:
+            adapter.E.masked_fill_(~adapter.rank_mask, 0.0)
+
+    allocator.layout.mask = module_only  # type: ignore[method-assign]
+    allocator.layout.reapply_masks = module_only  # type: ignore[method-assign]
+    return train(engine, allocator, rows_of(rank), range(td.STEPS))
+
+
+def resumed(out: Path, rank: int) -> dict:
+    """Stop at step ``at``, save a DeepSpeed checkpoint with the allocator's state as client state, rebuild
+    everything from other initial weights, load, and finish: ZeRO-2 mid-schedule, ZeRO-3 in the final phase."""
+    import test_distributed as td
+
+    results = {}
+    for mode, ds, at in (("zero2", ds_config(2), 14), ("zero3", ds_config(3, stage3_param_persistence_threshold=0), 26)):
+        engine, allocator = build(td.CONFIG, ds)
+        train(engine, allocator, rows_of(rank), range(at))
+        engine.save_checkpoint(str(out / f"checkpoint-{mode}"), tag=f"step{at}", client_state={"adalora": allocator.state_dict()})
+        engine, allocator = build(td.CONFIG, ds, seed=1)
+        _, client = engine.load_checkpoint(str(out / f"checkpoint-{mode}"), tag=f"step{at}")
+        allocator.load_state_dict(client["adalora"])
+        results[mode] = train(engine, allocator, rows_of(rank), range(at, td.STEPS))
+    return results
+
+
+def misuse(out: Path, rank: int) -> dict:
+    """What is refused, each as the one line every rank raised (none may hang in a collective)."""
+    import test_distributed as td
+
+    errors = {}
+
+    def record(key: str, action) -> None:
+        try:
+            action()
+            errors[key] = None
+        except (ValueError, RuntimeError) as error:
+            errors[key] = f"{type(error).__name__}: {error}"
+
+    offload = ds_config(2, offload_optimizer={"device": "cpu"})
+    offload["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed's CPU Adam would be compiled otherwise
+    record("offload", lambda: build(td.CONFIG, offload))
+    record("compact", lambda: build(td.CONFIG.replace(compact_at_final=True), ds_config(2)))
+    engine, allocator = build(td.CONFIG, ds_config(2))
+    record("loss_form", allocator.regularization)
+    train(engine, allocator, rows_of(rank), range(2))
+    allocator.misuse.on_misuse = "warn"  # past the pairing's own report: the allocator has no gradients to read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record("no_engine_step", allocator.step)  # the engine did not step since the allocator's last step
+    return errors
+
+
+TRAINER_CONFIG = {
+    "target_modules": ["query", "value"],
+    "init_r": 4,
+    "target_r": 2,
+    "warmup_steps": 2,
+    "final_steps": 3,
+    "mask_interval": 1,
+    "total_steps": None,
+    "modules_to_save": ["classifier"],
+}
+
+
+def run_trainer(output_dir: Path, world: int, stage: int | None, resume: Path | None = None) -> dict:
+    """12 optimizer steps of a ``transformers.Trainer`` with :class:`AdaLoRACallback` (2 accumulated micro-batches
+    each, checkpoints at 6 and 12), with ``deepspeed=`` a ZeRO ``stage`` configuration unless ``stage`` is None."""
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from adalora import AdaLoRAConfig, find_adapters, inject
+    from adalora.integrations.trainer import AdaLoRACallback
+    from adalora.parallel import gathered_adapters
+
+    config = AdaLoRAConfig(**TRAINER_CONFIG)
+    generator = torch.Generator().manual_seed(0)
+    dataset = [{"input_ids": torch.randint(0, 100, (8,), generator=generator), "labels": i % 2} for i in range(48)]
+    torch.manual_seed(0 if resume is None else 1)  # a resumed run must get its weights from the checkpoint
+    bert = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,  # the Trainer trains in train mode: dropout would differ between a batch and halves
+        attention_probs_dropout_prob=0.0,
+    )
+    model = inject(BertForSequenceClassification(bert), config)
+    deepspeed = None
+    if stage is not None:
+        zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+        deepspeed = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,
+        }
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=12,
+        per_device_train_batch_size=4 // world,  # the same global batch for any number of processes
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_grad_norm=0.0,  # DeepSpeed clips inside its step, the Trainer before its callbacks: compare unclipped
+        save_strategy="steps",
+        save_steps=6,
+        average_tokens_across_devices=False,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1000,
+        seed=0,
+        deepspeed=deepspeed,
+    )
+    callback = AdaLoRACallback(config, on_misuse="error")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    with gathered_adapters(trainer.model_wrapped, config) as whole:
+        state = {
+            f"{name}.{attr}": getattr(adapter, attr).detach().clone()
+            for name, adapter in find_adapters(whole)
+            for attr in ("P", "E", "Q", "rank_mask")
+        }
+    return {
+        "ranks": callback.allocator.rank_pattern(),
+        "history": [(a.step, a.budget, a.ranks) for a in callback.allocator.history],
+        "layout": type(callback.allocator.layout).__name__,
+        "state": state,
+    }
+
+
+def trainers(out: Path, rank: int) -> dict:
+    results = {}
+    for stage in (2, 3):
+        results[f"zero{stage}"] = run_trainer(out / f"trainer-zero{stage}", WORLD, stage)
+    # Resume from a copy of the step-6 checkpoint in a new output directory (where the callback looks for its file).
+    resumed = out / "trainer-zero2-resumed" / "checkpoint-6"
+    if rank == 0:
+        shutil.copytree(out / "trainer-zero2" / "checkpoint-6", resumed)
+    torch.distributed.barrier()
+    results["zero2-resumed"] = run_trainer(resumed.parent, WORLD, 2, resume=resumed)
+    return results
+
+
+def accelerated(out: Path, rank: int) -> dict:
+    """A plain accelerate loop with a DeepSpeed plugin (ZeRO-2), as ``accelerate launch --use_deepspeed`` runs it."""
+    import os
+
+    import test_distributed as td
+    from accelerate import Accelerator, DeepSpeedPlugin, PartialState
+    from conftest import tiny_bert
+
+    from adalora import RankAllocator, find_adapters, inject
+    from adalora.parallel import gathered_adapters
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what accelerate launch --use_deepspeed sets
+    PartialState(cpu=True)  # on a CPU, the process group accelerate sees (without it: one process)
+    plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = td.GLOBAL_BATCH // WORLD
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    torch.manual_seed(0)
+    model = inject(tiny_bert(), td.CONFIG)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    allocator = RankAllocator(model, td.CONFIG, optimizer, on_misuse="error", check_consistency=True)
+    for step in range(td.STEPS):
+        ids, labels = (t[rows_of(rank)] for t in td._batch(step))
+        accelerator.backward(F.cross_entropy(model(ids).logits, labels))  # steps the engine
+        optimizer.step()  # a no-op under DeepSpeed, as is zero_grad
+        allocator.step()
+        optimizer.zero_grad()
+    with gathered_adapters(model, td.CONFIG) as whole:
+        tensors = {
+            f"{name}.{attr}": getattr(adapter, attr).detach().clone()
+            for name, adapter in find_adapters(whole)
+            for attr in ("P", "E", "Q", "rank_mask")
+        }
+        tensors["classifier.weight"] = whole.classifier.weight.detach().clone()
+    return {
+        "engine": type(model).__name__,
+        "history": [(a.step, a.budget, a.ranks) for a in allocator.history],
+        "tensors": tensors,
+    }
+
+
+SCENARIOS = {
+    "plain": plain_loop,
+    "peft_masking": peft_masking,
+    "resumed": resumed,
+    "misuse": misuse,
+    "accelerate": accelerated,
+    "trainer": trainers,
+}
 
 
 def main(out: Path) -> None:
     quiet_deepspeed()
     torch.set_num_threads(1)
     rank = torch.distributed.get_rank()
-    results = {"world": torch.distributed.get_world_size()}
-    results.update(plain_loop(out, rank))
+    results: dict = {"world": torch.distributed.get_world_size(), "seconds": {}}
+    for name, scenario in SCENARIOS.items():
+        start = time.perf_counter()
+        results[name] = scenario(out, rank)
+        results["seconds"][name] = time.perf_counter() - start
     torch.save(results, out / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
