@@ -125,23 +125,30 @@ def rows_of(rank: int) -> slice:
     return slice(rank * half, (rank + 1) * half)
 
 
+PLAIN = {  # mode: (what the configuration changes, ZeRO stage, DeepSpeed settings)
+    "zero1": ({}, 1, {}),
+    "zero2": ({}, 2, {}),
+    "zero3": ({}, 3, {"stage3_param_persistence_threshold": 0}),  # every parameter partitioned
+    "zero3-persistent": ({}, 3, {}),  # DeepSpeed's default: tensors under 1e5 elements stay whole
+    "zero2-before_step": ({"importance_timing": "before_step"}, 2, {}),  # the paper's order
+    "zero3-magnitude": ({"importance": "magnitude"}, 3, {"stage3_param_persistence_threshold": 0}),  # no gradients
+}
+
+
 def plain_loop(out: Path, rank: int) -> dict:
-    """ZeRO-1/2/3 (ZeRO-3 with every parameter partitioned, and with its default that keeps small tensors such as
-    the adapters' whole) against one process."""
+    """The :data:`PLAIN` runs, compared with one process by the tests; and one in bf16, which has no one-process
+    twin (DeepSpeed keeps fp32 masters of a bf16 module): its masks must hold in both copies all the same."""
     import test_distributed as td
 
     results: dict = {"time": {}}
-    modes = {
-        "zero1": ds_config(1),
-        "zero2": ds_config(2),
-        "zero3": ds_config(3, stage3_param_persistence_threshold=0),  # every parameter partitioned
-        "zero3-persistent": ds_config(3),  # DeepSpeed's default: tensors under 1e5 elements stay whole
-    }
-    for mode, ds in modes.items():
+    for mode, (changes, stage, zero) in PLAIN.items():
         start = time.perf_counter()
-        engine, allocator = build(td.CONFIG, ds)
+        engine, allocator = build(td.CONFIG.replace(**changes), ds_config(stage, **zero))
         results[mode] = train(engine, allocator, rows_of(rank), range(td.STEPS), out / mode)
         results["time"][mode] = time.perf_counter() - start
+    bf16 = {**ds_config(2), "bf16": {"enabled": True}}
+    engine, allocator = build(td.CONFIG, bf16)
+    results["zero2-bf16"] = train(engine, allocator, rows_of(rank), range(td.STEPS))
     return results
 
 
@@ -182,6 +189,8 @@ def misuse(out: Path, rank: int) -> dict:
     """What is refused, each as the one line every rank raised (none may hang in a collective)."""
     import test_distributed as td
 
+    from adalora import save_adapter
+
     errors = {}
 
     def record(key: str, action) -> None:
@@ -197,6 +206,8 @@ def misuse(out: Path, rank: int) -> dict:
     record("compact", lambda: build(td.CONFIG.replace(compact_at_final=True), ds_config(2)))
     engine, allocator = build(td.CONFIG, ds_config(2))
     record("loss_form", allocator.regularization)
+    zero3, _ = build(td.CONFIG, ds_config(3, stage3_param_persistence_threshold=0))
+    record("partitioned_save", lambda: save_adapter(zero3, out / "not-saved", td.CONFIG))
     train(engine, allocator, rows_of(rank), range(2))
     allocator.misuse.on_misuse = "warn"  # past the pairing's own report: the allocator has no gradients to read
     with warnings.catch_warnings():

@@ -4,9 +4,10 @@ One ``torchrun --standalone --nproc_per_node 2`` launch of tests/deepspeed_scrip
 DeepSpeed costs seconds per process); the module-scoped fixture then computes the single-process references here:
 
 - a plain ``deepspeed.initialize`` loop under ZeRO-1, ZeRO-2 and ZeRO-3 (every parameter partitioned, and DeepSpeed's
-  default that keeps small tensors whole): allocation history, masks at every allocation (10, the last one the final
-  allocation), the final adapter (fp32 master copies) and the module's own lambdas equal the one-process run; the
-  saved adapter and its PEFT export give the same files;
+  default that keeps small tensors whole), with importance in the reference and the paper's order and by magnitude:
+  allocation history, masks at every allocation (10, the last one the final allocation), the final adapter (fp32
+  master copies) and the module's own lambdas equal the one-process run; the saved adapter and its PEFT export give
+  the same files; in bf16, masked lambdas are zero in both copies;
 - the control: the same ZeRO-2 run masked PEFT's way (``masked_fill_`` on the module's lambda only) does *not* match,
   its masked triplets come back: the comparison above catches that bug;
 - resuming through ``engine.save_checkpoint``/``load_checkpoint`` (ZeRO-2 mid-schedule, ZeRO-3 in the final phase)
@@ -46,7 +47,7 @@ pytest.importorskip("deepspeed")
 
 WORLD = deepspeed_script.WORLD
 ATOL, RTOL = td.ATOL, td.RTOL
-PLAIN_MODES = ("zero1", "zero2", "zero3", "zero3-persistent")
+PLAIN_MODES = tuple(deepspeed_script.PLAIN)
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +66,23 @@ def launched(tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = td._train("single", slice(None), check=False, save_to=tmp / "single" / "adapter")
+        single = {"": td._train("single", slice(None), check=False, save_to=tmp / "single" / "adapter")}
         write_peft(ExportSource.from_adapter_dir(tmp / "single" / "adapter"), tmp / "single" / "peft")
+        for changes, _, _ in deepspeed_script.PLAIN.values():
+            key = json.dumps(changes)
+            if changes and key not in single:
+                single[key] = td._train("single", slice(None), check=False, config=td.CONFIG.replace(**changes))
         trainer = deepspeed_script.run_trainer(tmp / "single-trainer", 1, None)
     finally:
         torch.set_num_threads(threads)
     log = done.stdout + done.stderr
     return {"dir": tmp, "ranks": ranks, "single": single, "trainer": trainer, "launch": launch, "log": log}
+
+
+def reference(launched: dict, mode: str = "zero2") -> dict:
+    """The single-process run with the configuration of ``mode``."""
+    changes = deepspeed_script.PLAIN[mode][0]
+    return launched["single"][json.dumps(changes) if changes else ""]
 
 
 def assert_tensors_close(actual: dict, expected: dict, what: str) -> None:
@@ -83,7 +94,7 @@ def assert_tensors_close(actual: dict, expected: dict, what: str) -> None:
 # ---------------------------------------------------------------------- the plain loop
 @pytest.mark.parametrize("mode", PLAIN_MODES)
 def test_allocations_match_one_process(launched, mode):
-    single = launched["single"]
+    single = reference(launched, mode)
     assert len(single["fingerprints"]) == 10 and max(single["fingerprints"]) == td.STEPS - td.CONFIG.final_steps
     for rank in launched["ranks"]:
         run = rank["plain"][mode]
@@ -94,36 +105,49 @@ def test_allocations_match_one_process(launched, mode):
 
 @pytest.mark.parametrize("mode", PLAIN_MODES)
 def test_master_and_module_copies_match_one_process(launched, mode):
-    single = launched["single"]["tensors"]
+    single = reference(launched, mode)["tensors"]
     assert max(float(t.abs().max()) for k, t in single.items() if k.endswith(".E")) > 1e-2  # trained visibly
     for rank in launched["ranks"]:
         run = rank["plain"][mode]
         assert_tensors_close(run["tensors"], single, f"{mode} master")
         lambdas = {k: v for k, v in single.items() if k.endswith(".E")}
         assert_tensors_close(run["module_lambdas"], lambdas, f"{mode} module")
-        masked = 0
-        for key, value in run["module_lambdas"].items():  # masked triplets are exactly zero in the module too
-            mask = run["tensors"][key.removesuffix(".E") + ".rank_mask"]
-            assert bool((value[~mask] == 0).all()) and bool((run["tensors"][key][~mask] == 0).all()), key
-            masked += int((~mask).sum())
-        assert masked == sum(td.CONFIG.init_r - r for r in run["history"][-1][2])
+        assert_masked_in_both_copies(run)
+
+
+def assert_masked_in_both_copies(run: dict) -> None:
+    """Every triplet the final allocation masked has lambda exactly 0 in the master copy and in the module."""
+    masked = 0
+    for key, value in run["module_lambdas"].items():
+        mask = run["tensors"][key.removesuffix(".E") + ".rank_mask"]
+        assert bool((value[~mask] == 0).all()) and bool((run["tensors"][key][~mask] == 0).all()), key
+        masked += int((~mask).sum())
+    assert masked == sum(td.CONFIG.init_r - r for r in run["history"][-1][2]) > 0
+
+
+def test_bf16_keeps_masks_in_both_copies(launched):
+    for rank in launched["ranks"]:
+        run = rank["plain"]["zero2-bf16"]
+        assert len(run["history"]) == 10
+        assert all(t.dtype == torch.float32 for t in run["tensors"].values() if t.is_floating_point())  # masters
+        assert_masked_in_both_copies(run)
 
 
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_saved_adapter_and_export_match_one_process(launched, mode):
-    reference, saved = launched["dir"] / "single", launched["dir"] / mode
-    expected, actual = read_adapter_config(reference / "adapter"), read_adapter_config(saved / "adapter")
+    single, saved = launched["dir"] / "single", launched["dir"] / mode
+    expected, actual = read_adapter_config(single / "adapter"), read_adapter_config(saved / "adapter")
     for field in ("modules", "config", "modules_to_save_tensors", "tensors", "base_model"):
         assert actual[field] == expected[field], field  # ranks, names, shapes, the base model's fingerprint
     for name in (f"adapter/{WEIGHTS_NAME}", "peft/adapter_model.safetensors"):
-        assert_tensors_close(load_file(saved / name), load_file(reference / name), name)
+        assert_tensors_close(load_file(saved / name), load_file(single / name), name)
     peft = json.loads((saved / "peft" / "adapter_config.json").read_text())
-    assert peft == json.loads((reference / "peft" / "adapter_config.json").read_text())
+    assert peft == json.loads((single / "peft" / "adapter_config.json").read_text())
 
 
 def test_peft_style_masking_is_undone_and_caught(launched):
     """The control: masking the module's lambda alone is undone by ZeRO's next step; the test above fails on it."""
-    single = launched["single"]["tensors"]
+    single = reference(launched)["tensors"]
     for rank in launched["ranks"]:
         control = rank["peft_masking"]
         revived = [
@@ -140,7 +164,7 @@ def test_peft_style_masking_is_undone_and_caught(launched):
 def test_resume_through_deepspeed_checkpoints(launched, mode):
     for rank in launched["ranks"]:
         resumed, straight = rank["resumed"][mode], rank["plain"][mode]
-        assert resumed["history"] == straight["history"] == launched["single"]["history"]
+        assert resumed["history"] == straight["history"] == reference(launched)["history"]
         assert resumed["state"]["final"] == straight["state"]["final"] is True
         for key, value in straight["tensors"].items():
             torch.testing.assert_close(resumed["tensors"][key], value, atol=1e-7, rtol=0, msg=f"{mode} {key}")
@@ -161,7 +185,7 @@ def test_trainer_with_deepspeed_matches_one_process(launched, mode):
 
 
 def test_accelerate_with_a_deepspeed_plugin_matches_one_process(launched):
-    single = launched["single"]
+    single = reference(launched)
     for rank in launched["ranks"]:
         run = rank["accelerate"]
         assert run["engine"] == "DeepSpeedEngine" and run["history"] == single["history"]
@@ -178,6 +202,7 @@ def test_what_is_not_supported_is_refused_in_one_line_on_every_rank(launched):
     assert "compact_at_final=True is not supported with several processes or DeepSpeed" in refused["compact"]
     assert "do not add regularization() to the loss" in refused["loss_form"]
     assert "the gradients of this step were never read" in refused["no_engine_step"]
+    assert "ZeRO-3 partitions this model's adapters" in refused["partitioned_save"]
     assert all("\n" not in message for message in refused.values())
 
 
