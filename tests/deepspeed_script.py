@@ -174,10 +174,15 @@ def resumed(out: Path, rank: int) -> dict:
     import test_distributed as td
 
     results = {}
-    for mode, ds, at in (("zero2", ds_config(2), 14), ("zero3", ds_config(3, stage3_param_persistence_threshold=0), 26)):
+    for mode, ds, at in (
+        ("zero2", ds_config(2), 14),
+        ("zero3", ds_config(3, stage3_param_persistence_threshold=0), 26),
+    ):
         engine, allocator = build(td.CONFIG, ds)
         train(engine, allocator, rows_of(rank), range(at))
-        engine.save_checkpoint(str(out / f"checkpoint-{mode}"), tag=f"step{at}", client_state={"adalora": allocator.state_dict()})
+        engine.save_checkpoint(
+            str(out / f"checkpoint-{mode}"), tag=f"step{at}", client_state={"adalora": allocator.state_dict()}
+        )
         engine, allocator = build(td.CONFIG, ds, seed=1)
         _, client = engine.load_checkpoint(str(out / f"checkpoint-{mode}"), tag=f"step{at}")
         allocator.load_state_dict(client["adalora"])
@@ -216,42 +221,19 @@ def misuse(out: Path, rank: int) -> dict:
     return errors
 
 
-TRAINER_CONFIG = {
-    "target_modules": ["query", "value"],
-    "init_r": 4,
-    "target_r": 2,
-    "warmup_steps": 2,
-    "final_steps": 3,
-    "mask_interval": 1,
-    "total_steps": None,
-    "modules_to_save": ["classifier"],
-}
-
-
 def run_trainer(output_dir: Path, world: int, stage: int | None, resume: Path | None = None) -> dict:
-    """12 optimizer steps of a ``transformers.Trainer`` with :class:`AdaLoRACallback` (2 accumulated micro-batches
-    each, checkpoints at 6 and 12), with ``deepspeed=`` a ZeRO ``stage`` configuration unless ``stage`` is None."""
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    """tests/distributed_script.py's Trainer run (12 steps, 2 accumulated micro-batches, checkpoints at 6 and 12),
+    with ``transformers.Trainer`` and :class:`AdaLoRACallback`, and ``deepspeed=`` a ZeRO ``stage`` configuration
+    unless ``stage`` is None."""
+    from distributed_script import TRAINER_CONFIG, trainer_arguments, trainer_data
+    from transformers import Trainer
 
-    from adalora import AdaLoRAConfig, find_adapters, inject
+    from adalora import AdaLoRAConfig, find_adapters
     from adalora.integrations.trainer import AdaLoRACallback
     from adalora.parallel import gathered_adapters
 
     config = AdaLoRAConfig(**TRAINER_CONFIG)
-    generator = torch.Generator().manual_seed(0)
-    dataset = [{"input_ids": torch.randint(0, 100, (8,), generator=generator), "labels": i % 2} for i in range(48)]
-    torch.manual_seed(0 if resume is None else 1)  # a resumed run must get its weights from the checkpoint
-    bert = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,  # the Trainer trains in train mode: dropout would differ between a batch and halves
-        attention_probs_dropout_prob=0.0,
-    )
-    model = inject(BertForSequenceClassification(bert), config)
+    dataset, model = trainer_data(seed=0 if resume is None else 1)  # resumed: the weights come from the checkpoint
     deepspeed = None
     if stage is not None:
         zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
@@ -262,23 +244,8 @@ def run_trainer(output_dir: Path, world: int, stage: int | None, resume: Path | 
             "zero_optimization": zero,
             "steps_per_print": 10**9,
         }
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=12,
-        per_device_train_batch_size=4 // world,  # the same global batch for any number of processes
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        max_grad_norm=0.0,  # DeepSpeed clips inside its step, the Trainer before its callbacks: compare unclipped
-        save_strategy="steps",
-        save_steps=6,
-        average_tokens_across_devices=False,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1000,
-        seed=0,
-        deepspeed=deepspeed,
-    )
+    # DeepSpeed clips inside its step, the Trainer before its callbacks: compare unclipped runs
+    args = trainer_arguments(output_dir, world, max_grad_norm=0.0, deepspeed=deepspeed)
     callback = AdaLoRACallback(config, on_misuse="error")
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import deepspeed_script
@@ -253,7 +252,7 @@ def test_deepspeed_without_zero_and_quantized_bases_are_refused(monkeypatch):
     model = inject(tiny_bert(), CONFIG)
     adapters = [m for m in model.modules() if hasattr(m, "rank_mask")]
 
-    class BF16_Optimizer(DeepSpeedZeroOptimizer):  # noqa: N801 (DeepSpeed's name)
+    class BF16_Optimizer(DeepSpeedZeroOptimizer):  # DeepSpeed's name
         pass
 
     assert "DeepSpeed's BF16_Optimizer" in unsupported(BF16_Optimizer(), adapters)

@@ -469,7 +469,9 @@ def test_cli_says_when_dropout_makes_processes_differ_from_one(monkeypatch, worl
     from adalora.run import train as run_train
 
     monkeypatch.setattr(run_train.parallel, "get_world_size", lambda: world)
-    settings = SimpleNamespace(method="adalora", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False)
+    settings = SimpleNamespace(
+        method="adalora", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False
+    )
     derived = {"task": "classification", "train_examples": 8, "eval_examples": 8, "trainable_parameters": 10}
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(dropout))
     lines: list[str] = []

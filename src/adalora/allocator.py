@@ -312,8 +312,9 @@ class RankAllocator:
         if held is None:
             raise RuntimeError(
                 "RankAllocator.step(): the gradients of this step were never read: they exist only inside the "
-                f"optimizer's step here ({type(self.layout).__name__}), and no optimizer step ran since the allocator's "
-                "last step. Step the engine (engine.step(); accelerate: accelerator.backward) before allocator.step()."
+                f"optimizer's step here ({type(self.layout).__name__}), and no optimizer step ran since the "
+                "allocator's last step. Step the engine (engine.step(); accelerate: accelerator.backward) before "
+                "allocator.step()."
             )
         return held
 

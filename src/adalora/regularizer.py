@@ -18,7 +18,9 @@ Two ways to apply gamma * R (``orth_reg_weight``), each one function:
 
 The closed form reads the factors' values and adds to their gradients through the adapters'
 :class:`~adalora.parallel.layout.Layout`: under DeepSpeed ZeRO those are its fp32 master copies and its gradient
-buffers, not ``.grad``, which ZeRO never reads. Factors sharded by FSDP2 are all-gathered (``full_tensor()``, differentiable: the backward pass hands each process
+buffers, not ``.grad``, which ZeRO never reads.
+
+Factors sharded by FSDP2 are all-gathered (``full_tensor()``, differentiable: the backward pass hands each process
 the gradient of its own rows), so R and its gradient are those of a single process; computing the Gram matrices on
 the shards directly does not work (no sharding rule for the norm's backward). The gradient form then runs autograd
 on R alone through the gather.
@@ -176,4 +178,3 @@ def _add_closed_form_gradient(
     if form == "paper":
         return norms.square().sum().mul_(weight)
     return norms.sum().mul_(weight / (2 * n))
-

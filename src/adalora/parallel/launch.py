@@ -10,6 +10,7 @@ from typing import Any
 
 from .processes import is_distributed
 
+
 def from_deepspeed(obj: Any) -> bool:
     """Whether ``obj`` is an instance of a class from the ``deepspeed`` package (read without importing it)."""
     return any(cls.__module__.split(".")[0] == "deepspeed" for cls in type(obj).__mro__)

@@ -31,8 +31,8 @@ parameter attributes (:func:`~.launch.deepspeed_in_use`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -151,7 +151,7 @@ def unsupported(optimizer: Any, adapters: Sequence[SVDAdapter]) -> str | None:
         return "a quantized base layer (bitsandbytes, torchao) under DeepSpeed is not supported"
     name = type(optimizer).__name__
     if not name.startswith("DeepSpeedZeroOptimizer"):
-        return f"DeepSpeed's {name} (DeepSpeed without ZeRO, or ZeRO-1 with fp32 gradient accumulation) is not supported"
+        return f"DeepSpeed's {name} (DeepSpeed without ZeRO, or ZeRO-1 with fp32 gradient accumulation) is unsupported"
     return None
 
 
@@ -193,7 +193,7 @@ class ZeroLayout(Layout):
 
     # ------------------------------------------------------------------ reading
     def rows(self, tensor: torch.Tensor) -> range:
-        return range(tuple(getattr(tensor, "ds_shape", tensor.shape))[0])
+        return range(getattr(tensor, "ds_shape", tensor.shape)[0])
 
     def values(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [whole(p) for p in params]
