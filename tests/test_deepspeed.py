@@ -211,12 +211,14 @@ def test_the_shared_memory_op_is_not_built(launched):
 
 # ---------------------------------------------------------------------- one process, stand-ins
 class DeepSpeedZeroOptimizer:
-    """Stands in for ZeRO-1/2's optimizer: a class from the deepspeed package with a ``step``."""
+    """Stands in for ZeRO-1/2's optimizer: a class from the deepspeed package with a ``step``, holding the torch
+    optimizer that updates its fp32 partitions as ``.optimizer``."""
 
     __module__ = "deepspeed.runtime.zero.stage_1_and_2"
 
     def __init__(self, **flags: object) -> None:
         self.calls: list[str] = []
+        self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         self.__dict__.update(flags)
 
     def step(self) -> None:
@@ -287,6 +289,15 @@ def test_step_hooks_wrap_the_step_once_in_order():
 def test_the_trainer_callback_no_longer_refuses_deepspeed_arguments():
     callback = AdaLoRACallback(CONFIG)
     callback.on_init_end(SimpleNamespace(deepspeed="ds_config.json"), None, None, model=torch.nn.Linear(2, 2))
+
+
+def test_lightning_refuses_deepspeed():
+    from adalora.integrations.lightning import AdaLoRALightningCallback
+
+    model = inject(tiny_bert(), CONFIG)
+    trainer = SimpleNamespace(estimated_stepping_batches=td.STEPS, optimizers=[DeepSpeedZeroOptimizer()], global_step=0)
+    with pytest.raises(ValueError, match="Lightning's DeepSpeed strategy is not supported"):
+        AdaLoRALightningCallback(CONFIG.replace(total_steps=None)).on_train_start(trainer, model)
 
 
 def test_fit_refuses_a_deepspeed_engine():

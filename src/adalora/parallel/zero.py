@@ -15,9 +15,10 @@ Three things differ from one process, and :class:`ZeroLayout` handles each with 
   whole (``safe_get_full_fp32_param``).
 - **Masks** must reach both copies. Zeroing only the module's parameter (PEFT's ``masked_fill_``) is undone by the
   next step, which copies the master back; zeroing only the master leaves the next forward pass on the old value.
-  The layout zeroes masked lambdas in the master (``safe_set_full_fp32_param``) and in the module (ZeRO-3: inside
-  ``GatheredParameters(..., modifier_rank=0)``, which re-partitions rank 0's values on exit), at every allocation
-  and at every step of the final phase.
+  The layout zeroes masked lambdas in the master (``safe_set_full_fp32_param``; under ZeRO-3 each process its own
+  partition, ``safe_set_local_fp32_param``) and in the module (ZeRO-3: inside ``GatheredParameters(...,
+  modifier_rank=0)``, which re-partitions rank 0's values on exit), at every allocation and at every step of the
+  final phase.
 
 Every process reads the same whole gradients and values (one process's fragment summed with zeros, or gathered:
 exact), so each computes the same statistics, scores and masks without further communication; the statistics are
@@ -45,12 +46,6 @@ from .layout import Layout
 SUPPORTED = (
     "Supported under DeepSpeed: ZeRO stages 1, 2 and 3 in fp32 or bf16, without offloading, with float base layers "
     "(see docs/scaling-out.md)."
-)
-
-GRADIENTS_GONE = (
-    "RankAllocator.step(): under DeepSpeed the gradients are read inside the engine's optimizer step (they are "
-    "cleared there), and no engine step ran since the allocator's last step. Call engine.step() (accelerate: "
-    "accelerator.backward) once per optimizer step before allocator.step()."
 )
 
 
