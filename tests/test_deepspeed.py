@@ -33,7 +33,7 @@ import torch
 from conftest import tiny_bert
 from safetensors.torch import load_file
 
-from adalora import RankAllocator, inject
+from adalora import RankAllocator, SVDAdapter, inject
 from adalora.files.adapter import WEIGHTS_NAME, read_adapter_config
 from adalora.files.export_source import ExportSource
 from adalora.files.peft import write_peft
@@ -258,7 +258,7 @@ def test_deepspeed_without_zero_and_quantized_bases_are_refused(monkeypatch):
         pass
 
     assert "DeepSpeed's BF16_Optimizer" in unsupported(BF16_Optimizer(), adapters)
-    monkeypatch.setattr("adalora.parallel.zero.is_quantized_adapter", lambda adapter: True)
+    monkeypatch.setattr("adalora.parallel.zero.QuantizedAdapter", SVDAdapter)  # every adapter counts as quantized
     assert "a quantized base layer" in unsupported(DeepSpeedZeroOptimizer(), adapters)
 
 

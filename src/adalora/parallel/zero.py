@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ..layers import SVDAdapter, is_quantized_adapter
+from ..layers import QuantizedAdapter, SVDAdapter
 from .launch import deepspeed_in_use, deepspeed_optimizer
 from .layout import Layout
 
@@ -142,7 +142,7 @@ def unsupported(optimizer: Any, adapters: Sequence[SVDAdapter]) -> str | None:
         return "DeepSpeed offloading (offload_optimizer / offload_param) is not supported"
     if getattr(optimizer, "dtype", None) == torch.float16 or getattr(optimizer, "torch_autocast_gradscaler", None):
         return "DeepSpeed fp16 (its gradients are loss-scaled until its step) is not supported"
-    if any(is_quantized_adapter(a) for a in adapters):
+    if any(isinstance(a, QuantizedAdapter) for a in adapters):
         return "a quantized base layer (bitsandbytes, torchao) under DeepSpeed is not supported"
     name = type(optimizer).__name__
     if not name.startswith("DeepSpeedZeroOptimizer"):
