@@ -80,7 +80,8 @@ def save_adapter(
         The adapter directory.
 
     Raises:
-        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``, a kept
+        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``, DeepSpeed
+            ZeRO-3 partitions them (see :func:`adalora.parallel.save_adapter_collective`), a kept
             factor or ``modules_to_save`` tensor holds NaN or inf (training diverged: :mod:`adalora.finite`),
             ``metadata`` is not JSON-serialisable, or ``directory`` exists and is not an adapter directory.
     """
@@ -90,6 +91,7 @@ def save_adapter(
     if not named:
         raise ValueError("save_adapter: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
     _check_targets(model, [n for n, _ in named], config, "save_adapter")
+    check_whole([a for _, a in named], "save_adapter")
     try:
         metadata_json = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as error:
@@ -345,6 +347,19 @@ def _check_targets(model: nn.Module, adapter_names: list[str], config: AdaLoRACo
             f"{caller}: the model's adapters do not match config.target_modules={config.target_modules!r} "
             f"(adapters not targeted: {stray}; targeted but not adapted: {unadapted}). Pass the config the model "
             "was injected with."
+        )
+
+
+def check_whole(adapters: list[SVDAdapter], what: str) -> None:
+    """Raise ``ValueError`` if DeepSpeed ZeRO-3 partitions the adapters: this process holds only its share of them.
+
+    ``adalora.parallel.gathered_adapters`` replaces them with whole copies (a collective: on every process).
+    """
+    if any(hasattr(p, "ds_id") for a in adapters for p in a.adapter_parameters()):
+        raise ValueError(
+            f"{what}: DeepSpeed ZeRO-3 partitions this model's adapters over the processes. On every process, call "
+            "adalora.parallel.save_adapter_collective(engine, directory, config), or read the model inside "
+            "adalora.parallel.gathered_adapters(engine, config)."
         )
 
 

@@ -149,16 +149,21 @@ class SVDAdapter(nn.Module):
     # ------------------------------------------------------------------ shapes
     @property
     def r(self) -> int:
-        """Current number of triplets (the initial rank until the adapter is compacted)."""
-        return self.E.shape[0]
+        """Current number of triplets (the initial rank until the adapter is compacted).
+
+        Read from ``rank_mask``, a buffer that is always whole: DeepSpeed ZeRO-3 empties the parameters outside the
+        forward pass (lambda's local shape is then ``(0,)``).
+        """
+        return self.rank_mask.shape[0]
 
     def layer_options(self) -> dict[str, Any]:
         """Settings of the base layer besides its weight shape, as JSON values (recorded in adapter files)."""
         return {}
 
     def base_shape(self) -> tuple[int, ...]:
-        """The base weight's logical shape in the base layout (a quantized weight's storage may be packed)."""
-        return tuple(self.weight.shape)
+        """The base weight's logical shape in the base layout (a quantized weight's storage may be packed; a
+        weight partitioned by DeepSpeed ZeRO-3 keeps its shape in ``ds_shape``)."""
+        return tuple(getattr(self.weight, "ds_shape", self.weight.shape))
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a plain tensor in the base layout (quantized bases dequantize; for merging)."""
@@ -242,7 +247,8 @@ class SVDAdapter(nn.Module):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+    """The user's model inside ``torch.compile``, ``DistributedDataParallel``, ``DataParallel`` and DeepSpeed
+    engine wrappers.
 
     Every function of the library that takes a model looks through these wrappers, so that module names (saved
     adapter keys, checkpoints, rank patterns) read the same whether or not the model was compiled or wrapped,
@@ -254,6 +260,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
+        elif type(model).__module__.startswith("deepspeed.") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # a DeepSpeedEngine, recognised without importing deepspeed
         else:
             return model
 

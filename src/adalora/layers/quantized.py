@@ -144,7 +144,10 @@ def is_quantized_precision(kind: str) -> bool:
 
 
 def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The shape a parameter has unquantized: a packed bitsandbytes 4-bit weight reports its storage shape."""
+    """The shape a parameter has unquantized and whole: a packed bitsandbytes 4-bit weight reports its storage shape,
+    a weight partitioned by DeepSpeed ZeRO-3 its local shape (the whole one is ``ds_shape``)."""
+    if hasattr(tensor, "ds_shape"):
+        return tuple(tensor.ds_shape)
     state = getattr(tensor, "quant_state", None)
     if type(tensor).__name__ == "Params4bit" and state is not None:
         return tuple(state.shape)

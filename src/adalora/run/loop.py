@@ -63,6 +63,11 @@ def train(
     With ``stop``, a signal stops the run at the next step boundary, after a checkpoint (stop.py)."""
     kind, rank, world = kind_of(settings.task), parallel.get_rank(), parallel.get_world_size()
     log(describe(settings, data, model, method))
+    if world > 1 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.module.modules()):
+        log(
+            "dropout is on: each process draws its own dropout masks, so this run equals a one-process run "
+            "statistically, not number for number (docs/scaling-out.md)"
+        )
     loss = DeviceLoss(model.device, settings.precision, kind.loss)
     scaler = grad_scaler(model.device, settings.precision)
     if kind.score_before and "eval_before" not in state:
