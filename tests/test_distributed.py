@@ -466,17 +466,17 @@ def test_cli_under_torchrun_reports_once(launched):
 def test_cli_says_when_dropout_makes_processes_differ_from_one(monkeypatch, world, dropout, said):
     from types import SimpleNamespace
 
-    from adalora.run import train as run_train
+    from adalora.run import loop
 
-    monkeypatch.setattr(run_train.parallel, "get_world_size", lambda: world)
+    monkeypatch.setattr(loop.parallel, "get_world_size", lambda: world)
     settings = SimpleNamespace(
-        method="adalora", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False
+        method="adalora", task="trec", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False
     )
-    derived = {"task": "classification", "train_examples": 8, "eval_examples": 8, "trainable_parameters": 10}
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(dropout))
-    lines: list[str] = []
-    setup = SimpleNamespace(settings=settings, derived=derived, total_steps=3, device="cpu", model=model)
-    run_train.describe(setup, lines.append)
+    data = SimpleNamespace(task=SimpleNamespace(name="classification", train=range(8), eval=range(8)))
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(dropout))
+    model = SimpleNamespace(module=module, device="cpu")
+    method = SimpleNamespace(total_steps=3, trainable_parameters=10)
+    lines = loop.describe(settings, data, model, method)
     assert any("each process draws its own dropout masks" in line for line in lines) == said
 
 

@@ -62,12 +62,8 @@ def train(
 
     With ``stop``, a signal stops the run at the next step boundary, after a checkpoint (stop.py)."""
     kind, rank, world = kind_of(settings.task), parallel.get_rank(), parallel.get_world_size()
-    log(describe(settings, data, model, method))
-    if world > 1 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.module.modules()):
-        log(
-            "dropout is on: each process draws its own dropout masks, so this run equals a one-process run "
-            "statistically, not number for number (docs/scaling-out.md)"
-        )
+    for line in describe(settings, data, model, method):
+        log(line)
     loss = DeviceLoss(model.device, settings.precision, kind.loss)
     scaler = grad_scaler(model.device, settings.precision)
     if kind.score_before and "eval_before" not in state:
@@ -100,8 +96,10 @@ def train(
     return callbacks.seconds()
 
 
-def describe(settings: RunSettings, data: Data, model: Model, method: Method) -> str:
-    """One line: method, task, data sizes, steps, examples per step, trainable parameters, threads."""
+def describe(settings: RunSettings, data: Data, model: Model, method: Method) -> list[str]:
+    """What the run is, in one line (method, task, data sizes, steps, examples per step, trainable parameters,
+    threads), and under several processes with dropout a second: such a run equals a one-process run only
+    statistically."""
     task, world = data.task, parallel.get_world_size()
     # causal-lm packs text into rows of --max-length tokens: the rows are what batches count
     rows = f" ({data.rows} / {len(data.eval['labels'])} rows)" if settings.task == CAUSAL_LM else ""
@@ -111,12 +109,18 @@ def describe(settings: RunSettings, data: Data, model: Model, method: Method) ->
     if model.device != "cpu" or settings.precision != "fp32" or settings.gradient_checkpointing:
         checkpointing = ", gradient checkpointing" if settings.gradient_checkpointing else ""
         processes += f", on {model.device} in {settings.precision}{checkpointing}"
-    return (
+    lines = [
         f"{settings.method} on {task.name}: {len(task.train)} train / {len(task.eval)} eval "
         f"examples{rows}, {plural(method.total_steps, 'step')} of {per_step}{accumulated} examples, "
         f"{method.trainable_parameters:,} trainable parameters, "
         f"{plural(torch.get_num_threads(), 'thread')}{processes}"
-    )
+    ]
+    if world > 1 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.module.modules()):
+        lines.append(
+            "dropout is on: each process draws its own dropout masks, so this run equals a one-process run "
+            "statistically, not number for number (docs/scaling-out.md)"
+        )
+    return lines
 
 
 class RunCallbacks:
