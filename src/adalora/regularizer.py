@@ -2,9 +2,12 @@
 
 Two forms (docs/algorithm.md, the regulariser):
 
-- ``"paper"``:     sum over adapters of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2;
+- ``"paper"``:     sum over adapted matrices of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2;
 - ``"reference"``: mean over all 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (norm not squared),
                    as in the authors' code and PEFT. The default.
+
+An adapter on the fused expert weight of an MoE block holds one P_e and Q_e per expert: each expert is one matrix of
+the sum (and of the n in the mean), exactly as if its experts were separate layers.
 
 Two ways to apply gamma * R (``orth_reg_weight``), each one function:
 
@@ -50,7 +53,7 @@ def _check_form(form: str) -> None:
 
 
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
-    """P^T P - I and Q Q^T - I for every adapter, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
+    """P^T P - I and Q Q^T - I for every matrix, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
 
     Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward
     (72 DeBERTa-sized adapters: 12 groups' worth of kernels instead of 216 small ones).
@@ -60,10 +63,10 @@ def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
         p, q = full_tensor(a.P), full_tensor(a.Q)
         groups.setdefault((p.shape, q.shape, p.dtype, p.device), []).append((p, q))
     out = []
-    for (p_shape, _, dtype, device), members in groups.items():
-        eye = torch.eye(p_shape[1], dtype=dtype, device=device)
-        p = torch.stack([p for p, _ in members])  # (g, d_out, r)
-        q = torch.stack([q for _, q in members])  # (g, r, d_in)
+    for (p_shape, q_shape, dtype, device), members in groups.items():
+        eye = torch.eye(p_shape[-1], dtype=dtype, device=device)
+        p = torch.stack([p for p, _ in members]).reshape(-1, *p_shape[-2:])  # (g, d_out, r), experts as matrices
+        q = torch.stack([q for _, q in members]).reshape(-1, *q_shape[-2:])  # (g, r, d_in)
         out.append(p.mT @ p - eye)
         out.append(q @ q.mT - eye)
     return out
@@ -123,7 +126,7 @@ def _factor_groups(adapters: Sequence[SVDAdapter]) -> dict[tuple, list[tuple[boo
         stacks.setdefault((a.Q.shape, a.Q.dtype, a.Q.device, False), []).append(a.Q)
     buffers: dict[tuple, list[tuple[bool, list[torch.Tensor]]]] = {}
     for (shape, dtype, device, is_p), factors in stacks.items():
-        buffers.setdefault((shape[1] if is_p else shape[0], dtype, device), []).append((is_p, factors))
+        buffers.setdefault((shape[-1] if is_p else shape[-2], dtype, device), []).append((is_p, factors))
     return buffers
 
 
@@ -136,13 +139,14 @@ def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, for
     are written into one buffer so that their norms and the reference form's 1/||D|| scaling take one operation
     each; one multi-tensor add puts it all into the gradients.
     """
-    n = len(adapters)
+    n = sum(a.num_matrices for a in adapters)  # an expert of a fused MoE weight is one matrix
     params: list[torch.Tensor] = []
     updates: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     for (r, dtype, device), groups in _factor_groups(adapters).items():
         eye = torch.eye(r, dtype=dtype, device=device)
-        stacks = [torch.stack(factors) for _, factors in groups]  # (g, d_out, r) for P, (g, r, d_in) for Q
+        # (g, d_out, r) for P, (g, r, d_in) for Q; the experts of fused MoE weights are matrices of their own.
+        stacks = [torch.stack(factors).reshape(-1, *factors[0].shape[-2:]) for _, factors in groups]
         sizes = [len(x) for x in stacks]
         deviations = torch.empty(sum(sizes), r, r, dtype=dtype, device=device)  # (G, r, r), all groups of this r
         for (is_p, _), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
@@ -159,7 +163,7 @@ def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, for
         for (is_p, factors), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
             grad = torch.bmm(x, deviation) if is_p else torch.bmm(deviation, x)  # P D or D Q
             params.extend(factors)
-            updates.extend(grad.unbind(0))
+            updates.extend(grad.view(len(factors), *factors[0].shape).unbind(0))
     _accumulate(params, updates)
     norms = values[0] if len(values) == 1 else torch.cat(values)  # (2n,): every Gram deviation's norm
     if form == "paper":

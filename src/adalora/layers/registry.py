@@ -17,6 +17,7 @@ from torch import nn
 from .base import SVDAdapter
 from .conv import SVDConv
 from .embedding import SVDEmbedding
+from .experts import FusedWeight, SVDExperts, supported_experts
 from .linear import SVDConv1D, SVDLinear, conv1d_type
 from .quantized import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, is_bnb_4bit, is_bnb_8bit, is_torchao_linear
 
@@ -59,6 +60,14 @@ LAYER_TYPES: tuple[LayerType, ...] = (
     ),
     LayerType(("embedding",), "nn.Embedding", lambda m: isinstance(m, nn.Embedding), SVDEmbedding),
     LayerType(("conv1d",), "transformers' GPT-2 Conv1D", _is_gpt2_conv1d, SVDConv1D),
+    # A fused 3-D expert weight of an MoE block (named in target_parameters, or every one of a block named in
+    # target_modules): a (block, parameter name) pair rather than a module, which no entry above matches.
+    LayerType(
+        ("experts",),
+        f"the fused expert weights of the MoE blocks {supported_experts()}",
+        lambda m: isinstance(m, FusedWeight),
+        SVDExperts,
+    ),
 )
 
 
@@ -68,14 +77,14 @@ def supported_layers() -> str:
     return ", ".join(descriptions[:-1]) + " or " + descriptions[-1]
 
 
-def layer_type_of(module: nn.Module) -> LayerType | None:
+def layer_type_of(module: nn.Module | FusedWeight) -> LayerType | None:
     """The entry of ``module``'s type (the first that matches), or None if it is not supported or an adapter."""
     if isinstance(module, SVDAdapter):
         return None
     return next((t for t in LAYER_TYPES if t.matches(module)), None)
 
 
-def adapter_class_for(module: nn.Module) -> type[SVDAdapter] | None:
+def adapter_class_for(module: nn.Module | FusedWeight) -> type[SVDAdapter] | None:
     """The adapter type that can replace ``module``, or None if its type is not supported.
 
     Some modules of a supported type still cannot be adapted (e.g. an embedding with ``max_norm``): check

@@ -119,7 +119,7 @@ class Layout:
         nothing to zero and the final-phase steps do nothing.
         """
         masks = [a.rank_mask for a in self.adapters]
-        factors = torch.cat(masks).to(self.adapters[0].E.dtype)
+        factors = torch.cat([m.reshape(-1) for m in masks]).to(self.adapters[0].E.dtype)
         shapes = [a.E.shape for a in self.adapters]
         split = factors.split([m.numel() for m in masks])
         self._frozen_factors = [] if bool(factors.all()) else [f.view(s) for f, s in zip(split, shapes, strict=True)]
