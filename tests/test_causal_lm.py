@@ -176,16 +176,15 @@ def test_next_token_training_lowers_perplexity(build):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_tiny_lm(directory: Path, hidden: int = 32) -> Path:
+    """A random 2-layer Llama over WORDS with the word tokenizer, saved with ``save_pretrained``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-lm")
     word_tokenizer().save_pretrained(directory)
     config = LlamaConfig(
         vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -197,6 +196,22 @@ def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+def qa_train_args(model: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """``adalora train --task causal-lm`` on 60 question/answer rows (54 train, 6 held out), 2 epochs of 9 steps."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(60)))
+    return [
+        "train", "--task", "causal-lm", "--model", str(model), "--train", str(data), "--output-dir",
+        str(tmp_path / "run"), "--max-length", "8", "--batch-size", "6", "--epochs", "2", "--init-r", "4",
+        "--target-r", "2", "--lr", "2e-2", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
 
 
 @pytest.fixture(autouse=True)

@@ -8,11 +8,13 @@ run when a GPU is present.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import subprocess
 import sys
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, compact, export_peft, find_adapters, inject, merge, unload
 from adalora.files.adapter import base_model_fingerprint, base_model_precision, load_adapter, save_adapter
-from adalora.layers import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, logical_shape
+from adalora.layers import SVDLinear4bit, SVDLinear8bitLt, SVDTorchAOLinear, keep_differentiable_layout, logical_shape
 
 bnb = pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
@@ -97,8 +99,10 @@ def test_forward_at_init_equals_the_quantized_model(llama: nn.Module, kind: str)
         assert adapter.P.shape == (layer.out_features, 4) and adapter.Q.shape == (4, layer.in_features)
         assert adapter.P.dtype == adapter.Q.dtype == adapter.E.dtype == torch.float32
     assert torch.equal(logits(model, x), expected)
-    # Inference (eval, no gradients) too, where bitsandbytes switches to its CPU kernel.
+    # Inference (eval, no gradients) too, on layers kept off bitsandbytes' CPU inference kernel for 4-bit weights, as
+    # inject keeps them (see test_a_4bit_layer_repacked_before_inject_is_put_back for a base that was not).
     base = quantized(llama, kind).eval()
+    keep_differentiable_layout(base)
     with torch.no_grad():
         expected = base(x).logits
         assert torch.equal(inject(base, CONFIG).eval()(x).logits, expected)
@@ -154,6 +158,173 @@ def test_state_dict_keys_are_the_quantized_models(llama: nn.Module) -> None:
     fresh.load_state_dict(model.state_dict())
     x = token_batch(vocab=100)
     assert torch.equal(logits(fresh, x), logits(model, x))
+
+
+# ---------------------------------------------------------------------- gradients through an evaluation
+def input_gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, ...]]]:
+    """One training-mode backward: the loss, and for every adapter the gradients of its input and of its output.
+
+    The embeddings' output is made a leaf that requires gradients, so that layer 0's inputs get gradients too.
+    """
+    model.train()
+    grads: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def record(name: str):
+        return lambda module, grad_in, grad_out: grads.__setitem__(name, (grad_in[0], grad_out[0]))
+
+    hooks = [a.register_full_backward_hook(record(name)) for name, a in find_adapters(model)]
+    embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+    loss = model(inputs_embeds=embeds, labels=x).loss
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_gradients_are_the_dequantized_layers_before_and_after_an_evaluation(llama: nn.Module, kind) -> None:
+    """At lambda = 0 an adapter's input gradient is its quantized base's, ``g @ W``, W the dequantized weight.
+
+    bitsandbytes repacks a 4-bit CPU weight at the first eval-mode forward without gradients (on AVX512-BF16 CPUs,
+    like this one) for a kernel without backward: before inject kept it off, every 4-bit layer passed exactly 0 to
+    its input afterwards. The reference weights are read before any evaluation."""
+    x = token_batch(vocab=100)
+    fresh, evaluated = (inject(quantized(llama, kind), CONFIG) for _ in range(2))
+    dense = {name: adapter.dense_weight().float() for name, adapter in find_adapters(fresh)}
+    evaluated.eval()
+    with torch.no_grad():
+        evaluated(x)
+    (loss, grads), (loss_after, grads_after) = input_gradients(fresh, x), input_gradients(evaluated, x)
+    assert len(grads) == len(dense) == 2 * len(LLAMA_TARGETS)
+    for name, (grad_in, grad_out) in grads_after.items():
+        expected = grad_out.float() @ dense[name]
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(grad_in.float(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    # The evaluation changed nothing that training computes: the same loss and gradients, bit for bit.
+    assert torch.equal(loss_after, loss)
+    for name, (grad_in, grad_out) in grads.items():
+        assert torch.equal(grads_after[name][0], grad_in) and torch.equal(grads_after[name][1], grad_out), name
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of an adapted bitsandbytes model whose bases are float ``nn.Linear`` layers holding the dequantized
+    weights, with the same adapters."""
+    twin = copy.deepcopy(model)
+    for _, adapter in find_adapters(twin):
+        adapter.base_layer = adapter.to_base(adapter.dense_weight().float())
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["bnb-nf4-dq", "bnb-fp4", "bnb-8bit"])
+def test_training_through_evaluations_follows_the_dequantized_float_model(llama: nn.Module, kind: str) -> None:
+    """A tiny Llama trained on a quantized base with an evaluation before and between its steps, as ``adalora
+    train`` runs: every step's loss and P, lambda, Q gradients (what the importance scores are made of) are those
+    of the same adapters on the dequantized float model, layer 0's included."""
+    x = token_batch(vocab=100)
+    model = inject(quantized(llama, kind), CONFIG)
+    fake_training(model, ranks=[4])  # lambda != 0 from the start, so that P and Q get gradients at every step
+    for _, adapter in find_adapters(model):
+        adapter.E.data.mul_(0.1)
+    twin = float_twin(model)
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (model, twin)]
+    for step in range(4):
+        for m in (model, twin):
+            m.eval()
+            with torch.no_grad():
+                m(x)  # an evaluation: bitsandbytes' repacking point
+            m.train()
+            m(x, labels=x).loss.backward()
+        for (name, a), (_, b) in zip(find_adapters(model), find_adapters(twin), strict=True):
+            for attr in ("P", "E", "Q"):
+                grad, expected = getattr(a, attr).grad, getattr(b, attr).grad
+                assert expected.abs().max() > 0, (step, name, attr)
+                torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["bnb-nf4-dq", "bnb-fp4"])
+def test_a_4bit_layer_repacked_before_inject_is_put_back(llama: nn.Module, kind: str) -> None:
+    """A model evaluated before inject (on this CPU bitsandbytes repacks its 4-bit weights then, rounding the block
+    scales to bfloat16): inject puts every layer back in the layout whose product has a backward, with the scales
+    it computed with (a double-quantized layer's are quantized to 8 bits again, as bitsandbytes' own inverse does)."""
+    import bitsandbytes.functional as bnbf
+
+    x = token_batch(vocab=100)
+    base = quantized(llama, kind).eval()
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    rounded = {}  # each layer's weight with its block scales rounded to bfloat16, as the repacking leaves them
+    for name, layer in layers.items():
+        state = copy.deepcopy(layer.weight.quant_state)
+        if state.nested:
+            state.absmax, state.nested = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset, False
+        state.absmax = state.absmax.bfloat16().float()
+        rounded[name] = bnbf.dequantize_4bit(layer.weight.data, state)
+    with torch.no_grad():
+        expected = base(x).logits
+    assert getattr(layers["model.layers.0.self_attn.q_proj"].weight.quant_state, "packing_format_for_cpu", False) == (
+        layers["model.layers.0.self_attn.q_proj"].support_avx512bf16_for_cpu
+    )  # repacked if and only if the CPU has AVX512-BF16
+    model = inject(base, CONFIG)
+    for name, layer in layers.items():
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False), name
+        weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        if "dq" in kind:  # within the 8-bit quantization of the scales
+            assert (weight - rounded[name]).abs().max() <= 2**-8 * rounded[name].abs().max(), name
+        else:
+            assert torch.equal(weight, rounded[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, expected, rtol=0.02, atol=0.02)  # bf16 kernel vs fp32
+    _, grads = input_gradients(model, x)
+    for name, adapter in find_adapters(model):
+        grad_in, grad_out = grads[name]
+        expected_grad = grad_out @ adapter.dense_weight().float()
+        torch.testing.assert_close(grad_in, expected_grad, rtol=1e-5, atol=1e-6 * float(expected_grad.abs().max()))
+
+
+def test_a_4bit_causal_lm_run_evaluates_and_still_trains_with_the_dequantized_gradients(tmp_path, monkeypatch) -> None:
+    """``adalora train --task causal-lm --precision bf16 --quantize bnb-4bit``: perplexity is measured before
+    training and after each epoch (eval mode, no gradients), and at every training step each 4-bit layer of layer 1
+    passes ``g @ W`` to its input, W its dequantized weight read before the first evaluation. (Layer 0's first
+    projections read the frozen embeddings, whose inputs need no gradient.)"""
+    import bitsandbytes.functional as bnbf
+    from test_causal_lm import qa_train_args, write_tiny_lm
+
+    import adalora.run.train
+    from adalora.cli import main
+
+    checked, wrong = Counter(), []
+
+    def check(name: str, dense: torch.Tensor, module, grad_in, grad_out) -> None:
+        if grad_in[0] is None:
+            return
+        checked[name] += 1
+        expected = grad_out[0].float() @ dense
+        scale = float(expected.abs().max())
+        if not (scale > 0 and torch.allclose(grad_in[0].float(), expected, rtol=0.02, atol=0.02 * scale)):  # bf16
+            wrong.append((name, checked[name]))
+
+    def prepare(settings):
+        setup = prepare_run(settings)
+        for name, layer in setup.model.named_modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                dense = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+                layer.register_full_backward_hook(functools.partial(check, name, dense))
+        return setup
+
+    prepare_run = adalora.run.train.prepare
+    monkeypatch.setattr(adalora.run.train, "prepare", prepare)
+    model = write_tiny_lm(tmp_path / "model", hidden=64)  # 64 inputs at least for 4-bit layers
+    args = qa_train_args(model, tmp_path, "--precision", "bf16", "--quantize", "bnb-4bit")
+    assert main([*args, "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_perplexity"] < metrics["eval_perplexity_before"]
+    steps = json.loads((tmp_path / "run" / "run.json").read_text())["derived"]["total_steps"]
+    layer_1 = [f"model.layers.1.{part}.base_layer" for part in ("self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+    assert all(checked[name] == steps for name in layer_1), (checked, steps)
+    assert wrong == []
 
 
 # ---------------------------------------------------------------------- refusals and imports
@@ -267,26 +438,17 @@ def test_merge_gives_float_layers_that_compute_the_adapted_model(llama: nn.Modul
     for _, adapter in find_adapters(model):
         adapter.E.data.mul_(0.05)  # a moderate update, so that the comparison below is not dominated by it
     expected = logits(model, x)
-    float_error = (logits(llama, x) - logits(quantized(llama, kind), x)).abs().max()
     model.eval()
     with torch.no_grad():
-        model(x)  # bitsandbytes repacks 4-bit CPU weights for its inference kernel here: merge must undo that
+        model(x)  # an evaluation, where bitsandbytes would repack 4-bit CPU weights (inject keeps them as they are)
     merged = merge(model)
     assert not find_adapters(merged)
     layers = [m for n, m in merged.named_modules() if n.endswith(LLAMA_TARGETS)]
     assert all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in layers)
     assert all(type(m.weight) is nn.Parameter for m in layers)  # plain tensors, not quantized subclasses
-    error = (logits(merged, x) - expected).abs().max()
-    if kind == "bnb-8bit":
-        # LLM.int8() also quantizes the activations, row by row; the merged float layer does not.
-        assert error < float_error
-    elif kind.startswith("bnb"):
-        # bitsandbytes' CPU inference repacking (above) rounds the block scales to bfloat16, for good: the layer's
-        # own weights are now within ~1e-3 (relative) of those it trained with, and so are the merged ones.
-        assert error < float_error / 10
-    else:
-        # The quantized layers compute with exactly the weights that are dequantized: only float rounding differs.
-        assert error < 1e-4
+    # The quantized layers compute (in training mode, on the CPU) with exactly the weights that are dequantized:
+    # only float rounding differs.
+    assert (logits(merged, x) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["bnb-nf4-dq", "bnb-fp4", "bnb-8bit", "torchao-nf4", "torchao-int8"])
@@ -422,6 +584,27 @@ def test_cuda_quantized_bases_forward_backward_and_merge(llama: nn.Module, kind:
     merged = merge(model)
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert (merged(x).logits.float() - expected).abs().max() < 0.1  # bf16 rounding of the merged weights
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8"])
+def test_cuda_input_gradients_are_the_dequantized_layers_after_an_evaluation(llama: nn.Module, kind: str) -> None:
+    """On CUDA (bfloat16), after an evaluation: each adapter's input gradient at lambda = 0 is ``g @ W``."""
+    base = copy.deepcopy(llama).to("cuda", torch.bfloat16)
+    quantize_model(base, kind, compute_dtype=torch.bfloat16)
+    model = inject(base, CONFIG)
+    x = token_batch(vocab=100).cuda()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    _, grads = input_gradients(model, x)
+    assert len(grads) == 2 * len(LLAMA_TARGETS)
+    for name, adapter in find_adapters(model):
+        grad_in, grad_out = grads[name]
+        expected = grad_out.float() @ adapter.dense_weight().float()
+        assert expected.abs().max() > 0, name
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(grad_in.float(), expected, rtol=0.02, atol=0.02 * scale)  # bfloat16 products
 
 
 def test_gpt2_loaded_in_4bit_by_transformers(tmp_path) -> None:

@@ -17,6 +17,7 @@ from .layers import (
     expert_weight_names,
     find_adapters,
     is_experts_block,
+    keep_differentiable_layout,
     supported_layers,
     unwrap_model,
 )
@@ -102,7 +103,9 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Replace every targeted layer of ``model`` by an SVD adapter, in place, and freeze the rest.
 
     After this call only the adapters' P, E, Q and the parameters of ``config.modules_to_save`` are
-    trainable. The adapted model computes exactly what the base model did (lambda starts at 0).
+    trainable. The adapted model computes exactly what the base model did (lambda starts at 0). Quantized layers
+    of the model, adapted or not, pass the dequantized layer's gradient to their input, in eval mode too (see
+    ``adalora.layers.keep_differentiable_layout``).
 
     Args:
         model: any module; Hugging Face transformers models work as they are.
@@ -156,6 +159,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     _warn_unadapted_experts(model, (n for n, _ in matched))
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_differentiable_layout(model)  # bitsandbytes' CPU inference kernel for 4-bit weights has no backward
     for name, module in matched:
         adapter_cls = adapter_class_for(module)
         assert adapter_cls is not None

@@ -37,6 +37,7 @@ from .quantized import (
     SVDLinear8bitLt,
     SVDTorchAOLinear,
     is_quantized_adapter,
+    keep_differentiable_layout,
     logical_shape,
     precision_of,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "find_adapters",
     "is_experts_block",
     "is_quantized_adapter",
+    "keep_differentiable_layout",
     "kept_triplets",
     "layer_type_of",
     "logical_shape",

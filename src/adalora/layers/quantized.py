@@ -11,8 +11,11 @@ Supported bases, all of logical shape ``(out_features, in_features)`` whatever t
 
 Each adapter runs the quantized layer's own forward as the base computation, so at lambda = 0 the adapted model
 computes exactly what the quantized model computes, and gradients reach the input (and P, lambda, Q) but never the
-quantized weight. The adapters record the layer type ``"linear"``: an adapter trained on a 4-bit base loads onto the
-same model in float32 or bfloat16 and vice versa.
+quantized weight. The gradient with respect to the input is the dequantized layer's, ``g @ W``: bitsandbytes'
+and torchao's autograd functions multiply by the dequantized weight. One bitsandbytes path has no backward (its CPU
+inference kernel for 4-bit weights, see :func:`keep_differentiable_layout`), and :func:`adalora.inject` keeps
+every 4-bit layer of the model off it. The adapters record the layer type ``"linear"``: an adapter trained on a
+4-bit base loads onto the same model in float32 or bfloat16 and vice versa.
 
 Neither bitsandbytes nor torchao is imported here: both print warnings at import, and a model that holds their
 layers has imported them already, so the checks look them up in ``sys.modules``.
@@ -20,7 +23,6 @@ layers has imported them already, so the checks look them up in ``sys.modules``.
 
 from __future__ import annotations
 
-import copy
 import sys
 from typing import Any
 
@@ -68,6 +70,47 @@ def torchao_kind(weight: Any) -> str | None:
     return f"torchao {cls.__name__}"
 
 
+def keep_differentiable_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the weight layout whose product has a backward.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` repacks its weight, the first time it runs in eval mode on an
+    input without gradients, for an inference kernel (``gemv_4bit``) that has no autograd formula, and keeps using
+    that kernel afterwards, in training mode too. From then on the layer passes no gradient to its input (exactly 0),
+    so every adapter below it would learn from wrong gradients after the first evaluation. Here each 4-bit layer
+    is switched off that kernel (``support_avx512bf16_for_cpu``, the flag its forward checks) and a layer repacked
+    already is put back in the standard layout, which bitsandbytes' ``MatMul4Bit`` differentiates with
+    ``g @ dequantize_4bit(W)``. Every 4-bit layer, adapted or not: gradients pass through the frozen ones too.
+    Evaluation then uses the same product as training. On CUDA the flag is never read (the repacking is CPU-only).
+
+    Returns:
+        The number of layers that had been repacked and were put back.
+    """
+    unpacked = 0
+    for module in model.modules():
+        if is_bnb_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                _unpack_cpu_layout(module.weight)
+                unpacked += 1
+    return unpacked
+
+
+def _unpack_cpu_layout(weight: Any) -> None:
+    """Put a 4-bit weight that bitsandbytes repacked for its CPU kernel back in the standard layout, in place.
+
+    The repacking rounded the block scales to bfloat16 (for good) and stored them transposed, ``(in / blocksize,
+    out)``. bitsandbytes' inverse restores the codes, and re-quantizes the scales in the standard order when the
+    weight was double-quantized; otherwise it leaves them transposed, so they are reordered here.
+    """
+    import bitsandbytes.functional as bnbf
+
+    state = weight.quant_state
+    scales = state.absmax.T.reshape(-1).float()  # (out * in / blocksize,), the standard order
+    weight.data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if not state.nested:
+        state.absmax = scales
+
+
 def is_torchao_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` (not a subclass) holding a supported torchao weight."""
     return type(module) is nn.Linear and torchao_kind(module.weight) in ("torchao-nf4", "torchao-int8")
@@ -83,7 +126,7 @@ def precision_of(tensor: torch.Tensor) -> str:
         state = getattr(tensor, "quant_state", None)
         if state is None:
             return str(tensor.dtype).removeprefix("torch.")  # not quantized yet
-        packed = getattr(state, "packing_format_for_cpu", False)  # see SVDLinear4bit._storage
+        packed = getattr(state, "packing_format_for_cpu", False)  # see keep_differentiable_layout
         nested = getattr(state, "original_nested", state.nested) if packed else state.nested
         return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
     if cls == "Int8Params" and tensor.dtype == torch.int8:
@@ -193,44 +236,14 @@ class SVDLinear4bit(_QuantizedLayerAdapter):
         """The dequantized weight ``(d_out, d_in)`` in the dtype it was quantized from."""
         import bitsandbytes.functional as bnbf
 
-        state = self.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            return self._weight_by_forward().to(getattr(state, "original_dtype", state.dtype))
+        state = self.weight.quant_state  # in the standard layout: see keep_differentiable_layout
         return bnbf.dequantize_4bit(self.weight.data, state).to(state.dtype)
-
-    @torch.no_grad()
-    def _weight_by_forward(self, rows: int = 1024) -> torch.Tensor:
-        """``W`` read back through the layer's own forward, ``layer(I) - bias = W^T``, ``rows`` inputs at a time.
-
-        bitsandbytes repacks a CPU layer's weight for its AVX512-BF16 inference kernel at the first eval-mode
-        forward without gradients (and rounds the block scales to bfloat16); its inverse conversion does not
-        restore every shape, so the weight is read from what the layer now computes, to bfloat16 precision.
-        """
-        layer = self.base_layer
-        dtype = layer.compute_dtype or torch.float32
-        parts = []
-        for start in range(0, self.d_in, rows):
-            eye = torch.eye(self.d_in, device=self.P.device, dtype=dtype)[start : start + rows]
-            out = layer(eye).float()  # (rows, d_out) = rows of W^T, plus the bias
-            if self.bias is not None:
-                out = out - self.bias.float()
-            parts.append(out)
-        return torch.cat(parts).T.contiguous()
-
-    def _storage(self) -> tuple[torch.Tensor, Any]:
-        """The packed weight and its quantization state in bitsandbytes' standard layout (for requantizing)."""
-        data, state = self.weight.data, self.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            import bitsandbytes.functional as bnbf
-
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
-        return data, state
 
     def requantized(self, weight: torch.Tensor) -> nn.Module:
         import bitsandbytes as bnb
 
         base = self.base_layer
-        _, state = self._storage()
+        state = self.weight.quant_state
         module = bnb.nn.Linear4bit(
             self.d_in,
             self.d_out,
@@ -272,9 +285,12 @@ class SVDLinear8bitLt(_QuantizedLayerAdapter):
         return scb if scb is not None else self.base_layer.state.SCB
 
     def dense_weight(self) -> torch.Tensor:
-        """The dequantized weight ``W = CB * SCB / 127`` ``(d_out, d_in)``, in the bias' dtype (float32 without)."""
+        """The dequantized weight ``W = CB * (SCB * (1/127))`` ``(d_out, d_in)``, in the bias' dtype (float32 without).
+
+        Rounded as bitsandbytes rounds it: its float forward on the CPU and both its backwards multiply by it."""
         dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return (self.weight.data.float() * (self._row_scales().float().unsqueeze(1) / 127.0)).to(dtype)
+        scales = self._row_scales().float().unsqueeze(1).mul(1.0 / 127.0)
+        return self.weight.data.float().mul_(scales).to(dtype)
 
     def requantized(self, weight: torch.Tensor) -> nn.Module:
         import bitsandbytes as bnb

@@ -35,6 +35,7 @@ from .batches import trim_padding
 from .data import DataError, packaged_file, read_records, rotten_tomatoes
 from .hardware import to_device
 from .lm_loss import IGNORE_INDEX, summed_nll
+from .quiet import no_progress_bars, quiet_imports
 
 CAUSAL_LM = "causal-lm"  # the --task name
 EVAL_FRACTION = 0.1  # share of the training records held out when no eval file is given
@@ -290,11 +291,8 @@ def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
         LMError: if ``gguf`` is needed but missing, or loading fails (one line).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub, even for a mistyped name
-    from .models import quiet_imports
-
     with quiet_imports():
         from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     kwargs: dict[str, Any] = {}
@@ -303,10 +301,11 @@ def load_causal_lm(path: str | Path) -> tuple[Any, nn.Module]:
         if importlib.util.find_spec("gguf") is None:
             raise LMError(f"loading {path.name} needs the 'gguf' package: pip install gguf")
         directory, kwargs = path.parent, {"gguf_file": path.name, "dtype": torch.float32}
-    hf_logging.disable_progress_bar()
+    gguf_file = {k: v for k, v in kwargs.items() if k == "gguf_file"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
-        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        with no_progress_bars():
+            tokenizer = AutoTokenizer.from_pretrained(directory, **gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         text = str(error).strip()
         first = text.splitlines()[0] if text else repr(error)

@@ -18,6 +18,7 @@ from ..files.atomic import atomic_directory
 from ..files.export_source import ExportSource
 from ..files.exports import EXPORT_FORMATS, ExportOptions, export
 from ..merge import merge
+from .quiet import no_progress_bars, quiet_imports
 
 
 def find_adapter_dir(path: str | os.PathLike[str]) -> Path:
@@ -81,8 +82,6 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
             f"the adapter's base model class {class_path or '(unknown)'} is not a transformers model, so it cannot "
             "be rebuilt from the adapter directory. Load the base model yourself and call adalora.load_adapter."
         )
-    from .models import quiet_imports
-
     with quiet_imports():
         model_class = getattr(importlib.import_module(module_name), class_name)
     kwargs: dict[str, Any] = {}
@@ -101,7 +100,8 @@ def load_base_model(info: dict[str, Any], path: str | None = None) -> nn.Module:
         kwargs.update(gguf_file=Path(path).name, dtype=torch.float32)
         path = str(Path(path).parent)
     try:
-        model = model_class.from_pretrained(path, **kwargs)
+        with no_progress_bars():
+            model = model_class.from_pretrained(path, **kwargs)
     except OSError as error:
         raise FileNotFoundError(f"could not load the base model from '{path}': {error}. Pass --base PATH.") from error
     finally:
@@ -137,7 +137,7 @@ def merge_output_dir(
     load_adapter(model, adapter_dir)
     merge(model, safe=safe).eval()
     tokenizer = _try_load_tokenizer(base or (info.get("metadata") or {}).get("model"))
-    with atomic_directory(out_dir, marker="config.json") as tmp:
+    with atomic_directory(out_dir, marker="config.json") as tmp, no_progress_bars():
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -15,11 +15,14 @@ with one line saying what is wrong and where.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
 import random
-from collections.abc import Callable, Sequence
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +157,9 @@ _JSON_LINES = (".jsonl", ".json", ".ndjson")
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a CSV (``.csv``), TSV (``.tsv``/``.tab``) or JSON-lines (``.jsonl``/``.json``) file, as dicts.
 
-    CSV/TSV files need a header row. Text is read as UTF-8 (a byte-order mark is ignored).
+    CSV/TSV files need a header row. Text is read as UTF-8 (a byte-order mark is ignored). Every format is read as
+    written: a column name twice (in a header, or a key twice in one JSON object) is refused rather than one of
+    them silently winning, and a field of any length is read (the ``csv`` module's 128 KiB limit is lifted).
 
     Raises:
         DataError: if the file is missing, empty, of an unknown type or malformed (with the line number).
@@ -175,34 +180,79 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at character {column} of the line: "
             f"{error.reason}); re-save the file as UTF-8"
         ) from None
-    records: list[dict[str, Any]] = []
-    if suffix in _JSON_LINES:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object per line, got {type(record).__name__}")
-            records.append(record)
-    else:
-        reader = csv.DictReader(text.splitlines(), delimiter=_DELIMITERS[suffix])
+    records = _json_lines(text, path) if suffix in _JSON_LINES else _delimited(text, path, _DELIMITERS[suffix])
+    if not records:
+        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
+    return records
+
+
+class _RepeatedKey(Exception):
+    """A JSON object names a key twice (``json.loads`` would keep the last value silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
+def _json_lines(text: str, path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+        except _RepeatedKey as repeated:
+            raise DataError(
+                f"{path}, line {number}: the key '{repeated}' appears twice in one object (JSON readers keep one of "
+                "them silently); keep one"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def _any_field_length() -> Iterator[None]:
+    """Lift the ``csv`` module's limit on a field's length (128 KiB) for the block: JSON lines have none."""
+    limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the largest a C long holds on every platform
+    try:
+        yield
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _delimited(text: str, path: Path, delimiter: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    records = []
+    try:
+        with _any_field_length():
+            names = reader.fieldnames or []
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise DataError(
+                    f"{path}, line 1: the header names the column '{repeated[0]}' {names.count(repeated[0])} times "
+                    "(only the last would be read); give every column its own name"
+                )
             for record in reader:
                 if None in record or any(v is None for v in record.values()):
-                    expected = len(reader.fieldnames or [])
+                    expected = len(names)
                     got = sum(v is not None for k, v in record.items() if k is not None) + len(record.get(None) or [])
                     raise DataError(
                         f"{path}, line {reader.line_num}: expected {expected} fields as in the header, got {got} "
                         f"({'an unquoted delimiter in a text?' if got > expected else 'a missing value or delimiter?'})"
                     )
                 records.append(record)
-        except csv.Error as error:
-            raise DataError(f"{path}, line {reader.line_num}: malformed {suffix[1:].upper()} ({error})") from None
-    if not records:
-        raise DataError(f"{path}: no examples (an empty file, or a header without rows)")
+    except csv.Error as error:
+        suffix = path.suffix[1:].upper()
+        raise DataError(f"{path}, line {reader.line_num}: malformed {suffix} ({error})") from None
     return records
 
 
@@ -219,12 +269,81 @@ def _column(records: list[dict[str, Any]], column: str, path: Path, option: str)
     return values
 
 
-def _label_names(raw: list[Any]) -> tuple[str, ...]:
-    """Class names: ``0..k-1`` when every label is a non-negative integer, else the sorted distinct labels."""
-    labels = [str(v).strip() for v in raw]
-    if all(label.isdigit() for label in labels):
-        return tuple(str(i) for i in range(max(int(label) for label in labels) + 1))
-    return tuple(sorted(set(labels)))
+def _texts(values: list[Any], path: Path, column: str) -> tuple[str, ...]:
+    for number, value in enumerate(values, start=1):
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}: example {number} has {json.dumps(value)} in '{column}', not text; write it as a JSON string"
+            )
+    return tuple(values)
+
+
+INTEGER, NAME = "integer", "name"  # the two ways a file may write its labels
+_INTEGER_TEXT = re.compile(r"[+-]?\d+")
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)")  # a number with a fraction or exponent
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A file's classes: their names (integers sorted numerically, names alphabetically; index = position) and
+    how the file writes its labels, ``"integer"`` or ``"name"``."""
+
+    names: tuple[str, ...]
+    kind: str
+
+
+# What a JSON value that is no label is, for the message that refuses it.
+_NOT_A_LABEL = {
+    bool: "a JSON boolean",
+    float: "a number that is not an integer",
+    list: "a JSON array",
+    dict: "a JSON object",
+}
+
+
+def _label(value: Any, typed: bool, path: Path, number: int, column: str) -> tuple[str, str]:
+    """The kind and canonical text of one label: ``value`` as JSON typed it (``typed``), or a CSV/TSV cell, where
+    every value is text and one that reads as an integer is an integer.
+
+    Raises:
+        DataError: for a boolean, a number with a fraction or an exponent, an array or an object.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return INTEGER, str(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if typed or not (_INTEGER_TEXT.fullmatch(text) or _NUMBER_TEXT.fullmatch(text)):
+            return NAME, text
+        if _INTEGER_TEXT.fullmatch(text):
+            return INTEGER, str(int(text))
+        what, shown = _NOT_A_LABEL[float], f"'{text}'"
+    else:
+        what, shown = _NOT_A_LABEL.get(type(value), "not a label"), json.dumps(value)
+    raise DataError(
+        f"{path}: example {number} has label {shown} in '{column}', {what}; write labels as integers (0, 1, ...) "
+        "or as names"
+    )
+
+
+def _labels(values: list[Any], typed: bool, path: Path, column: str) -> tuple[list[str], str]:
+    """Every label's canonical text, and the file's one kind of label (see :func:`_label`).
+
+    Raises:
+        DataError: for a value that is no label, or labels of both kinds in one file.
+    """
+    texts, first = [], ""
+    for number, value in enumerate(values, start=1):  # the first problem in the file's order is reported
+        kind, text = _label(value, typed, path, number, column)
+        first = first or kind
+        if kind != first:
+            a = {INTEGER: "an integer", NAME: "a name"}
+            shown = [json.dumps(v) if typed else f"'{v.strip()}'" for v in (value, values[0])]
+            raise DataError(
+                f"{path}: example {number} has label {shown[0]} ({a[kind]}) but example 1 has {shown[1]} "
+                f"({a[first]}); a file's labels are all integers or all names: write every label the same way"
+            )
+        texts.append(text)
+    return texts, first
 
 
 def read_examples(
@@ -232,47 +351,62 @@ def read_examples(
     text_column: str = "text",
     label_column: str = "label",
     text_pair_column: str | None = None,
-    label_names: tuple[str, ...] | None = None,
-) -> tuple[Examples, tuple[str, ...]]:
-    """Labelled examples from a user's file (see :func:`read_records` for the formats).
+    train_labels: Labels | None = None,
+) -> tuple[Examples, Labels]:
+    """Labelled examples from a user's file (see :func:`read_records` for the formats), read as written.
+
+    Labels are integers or names, one kind per file: JSON integers or strings (booleans, fractions, null, arrays and
+    objects are refused); in a CSV/TSV file, where every value is text, labels that all read as integers are
+    integers. Integers are class names too, sorted numerically: labels {0, 5} are two classes, and only labels
+    exactly 0..k-1 keep their values as indices.
 
     Args:
         path: the file.
         text_column: column of the (first) text.
-        label_column: column of the label: integers ``0..k-1`` or class names.
+        label_column: column of the label.
         text_pair_column: column of the second text, for sentence-pair tasks.
-        label_names: class names fixed by the training file (pass them when reading the eval file), or None
-            to derive them from this file.
+        train_labels: the classes of the training file (pass them when reading the eval file), or None to derive
+            them from this file.
 
     Returns:
-        The examples and the class names.
+        The examples (labels as class indices) and this file's classes (the training file's when given).
 
     Raises:
-        DataError: on a missing column, an empty value, or a label that the training file does not have.
+        DataError: on a missing column, an empty value, a value that is no label, labels of both kinds, a kind other
+            than the training file's, or a label that the training file does not have (one line each).
     """
     path = Path(path)
     records = read_records(path)
-    texts = [str(v) for v in _column(records, text_column, path, "--text-column")]
+    typed = path.suffix.lower() in _JSON_LINES
+    texts = _texts(_column(records, text_column, path, "--text-column"), path, text_column)
     pairs = None
     if text_pair_column is not None:
-        pairs = tuple(str(v) for v in _column(records, text_pair_column, path, "--text-pair-column"))
-    raw = _column(records, label_column, path, "--label-column")
-    if label_names is None and len({str(v).strip() for v in raw}) < 2:
+        pairs = _texts(_column(records, text_pair_column, path, "--text-pair-column"), path, text_pair_column)
+    raw, kind = _labels(_column(records, label_column, path, "--label-column"), typed, path, label_column)
+    if train_labels is None:
+        distinct = set(raw)
+        if len(distinct) < 2:
+            raise DataError(
+                f"{path}: every example has the same '{label_column}' ({raw[0]}); a classifier needs two classes"
+            )
+        names = sorted(distinct, key=int) if kind == INTEGER else sorted(distinct)
+        labels = Labels(tuple(names), kind)
+    elif kind != train_labels.kind:
         raise DataError(
-            f"{path}: every example has the same '{label_column}' ({raw[0]}); a classifier needs two classes"
+            f"{path}: the labels are {kind}s but the training file's are {train_labels.kind}s (example 1 has "
+            f"'{raw[0]}'); write them the same way in both files"
         )
-    names = label_names if label_names is not None else _label_names(raw)
-    index = {name: i for i, name in enumerate(names)}
-    labels = []
-    for number, value in enumerate(raw, start=1):
-        label = str(value).strip()
+    else:
+        labels = train_labels
+    index = {name: i for i, name in enumerate(labels.names)}
+    for number, label in enumerate(raw, start=1):
         if label not in index:
+            names = labels.names
             raise DataError(
                 f"{path}: example {number} has label '{label}', which the training file does not have "
                 f"(classes: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''})"
             )
-        labels.append(index[label])
-    return Examples(tuple(texts), tuple(labels), pairs), names
+    return Examples(texts, tuple(index[label] for label in raw), pairs), labels
 
 
 def file_task(
@@ -282,10 +416,10 @@ def file_task(
     label_column: str = "label",
     text_pair_column: str | None = None,
 ) -> Task:
-    """A task from the user's train and eval files; class names come from the training file."""
-    train, names = read_examples(train_path, text_column, label_column, text_pair_column)
-    held_out, _ = read_examples(eval_path, text_column, label_column, text_pair_column, label_names=names)
-    return Task(Path(train_path).stem, train, held_out, names)
+    """A task from the user's train and eval files; the classes come from the training file."""
+    train, labels = read_examples(train_path, text_column, label_column, text_pair_column)
+    held_out, _ = read_examples(eval_path, text_column, label_column, text_pair_column, train_labels=labels)
+    return Task(Path(train_path).stem, train, held_out, labels.names)
 
 
 # ---------------------------------------------------------------------------------------------- tensors

@@ -3,16 +3,15 @@ which of its modules are the task head (trained fully) and which matrices get ad
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .data import packaged_file
+from .quiet import no_progress_bars, quiet_imports
 from .settings import DEFAULT_TARGETS, HEAD_NAMES, RunError, RunSettings
 
 
@@ -38,26 +37,6 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-# Loggers of optional packages that transformers imports when they are installed (torchao at least), whose
-# import-time warnings (missing CUDA kernels, no triton, torch's pytree deprecations) say nothing about a run.
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
-
-
-@contextlib.contextmanager
-def quiet_imports() -> Iterator[None]:
-    """Importing transformers' model classes without the import-time warnings of optional packages."""
-    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        import transformers.modeling_utils  # noqa: F401  (imports the optional packages once, quietly)
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
-    yield
-
-
 def load_model(path: Path, label_names: Sequence[str]) -> tuple[Any, nn.Module, set[str]]:
     """Tokenizer, sequence-classification model with a head for ``label_names``, and the names of the
     weights the checkpoint did not provide (the freshly initialised head)."""
@@ -68,23 +47,23 @@ def load_model(path: Path, label_names: Sequence[str]) -> tuple[Any, nn.Module, 
 
     # The expected "newly initialised head" report and the weight-loading progress bar are noise here.
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
         raise RunError(f"cannot load a tokenizer from {path}: {first_line(error)}") from None
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            # What the first forward pass with labels would set: set here, the saved config does not depend on
-            # whether the run trained in this process (a run resumed at its last step does not).
-            problem_type="single_label_classification" if len(label_names) > 1 else "regression",
-            ignore_mismatched_sizes=True,  # a model fine-tuned for another label set gets a fresh head
-            output_loading_info=True,
-        )
+        with no_progress_bars():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(label_names),
+                id2label=dict(enumerate(label_names)),
+                label2id={name: i for i, name in enumerate(label_names)},
+                # What the first forward pass with labels would set: set here, the saved config does not depend on
+                # whether the run trained in this process (a run resumed at its last step does not).
+                problem_type="single_label_classification" if len(label_names) > 1 else "regression",
+                ignore_mismatched_sizes=True,  # a model fine-tuned for another label set gets a fresh head
+                output_loading_info=True,
+            )
     except (OSError, ValueError, KeyError) as error:
         raise RunError(f"cannot load a sequence-classification model from {path}: {first_line(error)}") from None
     if tokenizer.pad_token is None:  # decoder-only models: pad with EOS, and tell the model which id it is

@@ -14,11 +14,15 @@ bitsandbytes and torchao are imported only here and only when asked for (both pr
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterable
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .quiet import DropMessages, dropped, quiet_import
 
 METHODS: tuple[str, ...] = ("bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8")
 _PACKAGES = {"bnb": "bitsandbytes", "torchao": "torchao"}
@@ -39,11 +43,44 @@ def require_package(method: str) -> None:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
     package = _PACKAGES[method.split("-")[0]]
     try:
-        importlib.import_module(package)
+        with _without_hub_kernels() if package == "bitsandbytes" else contextlib.nullcontext():
+            quiet_import(package)
     except ImportError as error:
         raise QuantizationUnavailable(
             f"--quantize {method} needs {package}, which is not installed: pip install 'adalora[quant]'"
         ) from error
+
+
+@contextlib.contextmanager
+def _without_hub_kernels() -> Iterator[None]:
+    """Importing bitsandbytes without its attempt to fetch a CPU kernel from the Hugging Face Hub.
+
+    On a CPU with AVX512-BF16, ``import bitsandbytes`` asks the ``kernels`` package for a kernel of
+    "kernels-community" (a network request at every run, or a warning offline) to speed up the inference path that
+    :func:`adalora.layers.keep_differentiable_layout` keeps 4-bit layers off. ``kernels`` is hidden for the import
+    (a ``None`` in ``sys.modules`` makes importing it fail), and bitsandbytes' report that it fell back to its own
+    kernel is dropped.
+    """
+    hidden = sys.modules.get("kernels")
+    sys.modules["kernels"] = None  # type: ignore[assignment]
+    try:
+        with dropped("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"):
+            yield
+    finally:
+        if hidden is None:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+
+
+# bitsandbytes logs this at every eval-mode forward of an 8-bit layer on float32 or bfloat16 inputs: LLM.int8()
+# quantizes the activations from float16 (docs/layer-types.md says so), and a run evaluates batch after batch.
+_INT8_CAST_NOTICE = DropMessages("MatMul8bitLt: inputs will be cast")
+
+
+def drop_int8_cast_notices() -> None:
+    """From now on, in this process, drop bitsandbytes' notice that an 8-bit layer casts its inputs to float16."""
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_INT8_CAST_NOTICE)  # added once however often
 
 
 def quantize_model(

@@ -22,7 +22,7 @@ from .data import Task, builtin_task, encode, file_task
 from .defaults import default_lr, training_rank
 from .hardware import enable_gradient_checkpointing, resolve_device
 from .models import head_modules, load_model, resolve_model_path, resolve_targets
-from .quantize import quantize_model
+from .quantize import drop_int8_cast_notices, quantize_model
 from .settings import RunError, RunSettings
 from .threads import default_threads
 from .words import plural
@@ -206,6 +206,7 @@ def prepare(settings: RunSettings) -> Setup:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
         quantized = quantize_model(inputs.model, settings.quantize, compute_dtype=compute, skip=heads)
         derived["quantized_layers"] = len(quantized)
+        drop_int8_cast_notices()
     config = apply_method(settings, inputs.model, heads, steps, batches, derived)
     inputs.model.to(device)  # before the optimizer and the allocator, whose state lives beside the parameters
 
