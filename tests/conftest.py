@@ -79,3 +79,42 @@ class RecordAllocatedShapes(TorchDispatchMode):
         if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
             self.shapes.append(tuple(out.shape))
         return out
+
+
+def tiny_qwen3_moe(layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2, vocab: int = 100):
+    """A Qwen3-MoE decoder whose every layer is sparse: ``mlp.experts.gate_up_proj (E, 2I, H)``, ``down_proj``."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+    )
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+def tiny_mixtral(layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2, vocab: int = 100):
+    """A Mixtral decoder: ``block_sparse_moe``-style fused experts ``mlp.experts.gate_up_proj``/``down_proj``."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+    )
+    return MixtralForCausalLM(config).eval()

@@ -63,10 +63,10 @@ def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
         p, q = full_tensor(a.P), full_tensor(a.Q)
         groups.setdefault((p.shape, q.shape, p.dtype, p.device), []).append((p, q))
     out = []
-    for (p_shape, q_shape, dtype, device), members in groups.items():
+    for (p_shape, _, dtype, device), members in groups.items():
         eye = torch.eye(p_shape[-1], dtype=dtype, device=device)
-        p = torch.stack([p for p, _ in members]).reshape(-1, *p_shape[-2:])  # (g, d_out, r), experts as matrices
-        q = torch.stack([q for _, q in members]).reshape(-1, *q_shape[-2:])  # (g, r, d_in)
+        p = torch.stack([p for p, _ in members]).flatten(0, -3)  # (g, d_out, r), experts as matrices
+        q = torch.stack([q for _, q in members]).flatten(0, -3)  # (g, r, d_in)
         out.append(p.mT @ p - eye)
         out.append(q @ q.mT - eye)
     return out
@@ -146,7 +146,7 @@ def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, for
     for (r, dtype, device), groups in _factor_groups(adapters).items():
         eye = torch.eye(r, dtype=dtype, device=device)
         # (g, d_out, r) for P, (g, r, d_in) for Q; the experts of fused MoE weights are matrices of their own.
-        stacks = [torch.stack(factors).reshape(-1, *factors[0].shape[-2:]) for _, factors in groups]
+        stacks = [torch.stack(factors).flatten(0, -3) for _, factors in groups]
         sizes = [len(x) for x in stacks]
         deviations = torch.empty(sum(sizes), r, r, dtype=dtype, device=device)  # (G, r, r), all groups of this r
         for (is_p, _), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
