@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import RecordAllocatedShapes, tiny_mixtral, tiny_qwen3_moe, token_batch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adalora import AdaLoRAConfig, find_adapters, inject, merge, unload
 from adalora.layers import SUPPORTED_EXPERTS, FusedWeight, SVDExperts, set_expert_matmul
@@ -73,6 +74,18 @@ def adapted(block: nn.Module, r: int = 3, **config) -> Routed:
             adapter.P.normal_(std=0.3)
             adapter.Q.normal_(std=0.3)
     return model
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the operations dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def naive_update(block: nn.Module, adapters: dict[str, SVDExperts], x, index, weights) -> torch.Tensor:
@@ -140,11 +153,15 @@ def test_grouped_products_equal_the_loop_values_and_gradients():
     x = torch.randn(TOKENS, HIDDEN, requires_grad=True)
     index, weights = routing(dtype=torch.float32, allowed=[0, 2, 3])
     factors = [x, *(p for _, a in find_adapters(model) for p in a.adapter_parameters())]
-    results = []
+    results, grouped_calls = [], []
     for matmul in ("loop", "grouped"):
         set_expert_matmul(model, matmul)
-        out = model(x, index, weights)
-        results.append((out, torch.autograd.grad(out.square().sum(), factors)))
+        with RecordOps() as ops:
+            out = model(x, index, weights)
+            results.append((out, torch.autograd.grad(out.square().sum(), factors)))
+        grouped_calls.append(ops.names.count("aten._grouped_mm.default"))
+    # Per weight: 3 products forward (base, x Q^T, h (P diag lambda)^T), 5 backward (dx, dh, dQ, dxd, dPL).
+    assert grouped_calls[0] == 0 and grouped_calls[1] == 2 * (3 + 5)
     (loop, loop_grads), (grouped, grouped_grads) = results
     torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
     for a, b in zip(grouped_grads, loop_grads, strict=True):

@@ -141,7 +141,11 @@ def _groupable(*tensors: torch.Tensor) -> bool:
     if tensors[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     size = tensors[0].element_size()
-    return all(t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[-2:]) for t in tensors)
+    # Each matrix needs one unit stride and the other (its leading dimension) a multiple of 16 bytes.
+    return all(
+        t.data_ptr() % 16 == 0 and 1 in t.stride()[-2:] and all(s * size % 16 == 0 or s == 1 for s in t.stride()[-2:])
+        for t in tensors
+    )
 
 
 def expert_mm(a: torch.Tensor, b: torch.Tensor, routing: Routing, matmul: str) -> torch.Tensor:
