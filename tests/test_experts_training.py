@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_qwen3_moe, token_batch
-from test_causal_lm import WORDS, qa_rows, word_tokenizer
+from test_causal_lm import qa_train_args, write_tiny_lm
 from test_experts import Routed, adapted, build_block, routing
 
 from adalora import (
@@ -336,39 +336,13 @@ def test_heatmap_has_a_row_per_expert(tmp_path):
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    directory = tmp_path_factory.mktemp("tiny-moe")
-    word_tokenizer().save_pretrained(directory)
-    config = Qwen3MoeConfig(
-        vocab_size=len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-        bos_token_id=None,
-        eos_token_id=WORDS.index("</s>"),
-        pad_token_id=WORDS.index("<pad>"),
-    )
-    torch.manual_seed(0)
-    Qwen3MoeForCausalLM(config).save_pretrained(directory)
-    return directory
+    fields = {"moe_intermediate_size": 16, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2}
+    return write_tiny_lm(tmp_path_factory.mktemp("tiny-moe"), model_type="qwen3_moe", **fields)
 
 
 def test_cli_adapts_the_experts_of_an_moe_checkpoint_by_default(moe_dir, tmp_path, capsys):
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(60)))
     out = tmp_path / "run"
-    args = ["train", "--task", "causal-lm", "--model", str(moe_dir), "--train", str(data), "--output-dir", str(out)]
-    args += ["--max-length", "8", "--batch-size", "6", "--epochs", "3", "--init-r", "4", "--target-r", "2"]
-    args += ["--mask-interval", "1", "--lr", "2e-2", "--threads", "1", "--no-progress"]
-    assert main(args) == 0
+    assert main(qa_train_args(moe_dir, tmp_path, "--epochs", "3", "--mask-interval", "1", "--no-progress")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_perplexity"] < metrics["eval_perplexity_before"]
     ranks = json.loads((out / "rank_pattern.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,17 +69,8 @@ class AdaLoRAConfig:
         self._validate()
 
     # ------------------------------------------------------------------ validation
-    def _validate(self) -> None:
-        def fail(name: str, problem: str, fix: str) -> None:
-            raise ValueError(f"AdaLoRAConfig.{name}: {problem}. {fix}")
-
-        def check_int(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, f"expected an integer, got {value!r}", f"Pass a whole number >= {minimum}.")
-            if value < minimum:
-                fail(name, f"must be >= {minimum}, got {value}", f"Set {name} to at least {minimum}.")
-
+    def _validate_targets(self, fail: Callable[[str, str, str], None]) -> None:
+        """Module and parameter names: a list or regex of modules, a list of parameters; some target at all."""
         targets, parameters = self.target_modules, self.target_parameters
         if not isinstance(parameters, tuple) or not all(isinstance(t, str) and t for t in parameters):
             fail(
@@ -96,6 +88,19 @@ class AdaLoRAConfig:
                 'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama '
                 "(or leave it empty and name fused expert weights in target_parameters).",
             )
+
+    def _validate(self) -> None:
+        def fail(name: str, problem: str, fix: str) -> None:
+            raise ValueError(f"AdaLoRAConfig.{name}: {problem}. {fix}")
+
+        def check_int(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, f"expected an integer, got {value!r}", f"Pass a whole number >= {minimum}.")
+            if value < minimum:
+                fail(name, f"must be >= {minimum}, got {value}", f"Set {name} to at least {minimum}.")
+
+        self._validate_targets(fail)
         check_int("init_r", 1)
         if (self.target_r is None) == (self.target_total_rank is None):
             fail(

@@ -58,6 +58,32 @@ def find_targets(model: nn.Module, config: AdaLoRAConfig) -> list[tuple[str, Tar
     return list(targets.items())
 
 
+def _check_supported(model: nn.Module, config: AdaLoRAConfig, matched: list[tuple[str, Target]]) -> None:
+    """Raise ``ValueError`` naming every matched target whose type, or whose settings, no adapter supports."""
+    unsupported = [(n, _kind(m)) for n, m in matched if adapter_class_for(m) is None]
+    if unsupported:
+        listed = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
+        raise ValueError(
+            f"inject: target_modules={config.target_modules!r} matches modules of unsupported type: {listed}. "
+            f"AdaLoRA adapts {supported_layers()}; narrow the targets to those layers "
+            "(e.g. 'attention.self.query' instead of 'attention')."
+        )
+    refused = []
+    for name, module in matched:
+        reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            # Its forward reads out_proj.weight/bias directly: an adapter in out_proj's place would never run.
+            reason = "nn.MultiheadAttention uses its out_proj's weight without calling it, so an adapter there is inert"
+        if reason is not None:
+            refused.append(f"{name} ({_kind(module)}): {reason}")
+    if refused:
+        raise ValueError(
+            f"inject: cannot adapt {'; '.join(refused[:4])}{' ...' if len(refused) > 4 else ''}. Leave "
+            f"{'it' if len(refused) == 1 else 'them'} out of target_modules and target_parameters."
+        )
+
+
 def _kind(target: Target) -> str:
     """How messages name a target's type: the module's class, or for a parameter the class of its module."""
     if isinstance(target, FusedWeight):
@@ -134,28 +160,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
             f"inject: no module name matches target_modules={config.target_modules!r}{parameters}. "
             f"Modules that can be adapted include: {_describe_candidates(model)}."
         )
-    unsupported = [(n, _kind(m)) for n, m in matched if adapter_class_for(m) is None]
-    if unsupported:
-        listed = ", ".join(f"{n} ({t})" for n, t in unsupported[:8])
-        raise ValueError(
-            f"inject: target_modules={config.target_modules!r} matches modules of unsupported type: {listed}. "
-            f"AdaLoRA adapts {supported_layers()}; narrow the targets to those layers "
-            "(e.g. 'attention.self.query' instead of 'attention')."
-        )
-    refused = []
-    for name, module in matched:
-        reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
-        parent = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(parent, nn.MultiheadAttention):
-            # Its forward reads out_proj.weight/bias directly: an adapter in out_proj's place would never run.
-            reason = "nn.MultiheadAttention uses its out_proj's weight without calling it, so an adapter there is inert"
-        if reason is not None:
-            refused.append(f"{name} ({_kind(module)}): {reason}")
-    if refused:
-        raise ValueError(
-            f"inject: cannot adapt {'; '.join(refused[:4])}{' ...' if len(refused) > 4 else ''}. Leave "
-            f"{'it' if len(refused) == 1 else 'them'} out of target_modules and target_parameters."
-        )
+    _check_supported(model, config, matched)
     _warn_unadapted_experts(model, (n for n, _ in matched))
     for param in model.parameters():
         param.requires_grad_(False)

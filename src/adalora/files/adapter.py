@@ -106,20 +106,7 @@ def save_adapter(
         # Copies (kept_factors selects), so the saved tensors never share storage (safetensors refuses that).
         factors = adapter.kept_factors(keep).to("cpu")
         tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
-        modules[name] = {
-            "type": adapter.layer_type_for(adapter),
-            "rank": factors.rank,
-            "scale": adapter.scale,
-            "d_out": adapter.d_out,
-            "d_in": adapter.d_in,
-            # P and Q are 2-D whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
-            "weight_shape": list(adapter.base_shape()),  # logical: a packed 4-bit weight has another shape
-            "layer": adapter.layer_options(),
-            # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
-            "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
-        }
-        if isinstance(adapter, SVDExperts):  # the rank of each expert; its padding up to "rank" has lambda = 0
-            modules[name]["expert_ranks"] = adapter.rank_mask.sum(-1).tolist()
+        modules[name] = _module_entry(adapter, factors.rank)
     extra = _modules_to_save_state(model, config)
     tensors.update(extra)
     require_finite(tensors.items(), f"save_adapter: the model's adapter (for '{directory}')")
@@ -141,6 +128,25 @@ def save_adapter(
         info["weights_file"] = {"name": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _module_entry(adapter: SVDAdapter, rank: int) -> dict[str, Any]:
+    """What ``adalora_config.json`` records about one adapted module saved at ``rank`` triplets."""
+    entry = {
+        "type": adapter.layer_type_for(adapter),
+        "rank": rank,
+        "scale": adapter.scale,
+        "d_out": adapter.d_out,
+        "d_in": adapter.d_in,
+        # P and Q are 2-D per matrix whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
+        "weight_shape": list(adapter.base_shape()),  # logical: a packed 4-bit weight has another shape
+        "layer": adapter.layer_options(),
+        # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
+        "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
+    }
+    if isinstance(adapter, SVDExperts):  # the rank of each expert; its padding up to "rank" has lambda = 0
+        entry["expert_ranks"] = adapter.rank_mask.sum(-1).tolist()
+    return entry
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
