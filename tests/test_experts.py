@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adalora import AdaLoRAConfig, find_adapters, inject, merge, unload
-from adalora.layers import SUPPORTED_EXPERTS, FusedWeight, SVDExperts, set_expert_matmul
+from adalora.layers import SUPPORTED_EXPERTS, FusedWeight, SVDExperts, expert_weight_names, set_expert_matmul
 from adalora.layers.experts import experts_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +123,8 @@ def test_every_supported_block_computes_as_its_own_forward(name):
     x = torch.randn(TOKENS, HIDDEN, dtype=torch.float64)
     index, weights = routing()
     expected = block(x, index, weights)  # the class's own (eager) forward
+    weights_in_order = [n for n, _ in block.named_parameters() if n in expert_weight_names(block)]
+    assert weights_in_order == list(expert_weight_names(block))  # the order PEFT nests its wrappers in
     torch.testing.assert_close(experts_forward(block, x, index, weights), expected, rtol=0, atol=1e-12)
     model = inject(Routed(block), AdaLoRAConfig(target_modules=("experts",), init_r=3, target_r=1))
     assert len(find_adapters(model)) == 2
@@ -291,4 +293,27 @@ def test_config_needs_some_target_and_parameter_names():
 def test_fused_weight_reads_its_block():
     block = build_block("GptOssExperts")
     fused = FusedWeight(block, "down_proj")
-    assert fused.transposed and fused.order == 2 and SVDExperts.dims(fused) == (HIDDEN, 8)
+    assert fused.transposed and fused.order == 1 and SVDExperts.dims(fused) == (HIDDEN, 8)
+
+
+def test_an_adapted_model_copies_and_pickles():
+    import io
+
+    model = adapted_model()
+    ids = token_batch(2, 9)
+    expected = model(ids).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        block = copied.model.layers[0].mlp.experts
+        assert block.forward.args[0] is block  # computes with its own adapters, not the original's
+        torch.testing.assert_close(copied(ids).logits, expected)
+
+
+def adapted_model():
+    model = inject(tiny_qwen3_moe(), AdaLoRAConfig(target_modules=("experts",), init_r=4, target_r=2))
+    with torch.no_grad():
+        for _, adapter in find_adapters(model):
+            adapter.E.normal_()
+    return model

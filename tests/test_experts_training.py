@@ -29,6 +29,7 @@ from adalora.cli import main
 from adalora.files.adapter import base_model_fingerprint
 from adalora.files.checkpoint import load_checkpoint, save_checkpoint
 from adalora.files.export_source import ExportSource
+from adalora.files.peft import write_peft
 from adalora.files.rank_pattern import rank_recipe
 from adalora.layers import SVDExperts, matrix_ranks
 from adalora.regularizer import add_regularization_gradient, regularization
@@ -63,15 +64,17 @@ def train_lm(model, config, steps, optimizer=None, allocator=None, seed=0):
 
 
 def with_expert_ranks(model, seed: int = 3):
-    """Random lambdas and a mask giving the experts of each fused weight different ranks (one of them 0)."""
+    """Random lambdas and a mask giving the experts of each fused weight different ranks: expert 0 none, expert 1
+    all; in the last layer's down_proj at most one each (a largest rank of 1)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, adapter in find_adapters(model):
+        for name, adapter in find_adapters(model):
             adapter.E.normal_(generator=generator)
             mask = torch.rand(adapter.rank_mask.shape, generator=generator) < 0.6
             if adapter.E.dim() > 1:
-                mask[0] = False  # expert 0 pruned away entirely
-                mask[1] = True  # expert 1 keeps every triplet
+                mask[0], mask[1] = False, True
+            if name.endswith("layers.1.mlp.experts.down_proj"):
+                mask[:, 1:] = False
             adapter.rank_mask.copy_(mask)
             adapter.E.mul_(mask)
     return model
@@ -278,8 +281,11 @@ def test_peft_reads_the_exported_experts_back(tmp_path, layout):
     written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert written["target_parameters"][0] == "model.layers.0.mlp.experts.down_proj"
     assert written["lora_dropout"] == 0.0  # PEFT refuses dropout on parameters
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
-    torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    save_adapter(model, tmp_path / "adapter", schedule(dropout=0.1))  # the same from the files, no model loaded
+    write_peft(ExportSource.from_adapter_dir(tmp_path / "adapter"), tmp_path / "from-files", layout=layout)
+    for exported in ("peft", "from-files"):
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / exported).eval()
+        torch.testing.assert_close(peft_model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @peft_pattern_warning
@@ -354,9 +360,11 @@ def test_cli_adapts_the_experts_of_an_moe_checkpoint_by_default(moe_dir, tmp_pat
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "Wgu[3]" in capsys.readouterr().out
-    assert isinstance(
-        load_adapter(build_model(moe_dir), out / "adapter").model.layers[1].mlp.experts.down_proj, SVDExperts
-    )
+    adapted = load_adapter(build_model(moe_dir), out / "adapter").eval()
+    assert isinstance(adapted.model.layers[1].mlp.experts.down_proj, SVDExperts)
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0  # save_pretrained, then from_pretrained
+    ids = torch.randint(0, 16, (2, 8))
+    torch.testing.assert_close(build_model(tmp_path / "merged").eval()(ids).logits, adapted(ids).logits)
 
 
 def build_model(directory):

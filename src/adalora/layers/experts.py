@@ -30,7 +30,7 @@ transformers' ``use_experts_implementation``, whose flags (``has_gate``, ``has_b
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -96,8 +96,9 @@ class FusedWeight:
 
     @property
     def order(self) -> int:
-        """Position of the parameter among the block's parameters (PEFT nests its wrappers in that order)."""
-        return [n for n, _ in self.block.named_parameters(recurse=False)].index(self.name)
+        """Position of the weight among the block's expert weights, which is their order among its parameters
+        (PEFT nests its wrappers in that order; checked for every supported block in tests/test_experts.py)."""
+        return expert_weight_names(self.block).index(self.name)
 
 
 # ---------------------------------------------------------------------- dispatch
@@ -295,7 +296,10 @@ class SVDExperts(SVDAdapter):
         """
         a = factors.lora_a()  # (E, k, d_in)
         b = factors.P.permute(1, 2, 0)  # (d_out, k, E)
-        return {"lora_A.weight": a.reshape(-1, a.shape[-1]).contiguous(), "lora_B.weight": b.reshape(b.shape[0], -1)}
+        return {
+            "lora_A.weight": a.reshape(-1, a.shape[-1]).contiguous(),
+            "lora_B.weight": b.reshape(b.shape[0], -1).contiguous(),  # a view when k == 1: safetensors wants a copy
+        }
 
     def layer_options(self) -> dict[str, Any]:
         return {"num_experts": self.E.shape[0], "transposed": self.transposed, "order": self.order}
@@ -385,15 +389,16 @@ def _project(block: nn.Module, name: str, x: torch.Tensor, routing: Routing, mat
 
 
 def _take_over(block: nn.Module) -> None:
-    """Make ``block`` compute with :func:`experts_forward` (an instance attribute over its class's forward)."""
-    block.forward = types.MethodType(experts_forward, block)
+    """Make ``block`` compute with :func:`experts_forward` (an instance attribute over its class's forward; a
+    ``partial``, which copies and pickles with the block, unlike a bound method of a function it does not own)."""
+    block.forward = functools.partial(experts_forward, block)
 
 
 def release_blocks(model: nn.Module) -> None:
     """Give every experts block without adapters left its own forward back (after a merge or unload)."""
     for module in model.modules():
         adapted = any(isinstance(child, SVDExperts) for child in module.children())
-        if not adapted and getattr(module.__dict__.get("forward"), "__func__", None) is experts_forward:
+        if not adapted and getattr(module.__dict__.get("forward"), "func", None) is experts_forward:
             del module.forward
 
 
