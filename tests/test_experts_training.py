@@ -371,3 +371,17 @@ def build_model(directory):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(directory)
+
+
+def test_expert_adapters_split_over_processes_are_refused():
+    """FSDP2 shards dim 0 of every adapter tensor: for fused experts that splits the experts between processes."""
+    from adalora.importance import ImportanceTracker
+    from adalora.parallel.layout import Layout
+
+    class ExpertsSplit(Layout):
+        def rows(self, tensor):
+            return range(tensor.shape[0] // 2)
+
+    adapters = [a for _, a in find_adapters(adapted(build_block("Qwen3MoeExperts")))]
+    with pytest.raises(ValueError, match="fused MoE expert weights are split over processes"):
+        ImportanceTracker(adapters, "smoothed", 0.85, 0.85, ExpertsSplit(adapters))
