@@ -131,7 +131,7 @@ def test_every_supported_block_computes_as_its_own_forward(name):
     torch.testing.assert_close(model(x, index, weights), expected, rtol=0, atol=1e-12)  # lambda = 0 at init
 
 
-@pytest.mark.parametrize("name", ["Qwen3MoeExperts", "GptOssExperts"])
+@pytest.mark.parametrize("name", ["Qwen3MoeExperts", "MixtralExperts", "GptOssExperts"])
 def test_adapted_block_equals_a_naive_per_expert_loop_with_its_gradients(name):
     model = adapted(build_block(name))
     block = model.experts
