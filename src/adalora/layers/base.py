@@ -1,6 +1,7 @@
 """The SVD adapter every layer type shares: W = W0 + scale * P diag(lambda) Q (paper eq. 3).
 
-Whatever the base layer, P is a 2-D ``(d_out, r)`` matrix and Q a 2-D ``(r, d_in)`` matrix, so that importance
+Whatever the base layer, P is a ``(d_out, r)`` matrix and Q a ``(r, d_in)`` matrix per adapted matrix (the fused
+expert weights of an MoE block stack one per expert: ``(E, d_out, r)``, see :mod:`.experts`), so that importance
 scores, the regulariser, allocation, saving, merging and compaction treat every layer type alike; only the forward
 and the layout of the merged update differ (see each subclass).
 
@@ -78,10 +79,10 @@ class SVDAdapter(nn.Module):
     Attributes:
         weight: the frozen base weight, in the layout of the module it replaced.
         bias: the frozen base bias or ``None``.
-        P: left singular vectors, shape ``(d_out, r)``.
-        E: singular values lambda, shape ``(r,)``; starts at zero so the adapted model equals the base.
-        Q: right singular vectors, shape ``(r, d_in)``.
-        rank_mask: bool buffer ``(r,)``, True for triplets kept by the latest allocation.
+        P: left singular vectors, shape ``(d_out, r)`` (``(E, d_out, r)`` with ``experts=E``).
+        E: singular values lambda, shape ``(r,)`` (``(E, r)``); starts at zero so the adapted model equals the base.
+        Q: right singular vectors, shape ``(r, d_in)`` (``(E, r, d_in)``).
+        rank_mask: bool buffer shaped like lambda, True for triplets kept by the latest allocation.
         scale: ``alpha / init_r``, fixed for the life of the adapter.
     """
 
