@@ -19,7 +19,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
   echo "bootstrap: installing adalora (editable) with transformers, accelerate, safetensors, matplotlib, tqdm,"
   echo "           the test tools pytest, ruff, peft and every optional extra (trl, sentence-transformers,"
-  echo "           pytorch-lightning, bitsandbytes, torchao, gguf, tensorboard), torch pinned by scripts/constraints.txt"
+  echo "           pytorch-lightning, bitsandbytes, torchao, gguf, tensorboard, deepspeed), torch pinned by"
+  echo "           scripts/constraints.txt"
   .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[dev]"
   # torchao's platform wheel carries CUDA kernels (_C*.so, one built for CPython 3.10) that the CPU torch cannot
   # load, and every import of torchao says so; its pure-Python wheel of the same version is the CPU build.

@@ -34,17 +34,15 @@ def cli_args(model: Path, data: Path, output_dir: Path) -> list[str]:
     return tiny_train_args(model, data, output_dir, "--save-every", "5")
 
 
-def run_trainer(output_dir: Path, world: int) -> dict:
-    """12 optimizer steps of AdaLoRATrainer (2 accumulated micro-batches each, checkpoints at 6 and 12)."""
-    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+def trainer_data(seed: int = 0) -> tuple[list[dict], torch.nn.Module]:
+    """48 random examples and a tiny BERT classifier without dropout, with adapters (``torch.manual_seed(seed)``)."""
+    from transformers import BertConfig, BertForSequenceClassification
 
     from adalora import AdaLoRAConfig, inject
-    from adalora.integrations.trainer import AdaLoRATrainer
 
-    config = AdaLoRAConfig(**TRAINER_CONFIG)
     generator = torch.Generator().manual_seed(0)
     dataset = [{"input_ids": torch.randint(0, 100, (8,), generator=generator), "labels": i % 2} for i in range(48)]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     bert = BertConfig(
         vocab_size=100,
         hidden_size=32,
@@ -55,24 +53,42 @@ def run_trainer(output_dir: Path, world: int) -> dict:
         hidden_dropout_prob=0.0,  # dropout masks differ between a batch and its halves
         attention_probs_dropout_prob=0.0,
     )
-    model = inject(BertForSequenceClassification(bert), config)
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=12,
-        per_device_train_batch_size=GLOBAL_BATCH // world,  # the same global batch for any number of processes
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=6,
+    return dataset, inject(BertForSequenceClassification(bert), AdaLoRAConfig(**TRAINER_CONFIG))
+
+
+def trainer_arguments(output_dir: Path, world: int, **changes: object):
+    """12 optimizer steps of 2 accumulated micro-batches, the same global batch for any number of processes,
+    checkpoints at 6 and 12; ``changes`` to any ``TrainingArguments`` field."""
+    from transformers import TrainingArguments
+
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 12,
+        "per_device_train_batch_size": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-2,
+        "save_strategy": "steps",
+        "save_steps": 6,
         # transformers multiplies the loss by the number of processes when the model takes loss kwargs, which
         # BERT's classification loss then ignores: gradients twice too large with 2 processes. Not adalora's.
-        average_tokens_across_devices=False,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=1000,
-        seed=0,
-    )
+        "average_tokens_across_devices": False,
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "logging_steps": 1000,
+        "seed": 0,
+    }
+    return TrainingArguments(**{**settings, **changes})
+
+
+def run_trainer(output_dir: Path, world: int) -> dict:
+    """12 optimizer steps of AdaLoRATrainer (2 accumulated micro-batches each, checkpoints at 6 and 12)."""
+    from adalora import AdaLoRAConfig
+    from adalora.integrations.trainer import AdaLoRATrainer
+
+    config = AdaLoRAConfig(**TRAINER_CONFIG)
+    dataset, model = trainer_data()
+    args = trainer_arguments(output_dir, world)
     trainer = AdaLoRATrainer(model=model, args=args, train_dataset=dataset, adalora_config=config)
     trainer.train()
     adapter_keys = (".P", ".E", ".Q", ".rank_mask")

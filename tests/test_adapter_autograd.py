@@ -169,10 +169,10 @@ class _CountOps(TorchDispatchMode):
 
 
 class _RedefinedBase(SVDLinear):
-    """A subclass that computes its base layer itself (as a quantized one would): it takes the generic path."""
+    """A linear adapter on the generic path (base and update computed apart), as a quantized one computes."""
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def fusable(self, x: torch.Tensor) -> bool:
+        return False
 
 
 def _adapter_ops(cls: type[SVDLinear], frozen_lambda: bool) -> int:

@@ -459,6 +459,25 @@ def test_cli_under_torchrun_reports_once(launched):
     log = (launched / "ddp.log").read_text()
     assert log.count("epoch 1/2:") == 1 and log.count("outputs in") == 1  # rank 0 alone reports
     assert "x 2 processes" in log
+    assert "dropout is on" not in log  # the fixture's model has none
+
+
+@pytest.mark.parametrize(("world", "dropout", "said"), [(2, 0.1, True), (2, 0.0, False), (1, 0.1, False)])
+def test_cli_says_when_dropout_makes_processes_differ_from_one(monkeypatch, world, dropout, said):
+    from types import SimpleNamespace
+
+    from adalora.run import train as run_train
+
+    monkeypatch.setattr(run_train.parallel, "get_world_size", lambda: world)
+    settings = SimpleNamespace(
+        method="adalora", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False
+    )
+    derived = {"task": "classification", "train_examples": 8, "eval_examples": 8, "trainable_parameters": 10}
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(dropout))
+    lines: list[str] = []
+    setup = SimpleNamespace(settings=settings, derived=derived, total_steps=3, device="cpu", model=model)
+    run_train.describe(setup, lines.append)
+    assert any("each process draws its own dropout masks" in line for line in lines) == said
 
 
 def test_trainer_under_torchrun_matches_one_process(launched):

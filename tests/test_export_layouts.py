@@ -1,8 +1,9 @@
 """PEFT export layouts, read by each serving tool's own scale rule (docs/adapter-files.md, "Which tool reads what").
 
 - compact: PEFT loads it exactly; llama.cpp's rule (one ``lora_alpha`` / that tensor's rank) gives our update;
-- uniform: PEFT loads it exactly with ``rank_pattern``/``alpha_pattern`` deleted (how vLLM and SGLang read the
-  config: one ``lora_alpha / r`` for every module), and that global rule gives our update.
+- uniform: PEFT loads it exactly with ``rank_pattern``/``alpha_pattern`` deleted (how SGLang and vLLM releases
+  without those fields read the config: one ``lora_alpha / r`` for every module), and that global rule gives our
+  update. (vLLM 0.32 reads the patterns as PEFT does; benchmarks/serving_check.py runs the real engines.)
 BERT, GPT-2 and Llama, with a different rank per module and at least one module at rank 0.
 """
 
@@ -126,11 +127,11 @@ def test_uniform_is_exact_when_the_reader_ignores_the_patterns(tmp_path, case):
         for name, (a, b) in pairs.items():
             assert a.shape[0] == b.shape[1] == largest  # zero-padded to one rank
             assert not a[kept[name] :].any() and not b[:, kept[name] :].any()
-            # vLLM / SGLang: one lora_alpha / r for every module
+            # SGLang, vLLM without rank_pattern: one lora_alpha / r for every module
             update = peft_config["lora_alpha"] / peft_config["r"] * b @ a
             torch.testing.assert_close(update, ours[name], atol=1e-6, rtol=1e-5)
 
-    # How vLLM's PEFTHelper sees the config: no rank_pattern / alpha_pattern fields at all.
+    # How a reader without rank_pattern / alpha_pattern fields (SGLang, older vLLM) sees the config.
     for key in ("rank_pattern", "alpha_pattern"):
         del peft_config[key]
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(peft_config))

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_bert
 
 from adalora import AdaLoRAConfig, RankAllocator, inject
-from adalora.integrations.pairing import unwrap_optimizer
+from adalora.misuse import unwrap_optimizer
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -23,8 +23,7 @@ from .inject import inject
 from .integrations.loop import count_optimizer_steps, fit
 from .layers import SVDAdapter, disable_adapters, find_adapters
 from .merge import merge, unload
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # The Trainer integration imports transformers; load it on first use so that `import adalora` stays light.
 _LAZY = {"AdaLoRACallback": "integrations.trainer", "AdaLoRATrainer": "integrations.trainer"}

@@ -10,9 +10,10 @@ Step counting: the k-th call of ``step()`` (k = 0, 1, ...) is optimizer step t =
 The allocator composes three helpers and asks them instead of knowing what they know:
 
 - :class:`~adalora.importance.ImportanceTracker`: the statistics and triplet scores (eq. 7-11);
-- a :class:`~adalora.parallel.layout.Layout`: how the adapters lie over processes (one, DDP, FSDP2): the local
-  gradients, how to zero masked lambdas, whether compaction is allowed, the cross-process consistency check;
-- :class:`~adalora.integrations.pairing.OptimizerPairing`: the optimizer's step hooks, and the misuse they reveal.
+- a :class:`~adalora.parallel.layout.Layout`: how the adapters lie over processes (one, DDP, FSDP2, DeepSpeed ZeRO):
+  the local values and gradients, how to zero masked lambdas, whether compaction is allowed, what takes the step
+  hooks, the cross-process consistency check;
+- :class:`~adalora.misuse.OptimizerPairing`: the optimizer's step hooks, and the misuse they reveal.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from . import regularizer
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
-from .integrations.diagnostics import no_gradient_warning
-from .integrations.pairing import Misuse, OnMisuse, OptimizerPairing, unwrap_optimizer
 from .layers import find_adapters, matrix_ranks, unwrap_model
+from .misuse import Misuse, OnMisuse, OptimizerPairing, no_gradient_warning, unwrap_optimizer
 from .parallel import consistency_check_requested, layout_for
 from .schedule import BudgetDecision, Phase, budget_at
 
@@ -78,8 +78,8 @@ def top_b_mask(scores: torch.Tensor, budget: int) -> torch.Tensor:
     return keep
 
 
-def _check_arguments(config: AdaLoRAConfig, has_adapters: bool, optimizer: torch.optim.Optimizer | None) -> None:
-    """Raise ``ValueError`` for a setting the allocator cannot run with, saying how to fix it."""
+def _check_model(config: AdaLoRAConfig, has_adapters: bool) -> None:
+    """Raise ``ValueError`` for a model or configuration the allocator cannot run with, saying how to fix it."""
     if not has_adapters:
         raise ValueError("RankAllocator: the model has no AdaLoRA adapters. Call adalora.inject(model, config).")
     if config.total_steps is None:
@@ -87,6 +87,11 @@ def _check_arguments(config: AdaLoRAConfig, has_adapters: bool, optimizer: torch
             "RankAllocator: config.total_steps is None. Set it to the number of optimizer steps "
             "(config.replace(total_steps=T)); the Trainer integration fills it in for you."
         )
+
+
+def _check_optimizer(config: AdaLoRAConfig, optimizer: Any) -> None:
+    """Raise ``ValueError`` for a setting that needs the optimizer when there is none (``optimizer``: what takes the
+    step hooks, see :meth:`~adalora.parallel.layout.Layout.step_hooks`)."""
     if config.importance_timing == "before_step" and optimizer is None:
         raise ValueError(
             "RankAllocator: importance_timing='before_step' measures importance just before the optimizer "
@@ -122,7 +127,9 @@ class RankAllocator:
 
     Data-parallel training (see ``adalora.parallel``): under DDP every process computes the same allocation
     from the same all-reduced gradients; ``model`` may be the DDP-wrapped model or the model inside. Adapters
-    sharded by FSDP2 (``fully_shard``) keep sharded statistics and gather the triplet scores before the top-b.
+    sharded by FSDP2 (``fully_shard``) keep sharded statistics and gather the triplet scores before the top-b. Under
+    DeepSpeed ZeRO, pass the engine (or its optimizer): the allocator reads the gradients and adds the regulariser's
+    gradient inside the engine's optimizer step, where they exist, and masks the fp32 master copies too.
     """
 
     def __init__(
@@ -135,10 +142,10 @@ class RankAllocator:
         check_consistency: bool | None = None,
     ) -> None:
         engine, model = model, unwrap_model(model)  # DDP's "module." prefix would change every module name
-        optimizer = unwrap_optimizer(optimizer)
+        given, optimizer = optimizer, unwrap_optimizer(optimizer)
         named = find_adapters(model)
         self.misuse = Misuse(on_misuse)
-        _check_arguments(config, bool(named), optimizer)
+        _check_model(config, bool(named))
         self.config, self.model, self.optimizer = config, model, optimizer  # compaction needs model and optimizer
         self.names = [n for n, _ in named]
         self.adapters = [a for _, a in named]
@@ -154,13 +161,15 @@ class RankAllocator:
                 "Lower target_total_rank/target_r or raise init_r."
             )
         self.check_consistency = consistency_check_requested(check_consistency)
-        self.layout = layout_for(engine, optimizer, self.adapters)
+        self.layout = layout_for(engine, given, self.adapters)
         if config.compact_at_final and not self.layout.supports_compaction:
             raise ValueError(
-                "RankAllocator: compact_at_final=True is not supported with several processes: DDP and FSDP hold "
-                "on to the parameters that compaction replaces. Leave it off (save_adapter still saves the "
-                "adapters cut to their kept ranks)."
+                "RankAllocator: compact_at_final=True is not supported with several processes or DeepSpeed: DDP, FSDP "
+                "and ZeRO hold on to the parameters that compaction replaces. Leave it off (save_adapter still saves "
+                "the adapters cut to their kept ranks)."
             )
+        stepped = self.layout.step_hooks(optimizer)  # the optimizer, or what steps in its place (DeepSpeed's)
+        _check_optimizer(config, stepped)
         self.tracker = ImportanceTracker(self.adapters, config.importance, config.beta1, config.beta2, self.layout)
         problem = self.layout.setup_problem(self.check_consistency)
         if problem is not None:
@@ -170,8 +179,14 @@ class RankAllocator:
         self.history: list[Allocation] = []
         self.final = False  # True once the pattern is frozen (t >= T - t_f)
         self._measured_step = -1  # t whose importance was measured before the update (paper order)
-        before_step = self.measure_importance if config.importance_timing == "before_step" else None
-        self.pairing = OptimizerPairing(optimizer, lambda: self.step_count, self.adapters, self.misuse, before_step)
+        # Where the gradients vanish inside the optimizer step (DeepSpeed ZeRO), nothing a caller runs after backward
+        # is guaranteed to come before that step (accelerate steps the engine inside backward): the pre-step hook then
+        # adds the regulariser's gradient and reads the gradients itself, kept until step() in the reference order.
+        self._held_gradients: list[torch.Tensor] | None = None
+        self._step_regularization = torch.zeros((), device=self.layout.device)
+        hooked = config.importance_timing == "before_step" or not self.layout.gradients_outlive_step
+        before_step = self._before_optimizer_step if hooked else None
+        self.pairing = OptimizerPairing(stepped, lambda: self.step_count, self.adapters, self.misuse, before_step)
 
     def _prepare_masks(self) -> None:
         """Buffers every allocation reuses, so that it needs no host sync to size them and no per-adapter split."""
@@ -224,7 +239,7 @@ class RankAllocator:
         # The reference measures importance strictly before T - t_f; the forced allocation at T - t_f uses
         # the statistics as they stand.
         if t < self.final_start and self.config.importance_timing == "after_step":
-            self._update_importance()
+            self._update_importance(self._take_held_gradients() if not self.layout.gradients_outlive_step else None)
         elif t < self.final_start and self._measured_step != t:
             self.misuse.report(
                 "unmeasured",
@@ -283,6 +298,28 @@ class RankAllocator:
         self.layout.freeze_masks()  # in this step, which synchronises anyway
 
     # ------------------------------------------------------------------ importance
+    def _before_optimizer_step(self) -> None:
+        """The optimizer's pre-step hook: importance in the paper's order, and where the gradients do not outlive the
+        step, the regulariser's gradient and (reference order) the gradients kept for :meth:`step`."""
+        if not self.layout.gradients_outlive_step:
+            self._step_regularization = self._add_regularization_gradient()
+        if self.config.importance_timing == "before_step":
+            self.measure_importance()
+        elif not self.layout.gradients_outlive_step and self.step_count < self.final_start:
+            self._held_gradients = self._gradients() if self.tracker.needs_gradients else []
+
+    def _take_held_gradients(self) -> list[torch.Tensor]:
+        """The gradients the pre-step hook read for this step (once)."""
+        held, self._held_gradients = self._held_gradients, None
+        if held is None:
+            raise RuntimeError(
+                "RankAllocator.step(): the gradients of this step were never read: they exist only inside the "
+                f"optimizer's step here ({type(self.layout).__name__}), and no optimizer step ran since the "
+                "allocator's last step. Step the engine (engine.step(); accelerate: accelerator.backward) before "
+                "allocator.step()."
+            )
+        return held
+
     def measure_importance(self) -> None:
         """With ``importance_timing="before_step"``: measure step t's importance now, before the optimizer updates
         the weights (the paper's order).
@@ -296,9 +333,10 @@ class RankAllocator:
             self._update_importance()
             self._measured_step = t
 
-    def _update_importance(self) -> None:
+    def _update_importance(self, gradients: list[torch.Tensor] | None = None) -> None:
+        """Fold a step's sensitivities into the statistics, from ``gradients`` or from those readable now."""
         if self.tracker.needs_gradients:
-            self.tracker.update(self._gradients())
+            self.tracker.update(self._gradients() if gradients is None else gradients)
 
     def _gradients(self) -> list[torch.Tensor]:
         """The local gradient of every tracked parameter; zeros for one that received none (zero sensitivity)."""
@@ -328,9 +366,19 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ the regulariser
     def regularization(self) -> torch.Tensor:
-        """gamma * R(P, Q) over all adapters (eq. 4), with gradient; add it to any loss."""
+        """gamma * R(P, Q) over all adapters (eq. 4), with gradient; add it to any loss.
+
+        Raises:
+            ValueError: the adapters' gradients exist only inside the optimizer step (DeepSpeed ZeRO), where the
+                allocator adds the regulariser's gradient itself: in the loss it would count twice.
+        """
         if self.config.orth_reg_weight == 0:
-            return torch.zeros((), device=self.adapters[0].E.device)
+            return torch.zeros((), device=self.layout.device)
+        if not self.layout.gradients_outlive_step:
+            raise ValueError(
+                "RankAllocator.regularization(): under DeepSpeed the allocator adds the regulariser's gradient itself, "
+                "inside the engine's optimizer step; do not add regularization() to the loss."
+            )
         return self.config.orth_reg_weight * regularizer.regularization(self.adapters, self.config.regularizer)
 
     def add_regularization_gradient(self) -> torch.Tensor:
@@ -342,13 +390,22 @@ class RankAllocator:
         ``importance_timing="before_step"`` hook: importance is then measured on the gradient of the whole
         objective, task loss + gamma * R, as with the regulariser in the loss).
 
+        Where the gradients exist only inside the optimizer step (DeepSpeed ZeRO) the allocator adds the gradient
+        itself in the step's pre-hook, once per optimizer step; this then adds nothing and returns that step's value,
+        so that a loop or callback written for one process stays correct.
+
         Returns:
             gamma * R before the update, detached (zero when ``orth_reg_weight`` is 0).
         """
+        if not self.layout.gradients_outlive_step:
+            return self._step_regularization
+        return self._add_regularization_gradient()
+
+    def _add_regularization_gradient(self) -> torch.Tensor:
         weight = self.config.orth_reg_weight
         if weight == 0:
-            return torch.zeros((), device=self.adapters[0].E.device)
-        return regularizer.add_regularization_gradient(self.adapters, weight, self.config.regularizer)
+            return torch.zeros((), device=self.layout.device)
+        return regularizer.add_regularization_gradient(self.adapters, weight, self.config.regularizer, self.layout)
 
     # ------------------------------------------------------------------ reading
     def rank_pattern(self) -> dict[str, int]:

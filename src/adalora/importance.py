@@ -162,7 +162,7 @@ class ImportanceTracker:
         and their owners."""
         shapes: dict[tuple[int, int, int, bool], list[int]] = {}
         for i, a in enumerate(self.adapters):
-            shapes.setdefault((a.d_out, a.d_in, a.r, a.E.dim() > 1), []).append(i)
+            shapes.setdefault((a.d_out, a.d_in, a.r, a.rank_mask.dim() > 1), []).append(i)
         groups, params, owners, offset = [], [], [], 0
         for (d_out, d_in, r, routed), members in sorted(shapes.items(), key=lambda item: item[0][3]):
             p_rows, triplets = self._local_rows(self.adapters[members[0]], routed)
@@ -283,7 +283,7 @@ class ImportanceTracker:
     def _lambda_magnitudes(self, adapter: SVDAdapter) -> torch.Tensor:
         """|lambda| of ``adapter``'s local triplets, in place in a zero vector over all of them: ``(size,)``."""
         local = self.layout.values([adapter.E])[0].detach().abs().float()
-        if adapter.E.dim() > 1 or len(self.layout.rows(adapter.E)) == adapter.r:  # experts are never sharded
+        if adapter.rank_mask.dim() > 1 or len(self.layout.rows(adapter.E)) == adapter.r:  # experts are never sharded
             return local.reshape(-1)
         triplets = self.layout.rows(adapter.E)
         scores = torch.zeros(adapter.r, dtype=torch.float32, device=self.device)

@@ -18,6 +18,7 @@ from .layers import (
     find_adapters,
     is_experts_block,
     keep_differentiable_layout,
+    refusal,
     supported_layers,
     unwrap_model,
 )
@@ -70,7 +71,7 @@ def _check_supported(model: nn.Module, config: AdaLoRAConfig, matched: list[tupl
         )
     refused = []
     for name, module in matched:
-        reason = adapter_class_for(module).unsupported_reason(module)  # type: ignore[union-attr]
+        reason = refusal(module)
         parent = model.get_submodule(name.rpartition(".")[0])
         if isinstance(parent, nn.MultiheadAttention):
             # Its forward reads out_proj.weight/bias directly: an adapter in out_proj's place would never run.

@@ -20,7 +20,7 @@ from torch import nn
 
 from .finite import require_finite
 from .inject import _set_submodule
-from .layers import SVDAdapter, find_adapters, is_quantized_adapter, release_blocks, unwrap_model
+from .layers import QuantizedAdapter, SVDAdapter, find_adapters, release_blocks, unwrap_model
 
 
 def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
@@ -74,7 +74,11 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
     for name, adapter in named:
         untied |= uses[id(adapter.weight)] > 1  # another module (a tied output layer) keeps using the original
         weight = _merged_weight(adapter)
-        base = adapter.requantized(weight) if requantize and is_quantized_adapter(adapter) else adapter.to_base(weight)
+        base = (
+            adapter.requantized(weight)
+            if requantize and isinstance(adapter, QuantizedAdapter)
+            else adapter.to_base(weight)
+        )
         _put_back(model, name, adapter, base)
     release_blocks(model)
     config = getattr(model, "config", None)

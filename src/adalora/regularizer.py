@@ -19,6 +19,10 @@ Two ways to apply gamma * R (``orth_reg_weight``), each one function:
   fuses that loss (divided by the accumulation steps or not, normalised by a token count or not, replaced by a
   fused kernel); adding its gradient to the accumulated gradients does not.
 
+The closed form reads the factors' values and adds to their gradients through the adapters'
+:class:`~adalora.parallel.layout.Layout`: under DeepSpeed ZeRO those are its fp32 master copies and its gradient
+buffers, not ``.grad``, which ZeRO never reads.
+
 Factors sharded by FSDP2 are all-gathered (``full_tensor()``, differentiable: the backward pass hands each process
 the gradient of its own rows), so R and its gradient are those of a single process; computing the Gram matrices on
 the shards directly does not work (no sharding rule for the norm's backward). The gradient form then runs autograd
@@ -42,6 +46,7 @@ import torch
 
 from .config import RegularizerForm
 from .layers import SVDAdapter
+from .parallel.layout import Layout
 from .parallel.sharded import full_tensor, is_sharded
 
 FORMS: tuple[RegularizerForm, ...] = get_args(RegularizerForm)
@@ -87,7 +92,7 @@ def regularization(adapters: Sequence[SVDAdapter], form: RegularizerForm = "refe
 
 
 def add_regularization_gradient(
-    adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm = "reference"
+    adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm = "reference", layout: Layout | None = None
 ) -> torch.Tensor:
     """Add ``weight * dR/dP`` and ``weight * dR/dQ`` into every adapter's ``P.grad`` and ``Q.grad``.
 
@@ -102,6 +107,7 @@ def add_regularization_gradient(
             the 2n Gram matrices of this sequence).
         weight: gamma (``orth_reg_weight``).
         form: ``"reference"`` (mean of unsquared norms) or ``"paper"`` (sum of squared norms).
+        layout: how the adapters lie over processes (the allocator's); default: one process holding them whole.
 
     Returns:
         ``weight * R`` as a detached 0-dim tensor on the adapters' device (for logging; reading it synchronises).
@@ -114,25 +120,29 @@ def add_regularization_gradient(
         value = weight * regularization(adapters, form)
         value.backward()
         return value.detach()
-    return _add_closed_form_gradient(adapters, weight, form)
+    return _add_closed_form_gradient(adapters, weight, form, layout if layout is not None else Layout(adapters))
 
 
-def _factor_groups(adapters: Sequence[SVDAdapter]) -> dict[tuple, list[tuple[bool, list[torch.Tensor]]]]:
+Factor = tuple[torch.Tensor, torch.Tensor]  # (parameter, its whole value)
+
+
+def _factor_groups(factors: Sequence[tuple[bool, Factor]]) -> dict[tuple, list[tuple[bool, list[Factor]]]]:
     """The factors by the (r, r) buffer their Gram deviations share, ``(r, dtype, device)``, each as a list of
     ``(is P, factors of one shape)``: P (d_out, r) has Gram matrix P^T P, Q (r, d_in) has Q Q^T."""
-    stacks: dict[tuple, list[torch.Tensor]] = {}
-    for a in adapters:
-        stacks.setdefault((a.P.shape, a.P.dtype, a.P.device, True), []).append(a.P)
-        stacks.setdefault((a.Q.shape, a.Q.dtype, a.Q.device, False), []).append(a.Q)
-    buffers: dict[tuple, list[tuple[bool, list[torch.Tensor]]]] = {}
-    for (shape, dtype, device, is_p), factors in stacks.items():
-        buffers.setdefault((shape[-1] if is_p else shape[-2], dtype, device), []).append((is_p, factors))
+    stacks: dict[tuple, list[Factor]] = {}
+    for is_p, (param, value) in factors:
+        stacks.setdefault((value.shape, value.dtype, value.device, is_p), []).append((param, value))
+    buffers: dict[tuple, list[tuple[bool, list[Factor]]]] = {}
+    for (shape, dtype, device, is_p), members in stacks.items():
+        buffers.setdefault((shape[-1] if is_p else shape[-2], dtype, device), []).append((is_p, members))
     return buffers
 
 
 @torch.no_grad()
-def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm) -> torch.Tensor:
-    """:func:`add_regularization_gradient` for unsharded factors.
+def _add_closed_form_gradient(
+    adapters: Sequence[SVDAdapter], weight: float, form: RegularizerForm, layout: Layout
+) -> torch.Tensor:
+    """:func:`add_regularization_gradient` for unsharded factors, read and written through ``layout``.
 
     Every factor is grouped with the factors of the same shape, P's and Q's separately (MiniLM's 36 adapters: 2
     groups of P, 2 of Q): one stack and two batched matmuls per group; the (r, r) Gram deviations of every group
@@ -140,43 +150,35 @@ def _add_closed_form_gradient(adapters: Sequence[SVDAdapter], weight: float, for
     each; one multi-tensor add puts it all into the gradients.
     """
     n = sum(a.num_matrices for a in adapters)  # an expert of a fused MoE weight is one matrix
+    factor_params = [p for a in adapters for p in (a.P, a.Q)]
+    values = layout.values(factor_params)  # whole, wherever they live
+    factors = [(i % 2 == 0, pair) for i, pair in enumerate(zip(factor_params, values, strict=True))]
     params: list[torch.Tensor] = []
     updates: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    for (r, dtype, device), groups in _factor_groups(adapters).items():
+    norm_groups: list[torch.Tensor] = []
+    for (r, dtype, device), groups in _factor_groups(factors).items():
         eye = torch.eye(r, dtype=dtype, device=device)
         # (g, d_out, r) for P, (g, r, d_in) for Q; the experts of fused MoE weights are matrices of their own.
-        stacks = [torch.stack(factors).flatten(0, -3) for _, factors in groups]
+        stacks = [torch.stack([v for _, v in members]).flatten(0, -3) for _, members in groups]
         sizes = [len(x) for x in stacks]
         deviations = torch.empty(sum(sizes), r, r, dtype=dtype, device=device)  # (G, r, r), all groups of this r
         for (is_p, _), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
             a, b = (x.mT, x) if is_p else (x, x.mT)
             torch.baddbmm(eye, a, b, beta=-1, out=deviation)  # P^T P - I or Q Q^T - I, symmetric
         norms = torch.linalg.matrix_norm(deviations)  # (G,)
-        values.append(norms)
+        norm_groups.append(norms)
         if form == "paper":
             deviations *= 4.0 * weight
         else:
             # weight / (n ||D||), and 0 where ||D|| = 0 (the subgradient autograd takes): 1/0 = inf -> 0.
             coefficient = norms.reciprocal().nan_to_num_(posinf=0.0).mul_(weight / n)
             deviations *= coefficient[:, None, None]  # scale the small (r, r) factor, not the (d, r) product
-        for (is_p, factors), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
+        for (is_p, members), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
             grad = torch.bmm(x, deviation) if is_p else torch.bmm(deviation, x)  # P D or D Q
-            params.extend(factors)
-            updates.extend(grad.view(len(factors), *factors[0].shape).unbind(0))
-    _accumulate(params, updates)
-    norms = values[0] if len(values) == 1 else torch.cat(values)  # (2n,): every Gram deviation's norm
+            params.extend(p for p, _ in members)
+            updates.extend(grad.view(len(members), *members[0][1].shape).unbind(0))
+    layout.add_gradients(params, updates)
+    norms = norm_groups[0] if len(norm_groups) == 1 else torch.cat(norm_groups)  # (2n,): every deviation's norm
     if form == "paper":
         return norms.square().sum().mul_(weight)
     return norms.sum().mul_(weight / (2 * n))
-
-
-def _accumulate(params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
-    """``p.grad += u`` for every pair (one multi-tensor add); a ``.grad`` that is None becomes a copy of ``u``."""
-    existing = [(p.grad, u) for p, u in zip(params, updates, strict=True) if p.grad is not None]
-    if existing:
-        grads, adds = zip(*existing, strict=True)
-        torch._foreach_add_(list(grads), list(adds))
-    for p, u in zip(params, updates, strict=True):
-        if p.grad is None:
-            p.grad = u.clone()

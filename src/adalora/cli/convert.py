@@ -126,8 +126,8 @@ def register_export(subparsers: SubParsers) -> None:
     p.add_argument(
         "--layout",
         choices=LAYOUTS,
-        help="peft: compact (default; per-module ranks: exact in PEFT, llama.cpp) or uniform (one padded rank, "
-        "r = lora_alpha: also vLLM, SGLang)",
+        help="peft: compact (default; per-module ranks in rank_pattern: exact in PEFT, vLLM 0.32, llama.cpp) or "
+        "uniform (one padded rank, r = lora_alpha: also readers that ignore rank_pattern, e.g. SGLang, older vLLM)",
     )
     p.add_argument("--rank", type=int, metavar="R", help="peft --layout uniform: pad to R (default: largest rank)")
     p.add_argument("--base-model-name", metavar="NAME", help="base model recorded in the export (default: training's)")

@@ -49,11 +49,13 @@ from ..layers import (
     SVDExperts,
     adapter_class_for,
     find_adapters,
+    is_quantized_precision,
     kept_triplets,
     logical_shape,
     precision_of,
     unwrap_model,
 )
+from ..version import __version__
 from .atomic import atomic_directory
 
 CONFIG_NAME = "adalora_config.json"
@@ -83,7 +85,8 @@ def save_adapter(
         The adapter directory.
 
     Raises:
-        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``, a kept
+        ValueError: if the model has no adapters, its adapters do not match ``config.target_modules``, DeepSpeed
+            ZeRO-3 partitions them (see :func:`adalora.parallel.save_adapter_collective`), a kept
             factor or ``modules_to_save`` tensor holds NaN or inf (training diverged: :mod:`adalora.finite`),
             ``metadata`` is not JSON-serialisable, or ``directory`` exists and is not an adapter directory.
     """
@@ -93,6 +96,7 @@ def save_adapter(
     if not named:
         raise ValueError("save_adapter: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
     _check_targets(model, [n for n, _ in named], config, "save_adapter")
+    check_whole([a for _, a in named], "save_adapter")
     try:
         metadata_json = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as error:
@@ -114,7 +118,7 @@ def save_adapter(
     info: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": __version__,
         "config": config.to_dict(),
         "modules": modules,
         "modules_to_save_tensors": sorted(extra),
@@ -133,7 +137,7 @@ def save_adapter(
 def _module_entry(adapter: SVDAdapter, rank: int) -> dict[str, Any]:
     """What ``adalora_config.json`` records about one adapted module saved at ``rank`` triplets."""
     entry = {
-        "type": adapter.layer_type_for(adapter),
+        "type": adapter.layer_type_name(adapter),
         "rank": rank,
         "scale": adapter.scale,
         "d_out": adapter.d_out,
@@ -179,7 +183,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         fix = "Upgrade adalora." if isinstance(version, int) and version > FORMAT_VERSION else "Save the adapter again."
         raise ValueError(
-            f"'{path}' has format_version {version!r}; this adalora ({_library_version()}) reads version "
+            f"'{path}' has format_version {version!r}; this adalora ({__version__}) reads version "
             f"{FORMAT_VERSION} only. {fix}"
         )
     missing = [k for k in ("config", "modules", "tensors", "weights_file", "base_model") if k not in info]
@@ -292,8 +296,8 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _quantization(precision: dict[str, int]) -> dict[str, int]:
-    """The quantized part of a fingerprint's ``precision`` (bitsandbytes and torchao storage kinds)."""
-    return {k: v for k, v in precision.items() if k.startswith(("bnb-", "torchao"))}
+    """The quantized part of a fingerprint's ``precision`` (storage kinds of the layer table's quantized layers)."""
+    return {k: v for k, v in precision.items() if is_quantized_precision(k)}
 
 
 def _describe_precision(precision: dict[str, int]) -> str:
@@ -362,6 +366,19 @@ def _check_targets(model: nn.Module, adapter_names: list[str], config: AdaLoRACo
             f"{caller}: the model's adapters do not match config.target_modules={config.target_modules!r} "
             f"(adapters not targeted: {stray}; targeted but not adapted: {unadapted}). Pass the config the model "
             "was injected with."
+        )
+
+
+def check_whole(adapters: list[SVDAdapter], what: str) -> None:
+    """Raise ``ValueError`` if DeepSpeed ZeRO-3 partitions the adapters: this process holds only its share of them.
+
+    ``adalora.parallel.gathered_adapters`` replaces them with whole copies (a collective: on every process).
+    """
+    if any(hasattr(p, "ds_id") for a in adapters for p in a.adapter_parameters()):
+        raise ValueError(
+            f"{what}: DeepSpeed ZeRO-3 partitions this model's adapters over the processes. On every process, call "
+            "adalora.parallel.save_adapter_collective(engine, directory, config), or read the model inside "
+            "adalora.parallel.gathered_adapters(engine, config)."
         )
 
 
@@ -475,7 +492,7 @@ def _check_module(
     """The saved entry ``meta`` and its tensors fit ``module`` (a layer, or a fused expert weight) of the model."""
     adapter_cls = adapter_class_for(module)
     kind = f"a parameter of {type(module.block).__name__}" if isinstance(module, FusedWeight) else type(module).__name__
-    if adapter_cls is None or adapter_cls.layer_type_for(module) != meta["type"]:
+    if adapter_cls is None or adapter_cls.layer_type_name(module) != meta["type"]:
         raise ValueError(
             f"module '{name}' of the base model is {kind}, but the adapter in '{directory}' was saved for a "
             f"{meta['type']} layer."
@@ -540,9 +557,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _library_version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import AdaLoRAConfig
 from ..finite import require_finite
 from ..layers import find_adapters, unwrap_model
-from .adapter import _modules_to_save_state, _read_weights, read_adapter_config
+from .adapter import _modules_to_save_state, _read_weights, check_whole, read_adapter_config
 from .updates import ModuleUpdate, updates_from_adapter, updates_from_model
 
 # transformers' auto-class tables, in the order they are tried, and the PEFT task type each one means.
@@ -105,11 +105,14 @@ class ExportSource:
             base_model_name: default: the model's ``config.name_or_path``.
 
         Raises:
-            ValueError: if the model has no adapters.
+            ValueError: if the model has no adapters, or DeepSpeed ZeRO-3 partitions them (export inside
+                ``adalora.parallel.gathered_adapters``).
         """
         model = unwrap_model(model)
-        if not find_adapters(model):
+        named = find_adapters(model)
+        if not named:
             raise ValueError("the model has no AdaLoRA adapters to export. Call adalora.inject(model, config) first.")
+        check_whole([a for _, a in named], "export")
         described = _describe_base_model_light(model)
         return cls(
             updates_from_model(model),

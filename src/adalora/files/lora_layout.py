@@ -6,7 +6,8 @@ Each module's update is ``scale * P diag(lambda) Q`` over its k kept triplets. A
 - PEFT: ``lora_alpha / r`` per module, both looked up in ``alpha_pattern`` / ``rank_pattern`` by module name;
 - llama.cpp: the one global ``lora_alpha`` divided by *that tensor's* rank k (diffusers, when it infers ranks
   from tensor shapes, does the same with a ``lora_alpha`` of its own choosing: docs/adapter-files.md);
-- vLLM and SGLang: the one global ``lora_alpha / r`` for every module, whatever its tensors' rank.
+- vLLM 0.32: PEFT's rule (it reads ``rank_pattern``/``alpha_pattern``; measured, docs/adapter-files.md); SGLang and
+  older vLLM: the one global ``lora_alpha / r`` for every module, whatever its tensors' rank.
 
 A layout chooses ``r``, ``lora_alpha`` and the factors so that ``s_reader * lora_B @ lora_A`` is our update in
 every module, by folding the ratio of our scale to ``s_reader`` into lambda (so into ``lora_A``):

@@ -8,7 +8,7 @@ into ``lora_A``, laid out (:mod:`adalora.files.lora_layout`) so that a reader's 
   diag(lambda) Q``. PEFT's ``lora_alpha / k`` and llama.cpp's ``lora_alpha / (tensor rank)`` both give ``scale``.
 - ``layout="uniform"``: every module zero-padded to one rank R, ``r = lora_alpha = R``, no patterns;
   ``lora_A = scale diag(lambda) Q``: exact for readers that apply one ``lora_alpha / r`` to every module
-  (vLLM, SGLang) as well.
+  (SGLang; vLLM releases that ignore ``rank_pattern``) as well.
 
 Modules whose rank went to 0 are left out; ``target_modules`` lists the exported modules by full name, as PEFT
 writes them itself. No ``peft`` import is needed to write the files.
@@ -79,7 +79,8 @@ def export_peft(
         model: a model with AdaLoRA adapters (masked or compacted).
         directory: the PEFT adapter directory to create or replace.
         config: the configuration the model was injected with (dropout and modules_to_save are taken from it).
-        layout: ``"compact"`` (per-module ranks) or ``"uniform"`` (one padded rank; for vLLM and SGLang).
+        layout: ``"compact"`` (per-module ranks; PEFT, vLLM 0.32, llama.cpp) or ``"uniform"`` (one padded rank;
+            also for readers without ``rank_pattern``, e.g. SGLang).
         rank: uniform only: the rank to pad every module to (default: the largest kept rank).
         task_type: PEFT's ``task_type`` (e.g. ``"SEQ_CLS"``, ``"CAUSAL_LM"``); ``"auto"`` (default) takes it from
             the model's class; None writes none (PEFT then loads a plain ``PeftModel``).
@@ -137,7 +138,7 @@ def write_peft(
         "r": laid_out.r,
         "lora_alpha": laid_out.lora_alpha,
         "rank_pattern": laid_out.rank_pattern,
-        "alpha_pattern": {},  # one lora_alpha: what llama.cpp, vLLM and SGLang can read
+        "alpha_pattern": {},  # one lora_alpha: llama.cpp and SGLang have no alpha_pattern
         "lora_dropout": 0.0 if parameters else source.config.dropout,  # PEFT refuses dropout on parameters
         # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
         "fan_in_fan_out": fan_in_fan_out,

@@ -53,7 +53,7 @@ def updates_from_model(model: nn.Module) -> list[ModuleUpdate]:
     return [
         ModuleUpdate(
             name,
-            adapter.layer_type_for(adapter),
+            adapter.layer_type_name(adapter),
             adapter.kept_factors(keep).to("cpu"),
             adapter.base_shape(),
             adapter.layer_options(),

@@ -8,7 +8,8 @@ restore its state.
 - :mod:`adalora.integrations.trainer`: Hugging Face ``transformers.Trainer`` and its subclasses (TRL, Seq2Seq,
   sentence-transformers' trainer): ``AdaLoRACallback``, ``AdaLoRATrainer``;
 - :mod:`adalora.integrations.sentence_transformers`: saving sentence-transformers models that hold adapters;
-- :mod:`adalora.integrations.lightning`: a Lightning callback;
-- :mod:`adalora.integrations.pairing` and :mod:`adalora.integrations.diagnostics`: what the allocator uses to tell
-  misuse (stepped per micro-batch, forgotten, wrapped optimizers) and to explain adapters without gradients.
+- :mod:`adalora.integrations.lightning`: a Lightning callback.
+
+What the allocator itself reports when it is stepped wrongly (per micro-batch, forgotten, behind a wrapped optimizer)
+or when adapters get no gradient is in :mod:`adalora.misuse`, below the allocator.
 """

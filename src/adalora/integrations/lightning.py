@@ -34,7 +34,7 @@ from torch import nn
 
 from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
-from .pairing import OnMisuse
+from ..misuse import OnMisuse
 
 STATE_KEY = "adalora_allocator"
 
@@ -94,6 +94,11 @@ class _AdaLoRALightning:
         optimizer = trainer.optimizers[0]
         config = self.config.replace(total_steps=total)
         self.allocator = RankAllocator(pl_module, config, optimizer=optimizer, on_misuse=self.on_misuse)
+        if not self.allocator.layout.gradients_outlive_step:
+            raise ValueError(
+                "AdaLoRALightningCallback: Lightning's DeepSpeed strategy is not supported; under DeepSpeed, train "
+                "with the transformers Trainer, accelerate or a plain deepspeed.initialize loop (docs/scaling-out.md)."
+            )
         # Torch's pre-step hooks fire before Lightning's closure runs the backward pass: importance_timing=
         # "before_step" is measured in on_before_optimizer_step instead (see the module docstring).
         self.allocator.pairing.remove_pre_hook()

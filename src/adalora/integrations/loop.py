@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..allocator import AllocatorReport, RankAllocator
+from ..parallel import deepspeed_in_use
 
 Batch = Any  # whatever the loader yields; by default a mapping of model keyword arguments including labels
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -138,6 +139,11 @@ def fit(
         raise ValueError("fit: accumulation_steps must be >= 1, epochs and start_step >= 0")
     if regularizer not in ("gradient", "loss"):
         raise ValueError(f"fit: regularizer must be 'gradient' or 'loss', got {regularizer!r}")
+    if deepspeed_in_use(model, optimizer, []) is not None:
+        raise ValueError(
+            "fit: DeepSpeed trains with engine.backward(loss) and engine.step(), which fit does not call; write the "
+            "loop with them (docs/scaling-out.md, DeepSpeed) or use the Trainer with AdaLoRACallback."
+        )
     in_loss = allocator is not None and regularizer == "loss"
     loop = _Loop(
         model, optimizer, allocator, loss_fn, accumulation_steps, max_grad_norm, scheduler, grad_scaler, in_loss

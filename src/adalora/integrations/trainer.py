@@ -19,6 +19,11 @@ Two pieces:
 The two differ only in where clipping happens: the loss form clips task and regulariser gradients together, the
 gradient form clips the task gradient and then adds the regulariser's (transformers fires no event between the
 last backward pass and clipping). Without clipping they give the same updates (tested).
+
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``) accelerate steps the engine inside ``backward``, so both
+optimizer-step events come after the gradients are gone. The allocator then hooks the engine's optimizer step
+itself (see :mod:`adalora.parallel.zero`): it adds the regulariser's gradient and reads the importance gradients
+there, in either mode, and DeepSpeed clips the sum (as in the loss form).
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ from ..allocator import AllocatorReport, RankAllocator
 from ..config import AdaLoRAConfig
 from ..files.atomic import atomic_write
 from ..layers import find_adapters
-from ..parallel import DEEPSPEED_REFUSAL, get_rank
+from ..misuse import OnMisuse
+from ..parallel import get_rank
 from . import sentence_transformers as st
-from .pairing import OnMisuse
 
 ALLOCATOR_FILE = "adalora_allocator.pt"
 RegularizerMode = Literal["gradient", "loss"]
@@ -110,6 +115,11 @@ class AdaLoRACallback(TrainerCallback):
         """
         if self.allocator is None:
             return torch.zeros(())
+        if not self.allocator.layout.gradients_outlive_step:
+            # DeepSpeed: the allocator adds the regulariser's gradient inside the engine's step (the Trainer has no
+            # event there); in the loss as well it would count twice.
+            self._regularized = True
+            return torch.zeros(())
         if self.regularizer == "gradient":
             self._misuse(
                 "AdaLoRACallback(regularizer='gradient') already adds the regulariser's gradient before every "
@@ -121,8 +131,6 @@ class AdaLoRACallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
-            raise ValueError(f"AdaLoRACallback: TrainingArguments(deepspeed=...) is set. {DEEPSPEED_REFUSAL}")
         # Before train(resume_from_checkpoint=...) loads a checkpoint, which for a SentenceTransformer drops the
         # adapters' keys: the guard lets that load through and the adapters are restored in on_train_begin.
         if model is not None and st.is_sentence_transformer(model):

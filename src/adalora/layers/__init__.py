@@ -33,23 +33,38 @@ from .experts import (
 )
 from .linear import SVDConv1D, SVDLinear
 from .quantized import (
+    Quantization,
+    QuantizedAdapter,
     SVDLinear4bit,
     SVDLinear8bitLt,
     SVDTorchAOLinear,
-    is_quantized_adapter,
+    is_quantized_precision,
     keep_differentiable_layout,
     logical_shape,
-    precision_of,
 )
-from .registry import LAYER_TYPES, LayerType, adapter_class_for, adapter_class_named, layer_type_of, supported_layers
+from .registry import (
+    LAYER_TYPES,
+    QUANTIZATIONS,
+    LayerType,
+    adapter_class_for,
+    adapter_class_named,
+    layer_type_of,
+    precision_of,
+    refusal,
+    supported_layers,
+    supported_quantized,
+)
 
 __all__ = [
     "LAYER_TYPES",
+    "QUANTIZATIONS",
     "SUPPORTED_EXPERTS",
     "TRIPLET_DIMS",
     "FusedWeight",
     "KeptFactors",
     "LayerType",
+    "Quantization",
+    "QuantizedAdapter",
     "SVDAdapter",
     "SVDConv",
     "SVDConv1D",
@@ -65,7 +80,7 @@ __all__ = [
     "expert_weight_names",
     "find_adapters",
     "is_experts_block",
-    "is_quantized_adapter",
+    "is_quantized_precision",
     "keep_differentiable_layout",
     "kept_triplets",
     "layer_type_of",
@@ -74,9 +89,11 @@ __all__ = [
     "matrix_ranks",
     "overrides",
     "precision_of",
+    "refusal",
     "release_blocks",
     "set_expert_matmul",
     "supported_layers",
+    "supported_quantized",
     "take_triplets",
     "unwrap_model",
 ]

@@ -5,9 +5,11 @@ expert weights of an MoE block stack one per expert: ``(E, d_out, r)``, see :mod
 scores, the regulariser, allocation, saving, merging and compaction treat every layer type alike; only the forward
 and the layout of the merged update differ (see each subclass).
 
-Each adapter owns the frozen base ``weight`` and ``bias`` itself (the very same ``Parameter`` objects the replaced
-module held), so the base model's state-dict keys are unchanged and adapter keys (``P``, ``E``, ``Q``,
-``rank_mask``) are simply added.
+The frozen base stays where the model's state dict expects it: most adapters own the base ``weight`` and ``bias``
+themselves (the very same ``Parameter`` objects the replaced module held), a quantized layer is held whole as
+``base_layer`` (its weight carries quantization state that only the layer knows how to save; see
+``layers.quantized``). Either way the base model's state-dict keys are unchanged and the adapter keys (``P``,
+``E``, ``Q``, ``rank_mask``) are simply added.
 
 Triplet i of an adapter is G_i = {P[:, i], E[i], Q[i, :]}. Masking a triplet zeroes E[i] only (the reference
 behaviour); P and Q keep training, so a masked triplet can win back its place at a later allocation.
@@ -87,6 +89,8 @@ class SVDAdapter(nn.Module):
     """
 
     rank_mask: torch.Tensor
+    weight: torch.Tensor  # the frozen base weight in the replaced layer's layout (owned, or read from base_layer)
+    bias: torch.Tensor | None
     layer_type: ClassVar[str] = ""  # the name recorded in adapter files; see layers.registry
     peft_fan_in_fan_out: ClassVar[bool] = False  # PEFT must transpose the merged update (GPT-2 Conv1D)
 
@@ -97,8 +101,8 @@ class SVDAdapter(nn.Module):
         return d_out, d_in
 
     @classmethod
-    def layer_type_for(cls, module: nn.Module) -> str:
-        """The ``layer_type`` recorded in adapter files for ``module`` (a base layer or an adapter)."""
+    def layer_type_name(cls, module: nn.Module) -> str:
+        """The ``layer_type`` name recorded in adapter files for ``module`` (a base layer or an adapter)."""
         return cls.layer_type
 
     @classmethod
@@ -125,8 +129,7 @@ class SVDAdapter(nn.Module):
 
     def __init__(
         self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None,
+        like: torch.Tensor,
         d_out: int,
         d_in: int,
         r: int,
@@ -134,28 +137,31 @@ class SVDAdapter(nn.Module):
         dropout: float = 0.0,
         init_std: float = 0.02,
         *,
-        base_layer: nn.Module | None = None,
         experts: int | None = None,
     ) -> None:
+        """Create the factors; the subclass then holds its base (``weight``/``bias``, or ``base_layer``).
+
+        Args:
+            like: the base weight: the factors are made on its device, in float32 unless it is float32/float64
+                (half-precision bases get float32 adapters: the adapter is what trains, and its updates and
+                importance scores are too small for fp16/bf16 resolution).
+            d_out, d_in: the update matrix's shape.
+            r: the initial rank (number of triplets).
+            scale: alpha / init_r.
+            dropout: dropout probability on the adapter input.
+            init_std: std of the Gaussian init of P and Q (lambda starts at 0).
+            experts: for the fused expert weights of an MoE block, E: one matrix (and set of triplets) per expert.
+        """
         super().__init__()
-        if base_layer is None:
-            self.weight = weight
-            self.bias = bias
-        else:
-            # A quantized base layer keeps its weight with its quantization state and computes itself: the adapter
-            # holds the whole layer, and the subclass reads ``weight``/``bias`` from it (see layers.quantized).
-            self.base_layer = base_layer
         self.d_out, self.d_in = d_out, d_in
         self.scale = float(scale)
-        # Half-precision bases get float32 adapters: the adapter is what trains, and its updates and
-        # importance scores are too small for fp16/bf16 resolution.
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        factory = {"device": weight.device, "dtype": dtype}
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        factory = {"device": like.device, "dtype": dtype}
         lead = () if experts is None else (experts,)  # fused MoE experts: one matrix per expert (layers.experts)
         self.P = nn.Parameter(torch.empty(*lead, d_out, r, **factory))
         self.E = nn.Parameter(torch.zeros(*lead, r, **factory))
         self.Q = nn.Parameter(torch.empty(*lead, r, d_in, **factory))
-        self.register_buffer("rank_mask", torch.ones(*lead, r, dtype=torch.bool, device=weight.device))
+        self.register_buffer("rank_mask", torch.ones(*lead, r, dtype=torch.bool, device=like.device))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         nn.init.normal_(self.P, std=init_std)
@@ -164,8 +170,12 @@ class SVDAdapter(nn.Module):
     # ------------------------------------------------------------------ shapes
     @property
     def r(self) -> int:
-        """Current number of triplets of each matrix (the initial rank until the adapter is compacted)."""
-        return self.E.shape[-1]
+        """Current number of triplets of each matrix (the initial rank until the adapter is compacted).
+
+        Read from ``rank_mask``, a buffer that is always whole: DeepSpeed ZeRO-3 empties the parameters outside the
+        forward pass (lambda's local shape is then ``(0,)``).
+        """
+        return self.rank_mask.shape[-1]
 
     @property
     def num_matrices(self) -> int:
@@ -177,16 +187,22 @@ class SVDAdapter(nn.Module):
         return {}
 
     def base_shape(self) -> tuple[int, ...]:
-        """The base weight's logical shape in the base layout (a quantized weight's storage may be packed)."""
-        return tuple(self.weight.shape)
+        """The base weight's logical shape in the base layout (a quantized weight's storage may be packed; a
+        weight partitioned by DeepSpeed ZeRO-3 keeps its shape in ``ds_shape``)."""
+        return tuple(getattr(self.weight, "ds_shape", self.weight.shape))
 
     def dense_weight(self) -> torch.Tensor:
         """The base weight as a plain tensor in the base layout (quantized bases dequantize; for merging)."""
         return self.weight
 
+    def to_base(self, weight: torch.Tensor) -> nn.Module:
+        """A plain base layer of this adapter's kind and settings holding ``weight`` (base layout) and the bias:
+        what :func:`adalora.merge` puts back (with the merged weight) and :meth:`unloaded` returns."""
+        raise NotImplementedError(f"{type(self).__name__} must define to_base")
+
     def unloaded(self) -> nn.Module:
         """The base layer as it was before :func:`adalora.inject`, holding the original ``weight``/``bias``."""
-        base = self.to_base(self.weight)  # type: ignore[attr-defined]
+        base = self.to_base(self.weight)
         base.weight = self.weight  # the original Parameter object, not a new one sharing its storage
         return base
 
@@ -197,7 +213,7 @@ class SVDAdapter(nn.Module):
     def kept_factors(self, keep: torch.Tensor | None = None) -> KeptFactors:
         """Copies of P, lambda and Q cut to the triplets ``keep`` (default: those ``rank_mask`` keeps).
 
-        What saving, exporting and compacting an adapter start from. ``index_select`` copies, so the result never
+        What saving, exporting and compacting an adapter start from. The selection copies, so the result never
         shares storage with the parameters.
 
         Args:
@@ -218,14 +234,6 @@ class SVDAdapter(nn.Module):
         return self.P, self.E, self.Q
 
     # ------------------------------------------------------------------ compute
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # A class that computes its own adapter_output (convolutions: the triplets act on the channel dimension)
-        # is added to the base output as it is; the others mix project(x) into the base output in one product.
-        cls._mixes_into_base = cls.adapter_output is SVDAdapter.adapter_output
-
-    _mixes_into_base: ClassVar[bool] = True
-
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The triplets' inputs ``h = dropout(x) Q^T``, in the adapter's dtype (subclasses: how Q reads ``x``).
 
@@ -237,31 +245,26 @@ class SVDAdapter(nn.Module):
         """
         return F.linear(self.dropout(x).to(self.Q.dtype), self.Q)
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * (project(x) * lambda) P^T without forming the (d_out, d_in) product.
-
-        Args:
-            x: input of shape ``(..., d_in)`` (token ids for embeddings).
-
-        Returns:
-            Tensor of shape ``(..., d_out)`` in the base layer's output dtype: ``x``'s, or the weight's for token ids.
-        """
-        dtype = x.dtype if x.is_floating_point() else self.weight.dtype
-        return svd_mix(self.project(x), self.P, self.E, self.scale).to(dtype)
-
     def delta_weight(self) -> torch.Tensor:
         """scale * P diag(lambda) Q, shape ``(d_out, d_in)`` (for merging; never used in forward)."""
         return (self.P * (self.E * self.scale)) @ self.Q
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The frozen base layer's output for ``x``."""
+        raise NotImplementedError(f"{type(self).__name__} must define base_forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
         if not self.adapter_enabled or self.r == 0:  # rank 0 (compacted away): nothing to add
-            return out
-        if not self._mixes_into_base:
-            return out + self.adapter_output(x)
+            return self.base_forward(x)
+        return self.adapted_forward(x)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Base output plus the update, the update mixed into the base output by one product (:func:`svd_mix`).
+
+        Subclasses whose triplets do not act on the last dimension (convolutions) add their own update instead;
+        linear layers compute base and update together when they can (``layers.linear``).
+        """
+        out = self.base_forward(x)
         h = self.project(x)
         if h.dtype != out.dtype:  # a half-precision base: the float32 update is cast, then added
             return out + svd_mix(h, self.P, self.E, self.scale).to(out.dtype)
@@ -272,7 +275,8 @@ class SVDAdapter(nn.Module):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+    """The user's model inside ``torch.compile``, ``DistributedDataParallel``, ``DataParallel`` and DeepSpeed
+    engine wrappers.
 
     Every function of the library that takes a model looks through these wrappers, so that module names (saved
     adapter keys, checkpoints, rank patterns) read the same whether or not the model was compiled or wrapped,
@@ -284,6 +288,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             model = model._orig_mod
+        elif type(model).__module__.startswith("deepspeed.") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module  # a DeepSpeedEngine, recognised without importing deepspeed
         else:
             return model
 

@@ -49,7 +49,9 @@ class SVDConv(SVDAdapter):
         init_std: float = 0.02,
     ) -> None:
         out_channels, d_in = self.dims(module)
-        super().__init__(module.weight, module.bias, out_channels, d_in, r, scale, dropout, init_std)
+        super().__init__(module.weight, out_channels, d_in, r, scale, dropout, init_std)
+        self.weight = module.weight
+        self.bias = module.bias
         self.in_channels: int = module.in_channels
         self.out_channels: int = out_channels
         self.kernel_size: tuple[int, ...] = tuple(module.weight.shape[2:])
@@ -69,7 +71,7 @@ class SVDConv(SVDAdapter):
         return out_channels, module.weight[0].numel()  # in / groups * prod(kernel_size)
 
     @classmethod
-    def layer_type_for(cls, module: nn.Module) -> str:
+    def layer_type_name(cls, module: nn.Module) -> str:
         return f"nn_conv{module.weight.dim() - 2}d"
 
     @classmethod
@@ -145,6 +147,9 @@ class SVDConv(SVDAdapter):
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.weight, self.bias)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x) + self.adapter_output(x)
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         """conv_1x1(conv(dropout(x), Q), scale * P diag(lambda)), never forming the ``(out, in/g, *k)`` kernel.

@@ -35,7 +35,9 @@ class SVDEmbedding(SVDAdapter):
 
     def __init__(self, module: nn.Embedding, r: int, scale: float, init_std: float = 0.02) -> None:
         d_out, d_in = self.dims(module)
-        super().__init__(module.weight, None, d_out, d_in, r, scale, 0.0, init_std)
+        super().__init__(module.weight, d_out, d_in, r, scale, 0.0, init_std)
+        self.weight = module.weight
+        self.bias = None
         self.num_embeddings: int = d_in
         self.embedding_dim: int = d_out
         self.padding_idx: int | None = module.padding_idx

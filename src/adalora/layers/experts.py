@@ -273,14 +273,20 @@ class SVDExperts(SVDAdapter):
             return "the block's experts are split over processes (expert parallelism), which adalora does not support"
         return None
 
+    def __init__(self, fused: FusedWeight, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        d_out, d_in = self.dims(fused)
+        weight = fused.weight
+        super().__init__(weight, d_out, d_in, r, scale, dropout, init_std, experts=weight.shape[0])
+        self.weight = weight
+        self.bias = None  # a block's biases stay the block's: experts_forward adds them
+        self.transposed, self.order = fused.transposed, fused.order
+
     @classmethod
     def from_base(
         cls, module: FusedWeight, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
     ) -> SVDExperts:
-        d_out, d_in = cls.dims(module)
-        weight = module.weight
-        adapter = cls(weight, None, d_out, d_in, r, scale, dropout, init_std, experts=weight.shape[0])
-        adapter.transposed, adapter.order = module.transposed, module.order
+        """The adapter of one fused expert weight; its block computes with :func:`experts_forward` from now on."""
+        adapter = cls(module, r, scale, dropout, init_std)
         _take_over(module.block)
         return adapter
 
@@ -302,7 +308,7 @@ class SVDExperts(SVDAdapter):
         }
 
     def layer_options(self) -> dict[str, Any]:
-        return {"num_experts": self.E.shape[0], "transposed": self.transposed, "order": self.order}
+        return {"num_experts": self.num_matrices, "transposed": self.transposed, "order": self.order}
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:  # type: ignore[override]
         """The block's product for this weight, update included, on rows sorted by expert.
@@ -333,7 +339,7 @@ class SVDExperts(SVDAdapter):
         return self.weight
 
     def extra_repr(self) -> str:
-        return f"experts={self.E.shape[0]}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"
+        return f"experts={self.num_matrices}, d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"
 
 
 def base_expert_product(
@@ -423,7 +429,7 @@ def set_expert_matmul(model: nn.Module, matmul: str) -> None:
 def matrix_names(name: str, adapter: SVDAdapter) -> list[str]:
     """The names of the matrices an adapter holds triplets for: ``name``, or ``name[e]`` for each expert e."""
     if isinstance(adapter, SVDExperts):
-        return [f"{name}[{expert}]" for expert in range(adapter.E.shape[0])]
+        return [f"{name}[{expert}]" for expert in range(adapter.num_matrices)]
     return [name]
 
 

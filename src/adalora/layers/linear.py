@@ -3,95 +3,72 @@ weight)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SVDAdapter, overrides
+from .base import SVDAdapter
 from .mixing import linear_svd
 
 
-class _FusedLinear(SVDAdapter):
-    """A linear adapter that, when it can, runs its frozen base layer and its update as one function.
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` ``(d_out, d_in)`` (frozen) and ``bias`` (the same object, or cast to the
+    weight's dtype when it differs: bitsandbytes keeps the bias in its compute dtype)."""
+    d_out, d_in = weight.shape
+    module = nn.Linear(d_in, d_out, bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        same = bias.dtype == weight.dtype
+        module.bias = bias if same else nn.Parameter(bias.detach().to(weight.dtype), bias.requires_grad)
+    return module
 
-    :func:`~adalora.layers.mixing.linear_svd` computes the input's gradient of both paths with one product less.
-    It applies when the base weight is frozen, dropout is off, input, weight and adapter share a dtype and autocast
-    is off; otherwise (and in any subclass that redefines how the base or the adapter computes, e.g. a quantized
-    base) the adapter computes as every other adapter does.
+
+class _LinearAdapter(SVDAdapter):
+    """A linear adapter that owns its frozen base weight and, when it can, computes base and update as one function.
+
+    :func:`~adalora.layers.mixing.linear_svd` computes ``x W^T + b + scale * (x Q^T) diag(lambda) P^T`` with the
+    input's gradient of both paths in one product less than computing them apart. It is exact only when both paths
+    see the same ``x`` (dropout off), in one dtype (no autocast, and a base in the adapter's dtype), with a frozen
+    base; otherwise the adapter computes as every other adapter does.
     """
 
-    _fuses_base: ClassVar[bool] = False
+    def __init__(self, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        d_out, d_in = self.dims(module)
+        super().__init__(module.weight, d_out, d_in, r, scale, dropout, init_std)
+        self.weight = module.weight
+        self.bias = module.bias
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if _FusedLinear in cls.__bases__:  # SVDLinear, SVDConv1D: their base_forward is what linear_svd computes
-            cls._plain_base = cls.base_forward
-        plain = getattr(cls, "_plain_base", None)
-        cls._fuses_base = (
-            cls.base_forward is plain
-            and cls.project is SVDAdapter.project
-            and cls.adapter_output is SVDAdapter.adapter_output
-        )
+    @classmethod
+    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        return cls(module, r, scale, dropout, init_std)
 
-    def _base_matrix(self) -> torch.Tensor:
+    def base_matrix(self) -> torch.Tensor:
         """The base weight as ``(d_out, d_in)`` (a view)."""
         return self.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self._fuses_base
-            and self.adapter_enabled
-            and self.r > 0
-            and not self.weight.requires_grad
-            and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
-            and x.dtype == self.weight.dtype == self.Q.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        ):
-            return linear_svd(x, self._base_matrix(), self.bias, self.Q, self.P, self.E, self.scale)
-        return super().forward(x)
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether :func:`linear_svd` computes this layer exactly for ``x`` (the class docstring says when)."""
+        dropout_off = isinstance(self.dropout, nn.Identity) or not self.dropout.training
+        one_dtype = x.dtype == self.weight.dtype == self.Q.dtype and not torch.is_autocast_enabled(x.device.type)
+        return dropout_off and one_dtype and not self.weight.requires_grad
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fusable(x):
+            return linear_svd(x, self.base_matrix(), self.bias, self.Q, self.P, self.E, self.scale)
+        return super().adapted_forward(x)
 
 
-class SVDLinear(_FusedLinear):
+class SVDLinear(_LinearAdapter):
     """Adapter for ``torch.nn.Linear``: ``weight`` is ``(d_out, d_in)``."""
 
     layer_type = "linear"
-
-    @classmethod
-    def unsupported_reason(cls, module: nn.Module) -> str | None:
-        """Refuses ``nn.Linear`` subclasses that compute differently (quantized layers of other libraries, ...):
-        the adapter computes ``F.linear(x, weight, bias)``, which would silently replace their forward."""
-        from .quantized import SUPPORTED_QUANTIZED, torchao_kind
-
-        if overrides(module, nn.Linear, "forward"):
-            return (
-                f"{type(module).__module__}.{type(module).__qualname__} is an nn.Linear subclass with its own "
-                f"forward, which an adapter cannot reproduce; supported linear layers are nn.Linear, GPT-2 Conv1D "
-                f"and the quantized {SUPPORTED_QUANTIZED}"
-            )
-        kind = torchao_kind(module.weight)
-        if kind is not None:
-            return f"its weight is a {kind} tensor; supported quantized layers are {SUPPORTED_QUANTIZED}"
-        return None
-
-    @classmethod
-    def from_base(
-        cls, module: nn.Linear, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
-    ) -> SVDLinear:
-        d_out, d_in = module.weight.shape
-        return cls(module.weight, module.bias, d_out, d_in, r, scale, dropout, init_std)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def to_base(self, weight: torch.Tensor) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``weight`` (base layout) and this adapter's bias."""
-        module = nn.Linear(self.d_in, self.d_out, bias=self.bias is not None, device="meta")
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        if self.bias is not None:
-            module.bias = self.bias
-        return module
+        return plain_linear(weight, self.bias)
 
 
 def conv1d_type() -> type[nn.Module] | None:
@@ -103,7 +80,7 @@ def conv1d_type() -> type[nn.Module] | None:
     return Conv1D
 
 
-class SVDConv1D(_FusedLinear):
+class SVDConv1D(_LinearAdapter):
     """Adapter for transformers' GPT-2 ``Conv1D``, a linear layer with a transposed ``(d_in, d_out)`` weight."""
 
     layer_type = "conv1d"  # transformers' GPT-2 Conv1D (a linear layer); torch's nn.Conv1d is "nn_conv1d"
@@ -114,14 +91,7 @@ class SVDConv1D(_FusedLinear):
         d_in, d_out = module.weight.shape
         return d_out, d_in
 
-    @classmethod
-    def from_base(
-        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
-    ) -> SVDConv1D:
-        d_out, d_in = cls.dims(module)
-        return cls(module.weight, module.bias, d_out, d_in, r, scale, dropout, init_std)
-
-    def _base_matrix(self) -> torch.Tensor:
+    def base_matrix(self) -> torch.Tensor:
         return self.weight.mT
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:

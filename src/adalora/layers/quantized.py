@@ -17,13 +17,17 @@ inference kernel for 4-bit weights, see :func:`keep_differentiable_layout`), and
 every 4-bit layer of the model off it. The adapters record the layer type ``"linear"``: an adapter trained on a
 4-bit base loads onto the same model in float32 or bfloat16 and vice versa.
 
-Neither bitsandbytes nor torchao is imported here: both print warnings at import, and a model that holds their
-layers has imported them already, so the checks look them up in ``sys.modules``.
+Each kind is one entry of the layer table (``layers.registry``) with its :class:`Quantization`: how
+``adalora train --quantize`` makes such a layer from an ``nn.Linear``. Neither bitsandbytes nor torchao is
+imported at module level: both print warnings at import, and a model that holds their layers has imported them
+already, so the checks look them up in ``sys.modules``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,11 +35,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import SVDAdapter
-from .linear import SVDLinear
+from .linear import plain_linear
 
-SUPPORTED_QUANTIZED = (
-    "bitsandbytes Linear4bit (nf4/fp4) and Linear8bitLt, torchao NF4 and int8 weight-only weights on nn.Linear"
-)
+
+@dataclass(frozen=True)
+class Quantization:
+    """How ``adalora train --quantize METHOD`` makes a quantized layer of one kind from a float ``nn.Linear``.
+
+    Attributes:
+        method: the ``--quantize`` name (``"bnb-4bit"``).
+        package: the package it needs (imported only when asked for).
+        accepts: whether a layer can be quantized this way (block sizes the kernels need).
+        convert: ``convert(linear, compute_dtype)`` -> the quantized layer, on the linear layer's device.
+    """
+
+    method: str
+    package: str
+    accepts: Callable[[nn.Linear], bool]
+    convert: Callable[[nn.Linear, torch.dtype | None], nn.Module]
 
 
 # ---------------------------------------------------------------------- recognising quantized layers and weights
@@ -111,67 +128,84 @@ def _unpack_cpu_layout(weight: Any) -> None:
         state.absmax = scales
 
 
-def is_torchao_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Linear`` (not a subclass) holding a supported torchao weight."""
-    return type(module) is nn.Linear and torchao_kind(module.weight) in ("torchao-nf4", "torchao-int8")
+def torchao_linear(kind: str) -> Callable[[nn.Module], bool]:
+    """A test for an ``nn.Linear`` (not a subclass) holding a torchao weight of ``kind`` (:func:`torchao_kind`)."""
+    return lambda module: type(module) is nn.Linear and torchao_kind(module.weight) == kind
 
 
-def precision_of(tensor: torch.Tensor) -> str:
-    """How a base parameter is stored: its dtype (``"float32"``) or its quantization (``"bnb-nf4"``, ...)."""
-    kind = torchao_kind(tensor)
-    if kind is not None:
-        return kind
-    cls = type(tensor).__name__
-    if cls == "Params4bit" and type(tensor).__module__.startswith("bitsandbytes"):
-        state = getattr(tensor, "quant_state", None)
-        if state is None:
-            return str(tensor.dtype).removeprefix("torch.")  # not quantized yet
-        packed = getattr(state, "packing_format_for_cpu", False)  # see keep_differentiable_layout
-        nested = getattr(state, "original_nested", state.nested) if packed else state.nested
-        return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
-    if cls == "Int8Params" and tensor.dtype == torch.int8:
-        return "bnb-int8"
+def dtype_name(tensor: torch.Tensor) -> str:
+    """``"float32"``, ``"bfloat16"``, ...: how a plain tensor is stored."""
     return str(tensor.dtype).removeprefix("torch.")
 
 
+def is_quantized_precision(kind: str) -> bool:
+    """Whether a :func:`precision_of` kind names a quantized storage (``"bnb-nf4"``) rather than a dtype."""
+    return not isinstance(getattr(torch, kind, None), torch.dtype)
+
+
 def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    """The shape a parameter has unquantized: a packed bitsandbytes 4-bit weight reports its storage shape."""
+    """The shape a parameter has unquantized and whole: a packed bitsandbytes 4-bit weight reports its storage shape,
+    a weight partitioned by DeepSpeed ZeRO-3 its local shape (the whole one is ``ds_shape``)."""
+    if hasattr(tensor, "ds_shape"):
+        return tuple(tensor.ds_shape)
     state = getattr(tensor, "quant_state", None)
     if type(tensor).__name__ == "Params4bit" and state is not None:
         return tuple(state.shape)
     return tuple(tensor.shape)
 
 
-# ---------------------------------------------------------------------- adapters holding the quantized layer
-class _QuantizedLayerAdapter(SVDAdapter):
-    """An adapter that holds a quantized layer as ``base_layer`` and calls its forward.
+# ---------------------------------------------------------------------- adapters of quantized layers
+class QuantizedAdapter(SVDAdapter):
+    """An adapter whose frozen base is quantized: merging dequantizes it (or quantizes the merged weight again)."""
+
+    layer_type = "linear"  # files from a quantized base load onto the unquantized model and vice versa
+
+    def base_shape(self) -> tuple[int, ...]:
+        return (self.d_out, self.d_in)  # the logical shape: the storage may be packed
+
+    @classmethod
+    def storage_kind(cls, tensor: torch.Tensor) -> str | None:
+        """How ``tensor`` is stored if it is a weight of this kind (``"bnb-nf4-dq"``), else None; what adapter
+        fingerprints record (a float adapter loads onto a quantized base, with a warning that says so)."""
+        raise NotImplementedError(f"{cls.__name__} must define storage_kind")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dequantized weight ``(d_out, d_in)``, in the dtype the layer computes in."""
+        raise NotImplementedError(f"{type(self).__name__} must define dense_weight")
+
+    def to_base(self, weight: torch.Tensor) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``weight`` ``(d_out, d_in)`` (dequantized, merged) and the layer's bias."""
+        return plain_linear(weight, self.bias)
+
+    def requantized(self, weight: torch.Tensor) -> nn.Module:
+        """A layer of the base's quantized kind holding ``weight`` (merged) quantized again."""
+        raise NotImplementedError(f"{type(self).__name__} must define requantized")
+
+
+class _LayerHoldingAdapter(QuantizedAdapter):
+    """A quantized adapter that holds the quantized layer whole as ``base_layer`` and calls its forward.
 
     The layer's ``weight``/``bias`` are read through it, and the adapter's state-dict keys are the layer's own
     (``q_proj.weight``, ``q_proj.weight.absmax``, ...), not ``q_proj.base_layer.weight``, so ``model.state_dict()``
     keeps the base model's keys, as for every other adapter.
     """
 
-    layer_type = "linear"  # files from a quantized base load onto the unquantized model and vice versa
     base_layer: nn.Module
+
+    def __init__(self, layer: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        # P and Q are float32 (the packed weight's integer dtype says nothing about precision); see SVDAdapter.
+        super().__init__(layer.weight, layer.out_features, layer.in_features, r, scale, dropout, init_std)
+        self.base_layer = layer
+        self._register_state_dict_hook(_flatten_base_layer_keys)
+        self.register_load_state_dict_pre_hook(_nest_base_layer_keys)
 
     @classmethod
     def dims(cls, module: nn.Module) -> tuple[int, int]:
-        if isinstance(module, SVDAdapter):
-            return module.d_out, module.d_in
         return module.out_features, module.in_features
 
     @classmethod
-    def from_base(
-        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
-    ) -> _QuantizedLayerAdapter:
-        d_out, d_in = cls.dims(module)
-        # P and Q are float32 (the packed weight's integer dtype says nothing about precision); see SVDAdapter.
-        return cls(module.weight, None, d_out, d_in, r, scale, dropout, init_std, base_layer=module)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._register_state_dict_hook(_flatten_base_layer_keys)
-        self.register_load_state_dict_pre_hook(_nest_base_layer_keys)
+    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        return cls(module, r, scale, dropout, init_std)
 
     @property
     def weight(self) -> nn.Parameter:  # type: ignore[override]
@@ -181,29 +215,14 @@ class _QuantizedLayerAdapter(SVDAdapter):
     def bias(self) -> nn.Parameter | None:  # type: ignore[override]
         return self.base_layer.bias
 
-    def base_shape(self) -> tuple[int, ...]:
-        return (self.d_out, self.d_in)
-
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
 
     def unloaded(self) -> nn.Module:
         return self.base_layer
 
-    def to_base(self, weight: torch.Tensor) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``weight`` ``(d_out, d_in)`` (dequantized, merged) and the layer's bias."""
-        module = nn.Linear(self.d_in, self.d_out, bias=self.bias is not None, device="meta")
-        module.weight = nn.Parameter(weight, requires_grad=False)
-        bias = self.bias
-        if bias is not None:
-            # bitsandbytes keeps the bias in its compute dtype, which may not be the dequantized weight's.
-            same = bias.dtype == weight.dtype
-            module.bias = bias if same else nn.Parameter(bias.detach().to(weight.dtype), bias.requires_grad)
-        return module
-
-    def requantized(self, weight: torch.Tensor) -> nn.Module:
-        """A layer of the base's quantized kind holding ``weight`` (merged) quantized again."""
-        raise NotImplementedError
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scale={self.scale:g}"
 
 
 def _flatten_base_layer_keys(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
@@ -219,7 +238,13 @@ def _nest_base_layer_keys(module: nn.Module, state: dict[str, Any], prefix: str,
         state[nested + key[len(prefix) :]] = state.pop(key)
 
 
-class SVDLinear4bit(_QuantizedLayerAdapter):
+def _copy_bias(linear: nn.Module, module: nn.Module) -> None:
+    """The float layer's bias, frozen, on the CPU (where bitsandbytes builds its layers before moving them)."""
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+
+
+class SVDLinear4bit(_LayerHoldingAdapter):
     """Adapter for bitsandbytes ``Linear4bit`` (nf4/fp4, optionally double-quantized): P ``(out, r)``, Q
     ``(r, in)`` of the logical shape; the base computes with bitsandbytes' 4-bit matmul in its compute dtype."""
 
@@ -232,6 +257,32 @@ class SVDLinear4bit(_QuantizedLayerAdapter):
             )
         return None
 
+    @staticmethod
+    def quantize(linear: nn.Linear, compute_dtype: torch.dtype | None) -> nn.Module:
+        """nf4 with double quantization (QLoRA's choice), blocks of 64, computing in ``compute_dtype``."""
+        import bitsandbytes as bnb
+
+        weight = linear.weight.detach()
+        options = {"compress_statistics": True, "quant_type": "nf4"}
+        module = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype or weight.dtype, device="cpu", **options,
+        )  # fmt: skip
+        module.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, blocksize=64, **options)
+        _copy_bias(linear, module)
+        return module.to(weight.device)  # bitsandbytes quantizes when the layer is moved to its device
+
+    @classmethod
+    def storage_kind(cls, tensor: torch.Tensor) -> str | None:
+        if type(tensor).__name__ != "Params4bit" or not type(tensor).__module__.startswith("bitsandbytes"):
+            return None
+        state = getattr(tensor, "quant_state", None)
+        if state is None:
+            return dtype_name(tensor)  # not quantized yet
+        packed = getattr(state, "packing_format_for_cpu", False)  # see keep_differentiable_layout
+        nested = getattr(state, "original_nested", state.nested) if packed else state.nested
+        return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
+
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight ``(d_out, d_in)`` in the dtype it was quantized from."""
         import bitsandbytes.functional as bnbf
@@ -242,32 +293,25 @@ class SVDLinear4bit(_QuantizedLayerAdapter):
     def requantized(self, weight: torch.Tensor) -> nn.Module:
         import bitsandbytes as bnb
 
-        base = self.base_layer
         state = self.weight.quant_state
+        options = {
+            "compress_statistics": bool(state.nested),
+            "quant_type": state.quant_type,
+            "quant_storage": self.weight.quant_storage,
+        }
         module = bnb.nn.Linear4bit(
-            self.d_in,
-            self.d_out,
-            bias=self.bias is not None,
-            compute_dtype=base.compute_dtype,
-            compress_statistics=bool(state.nested),
-            quant_type=state.quant_type,
-            quant_storage=self.weight.quant_storage,
-            device="cpu",
-        )
+            self.d_in, self.d_out, bias=self.bias is not None, compute_dtype=self.base_layer.compute_dtype,
+            device="cpu", **options,
+        )  # fmt: skip
         module.weight = bnb.nn.Params4bit(
-            weight.detach().to("cpu"),
-            requires_grad=False,
-            blocksize=state.blocksize,
-            compress_statistics=bool(state.nested),
-            quant_type=state.quant_type,
-            quant_storage=self.weight.quant_storage,
+            weight.detach().to("cpu"), requires_grad=False, blocksize=state.blocksize, **options
         )
         if self.bias is not None:
             module.bias = self.bias
         return module.to(weight.device)  # bitsandbytes quantizes on the move
 
 
-class SVDLinear8bitLt(_QuantizedLayerAdapter):
+class SVDLinear8bitLt(_LayerHoldingAdapter):
     """Adapter for bitsandbytes ``Linear8bitLt`` with int8 weights: the base computes with LLM.int8()."""
 
     @classmethod
@@ -278,6 +322,24 @@ class SVDLinear8bitLt(_QuantizedLayerAdapter):
                 "trains its own float weights): load it with has_fp16_weights=False and move it to a device"
             )
         return None
+
+    @staticmethod
+    def quantize(linear: nn.Linear, compute_dtype: torch.dtype | None = None, threshold: float = 6.0) -> nn.Module:
+        """LLM.int8() with int8 weights and the paper's outlier threshold 6 (``compute_dtype`` is not used)."""
+        import bitsandbytes as bnb
+
+        weight = linear.weight.detach()
+        module = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False,
+            threshold=threshold, device="cpu",
+        )  # fmt: skip
+        module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
+        _copy_bias(linear, module)
+        return module.to(weight.device)
+
+    @classmethod
+    def storage_kind(cls, tensor: torch.Tensor) -> str | None:
+        return "bnb-int8" if type(tensor).__name__ == "Int8Params" and tensor.dtype == torch.int8 else None
 
     def _row_scales(self) -> torch.Tensor:
         # The layer moves its weight's row scales into its matmul state at the first forward.
@@ -293,33 +355,57 @@ class SVDLinear8bitLt(_QuantizedLayerAdapter):
         return self.weight.data.float().mul_(scales).to(dtype)
 
     def requantized(self, weight: torch.Tensor) -> nn.Module:
-        import bitsandbytes as bnb
-
-        base = self.base_layer
-        module = bnb.nn.Linear8bitLt(
-            self.d_in,
-            self.d_out,
-            bias=self.bias is not None,
-            has_fp16_weights=False,
-            threshold=base.state.threshold,
-            device="cpu",
-        )
-        module.weight = bnb.nn.Int8Params(weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=False)
+        module = self.quantize(plain_linear(weight.detach(), self.bias), threshold=self.base_layer.state.threshold)
         if self.bias is not None:
             module.bias = self.bias
-        return module.to(weight.device)
+        return module
 
 
-class SVDTorchAOLinear(SVDLinear):
+class SVDTorchAOLinear(QuantizedAdapter):
     """Adapter for an ``nn.Linear`` whose weight is a torchao NF4 or int8 weight-only tensor.
 
-    The layer is a plain ``nn.Linear``; torchao's tensor subclass dispatches ``F.linear`` to its own kernel, so
-    :class:`SVDLinear`'s forward is the quantized layer's forward. Only merging differs: the weight is dequantized.
+    The layer is a plain ``nn.Linear`` and the adapter owns its weight, as :class:`~adalora.layers.SVDLinear` does;
+    torchao's tensor subclass dispatches ``F.linear`` to its own kernel, so the base computes as the quantized
+    layer does. Only merging differs: the weight is dequantized.
     """
 
+    def __init__(self, module: nn.Linear, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        super().__init__(module.weight, module.out_features, module.in_features, r, scale, dropout, init_std)
+        self.weight = module.weight
+        self.bias = module.bias
+
     @classmethod
-    def unsupported_reason(cls, module: nn.Module) -> str | None:
-        return None  # is_torchao_linear matched only plain nn.Linear layers with a supported weight
+    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+        return cls(module, r, scale, dropout, init_std)  # type: ignore[arg-type]
+
+    @staticmethod
+    def quantize_nf4(linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        """The weight becomes a torchao ``NF4Tensor`` (blocks of 64), in place."""
+        from torchao.quantization import to_nf4
+
+        weight = linear.weight.detach()
+        blocks = weight.numel() // 64
+        # torchao quantizes the 64-weight blocks' scales again in groups; the largest power of two <= 256 that
+        # divides the number of blocks.
+        scaler_block = next(s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0)
+        linear.weight = nn.Parameter(to_nf4(weight, 64, scaler_block), requires_grad=False)
+        return linear
+
+    @staticmethod
+    def quantize_int8(linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        """torchao int8 weight-only quantization (one scale per output row), in place."""
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(linear, Int8WeightOnlyConfig())
+        linear.weight.requires_grad_(False)
+        return linear
+
+    @classmethod
+    def storage_kind(cls, tensor: torch.Tensor) -> str | None:
+        return torchao_kind(tensor)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         weight = self.weight
@@ -335,16 +421,4 @@ class SVDTorchAOLinear(SVDLinear):
             nf4 = to_nf4(weight, self.weight.block_size, self.weight.scaler_block_size)
             module.weight = nn.Parameter(nf4, requires_grad=False)
             return module
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(module, Int8WeightOnlyConfig())
-        module.weight.requires_grad_(False)
-        return module
-
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def is_quantized_adapter(adapter: nn.Module) -> bool:
-    """Whether ``adapter`` adapts a quantized base layer (so ``merge`` dequantizes, or requantizes on request)."""
-    return isinstance(adapter, _QuantizedLayerAdapter | SVDTorchAOLinear)
+        return self.quantize_int8(module)

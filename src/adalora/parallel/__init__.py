@@ -21,7 +21,10 @@ every process computes the same masks without any communication. :func:`check_al
 all-reduces the partial triplet scores over the shard group at each allocation, so the global top-b sees the same
 complete scores on every process. Masks are applied to the local shard of lambda.
 
-**DeepSpeed** is refused when the allocator is built (:data:`DEEPSPEED_REFUSAL`).
+**DeepSpeed ZeRO** (stages 1-3; :class:`~.zero.ZeroLayout`): the gradients and fp32 master copies live in
+DeepSpeed's partitioned buffers. The allocator reads them whole through DeepSpeed's API inside the engine's optimizer
+step (where they exist), adds the regulariser's gradient there, and zeroes masked lambdas in both the master copy and
+the module's parameters, so every process computes the same masks from the same whole gradients.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .consistency import (
     consistency_check_requested,
     mask_fingerprint,
 )
-from .launch import DEEPSPEED_REFUSAL, deepspeed_in_use, launch_problem
+from .launch import deepspeed_in_use, launch_problem
 from .layout import Layout, ReplicatedLayout
 from .processes import (
     barrier,
@@ -52,41 +55,39 @@ from .processes import (
 )
 from .save import gathered_adapters, save_adapter_collective
 from .sharded import ShardedLayout, full_tensor, is_sharded, sharded_adapters
+from .zero import ZeroLayout
 
-LAYOUTS: tuple[type[Layout], ...] = (ShardedLayout, ReplicatedLayout)
+LAYOUTS: tuple[type[Layout], ...] = (ZeroLayout, ShardedLayout, ReplicatedLayout)
 """The layouts over several processes, most specific first; one process holding everything (:class:`Layout`) is the
-fallback. A new way of laying adapters out (e.g. DeepSpeed ZeRO) is one more entry."""
+fallback. A new way of laying adapters out is one more entry."""
 
 
 def layout_for(model: Any, optimizer: Any, adapters: Sequence[SVDAdapter]) -> Layout:
     """The layout of ``adapters``: the first :data:`LAYOUTS` entry whose ``applies`` accepts them, else one process.
 
     Args:
-        model: the model as given to the allocator (a DDP or DeepSpeed wrapper included).
-        optimizer: the optimizer that trains the adapters, or None.
+        model: the model as given to the allocator (a DDP wrapper or DeepSpeed engine included).
+        optimizer: the optimizer that trains the adapters as given to the allocator (wrappers included), or None.
         adapters: the adapters, in model order.
 
     Raises:
-        ValueError: DeepSpeed manages the model or the optimizer (see :data:`DEEPSPEED_REFUSAL`), or the adapters
-            are laid out in a way no layout supports (some sharded and others not, several meshes or devices).
+        ValueError: the adapters are laid out in a way no layout supports (some sharded and others not, several
+            meshes or devices), or DeepSpeed runs with a feature AdaLoRA does not support (offloading, fp16, ...).
     """
-    deepspeed = deepspeed_in_use(model, optimizer, adapters)
-    if deepspeed is not None:
-        raise ValueError(f"RankAllocator: {deepspeed}. {DEEPSPEED_REFUSAL}")
     for layout in LAYOUTS:
         if layout.applies(model, optimizer, adapters):
-            return layout(adapters)
+            return layout.for_training(model, optimizer, adapters)
     return Layout(adapters)
 
 
 __all__ = [
     "CHECK_ENV",
-    "DEEPSPEED_REFUSAL",
     "LAYOUTS",
     "ConsistencyError",
     "Layout",
     "ReplicatedLayout",
     "ShardedLayout",
+    "ZeroLayout",
     "barrier",
     "check_allocation_consistency",
     "consistency_check_requested",

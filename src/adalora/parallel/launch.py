@@ -1,5 +1,5 @@
-"""How training was set up, checked when a RankAllocator is built: DeepSpeed (refused by
-:func:`adalora.parallel.layout_for`) and launchers that started independent processes instead of one training
+"""How training was set up, checked when a RankAllocator is built: DeepSpeed (which picks
+:class:`adalora.parallel.zero.ZeroLayout`) and launchers that started independent processes instead of one training
 (reported by :meth:`adalora.parallel.layout.Layout.setup_problem`).
 """
 
@@ -10,30 +10,43 @@ from typing import Any
 
 from .processes import is_distributed
 
-DEEPSPEED_REFUSAL = (
-    "AdaLoRA does not support DeepSpeed: under ZeRO the gradients live in DeepSpeed's partitioned buffers, not in the "
-    "parameters' .grad (and ZeRO-3 partitions the parameters themselves), so the importance scores would read "
-    "nothing and every triplet would look unimportant. Supported: one process, DDP (torchrun / accelerate launch / "
-    "the Trainer with several processes) and FSDP2 (fully_shard); see docs/scaling-out.md."
-)
+
+def from_deepspeed(obj: Any) -> bool:
+    """Whether ``obj`` is an instance of a class from the ``deepspeed`` package (read without importing it)."""
+    return any(cls.__module__.split(".")[0] == "deepspeed" for cls in type(obj).__mro__)
+
+
+def deepspeed_optimizer(model: Any, optimizer: Any) -> Any | None:
+    """The optimizer DeepSpeed steps (a ZeRO optimizer, or what the engine wraps at stage 0), or None.
+
+    Found on the engine (``model.optimizer``) or in the chain of wrappers around ``optimizer`` (accelerate's
+    ``DeepSpeedOptimizerWrapper`` holds the ZeRO optimizer as ``.optimizer``, which holds the torch one).
+    """
+    if from_deepspeed(model) and getattr(model, "optimizer", None) is not None:
+        return model.optimizer
+    while optimizer is not None:
+        if from_deepspeed(optimizer):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        optimizer = None if inner is optimizer else inner
+    return None
 
 
 def deepspeed_in_use(model: Any, optimizer: Any, adapters: list[Any]) -> str | None:
     """What shows that DeepSpeed manages ``model``/``optimizer``, or None: an engine around the model, a DeepSpeed
-    optimizer, or ZeRO-3 partitioned adapter parameters (``ds_id``/``ds_numel``). Read from types and attributes,
-    without importing deepspeed."""
-
-    def from_deepspeed(obj: Any) -> bool:
-        return any(cls.__module__.split(".")[0] == "deepspeed" for cls in type(obj).__mro__)
-
+    optimizer (possibly inside accelerate's wrapper), or adapter parameters that ZeRO partitions (``ds_id``) or links
+    to its fp32 master copies (``_hp_mapping``). Read from types and attributes, without importing deepspeed."""
     if from_deepspeed(model):
         return f"the model is a {type(model).__name__}"
-    if optimizer is not None and from_deepspeed(optimizer):
-        return f"the optimizer is DeepSpeed's {type(optimizer).__name__}"
+    found = deepspeed_optimizer(None, optimizer)
+    if found is not None:
+        return f"the optimizer is DeepSpeed's {type(found).__name__}"
     for adapter in adapters:
         for p in adapter.adapter_parameters():
             if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
                 return "the adapters' parameters are partitioned by ZeRO-3 (ds_id/ds_numel)"
+            if hasattr(p, "_hp_mapping"):
+                return "the adapters' parameters have fp32 master copies in a ZeRO optimizer (_hp_mapping)"
     return None
 
 

@@ -6,7 +6,8 @@ sensitivities, the complete triplet scores from each process's partial ones, how
 compaction is allowed, whether the allocator's state differs between processes, and to check an allocation
 against the other processes'. :class:`Layout` itself answers for one process holding every tensor;
 :class:`ReplicatedLayout` for DDP; ``adalora.parallel.sharded.ShardedLayout`` for FSDP2. ``adalora.parallel.LAYOUTS``
-lists them and :func:`adalora.parallel.layout_for` picks one.
+lists them and :func:`adalora.parallel.layout_for` picks one. ``adalora.parallel.zero.ZeroLayout`` answers for
+DeepSpeed ZeRO, where the gradients exist only until the optimizer steps and are written through DeepSpeed's API.
 
 Tensors are read along dim 0 only (the dimension FSDP2 shards), so nothing here assumes that P and Q are 2-D.
 """
@@ -32,14 +33,18 @@ class Layout:
 
     Attributes:
         supports_compaction: whether ``compact`` may replace the adapters' parameters during training (not when
-            DDP or FSDP hold on to them).
+            DDP, FSDP or DeepSpeed hold on to them).
         per_process_state: whether the allocator's state differs between processes (sharded statistics: each
             process saves its own).
+        gradients_outlive_step: whether the gradients can still be read after the optimizer step (until
+            ``zero_grad``). Where they cannot (DeepSpeed clears them inside its step), the allocator reads them and
+            adds the regulariser's gradient in the step's pre-hook (see :meth:`step_hooks`).
         device: where the adapters' tensors (their local parts) live.
     """
 
     supports_compaction = True
     per_process_state = False
+    gradients_outlive_step = True
 
     def __init__(self, adapters: Sequence[SVDAdapter]) -> None:
         if not adapters:
@@ -48,10 +53,14 @@ class Layout:
         self.device = self._device()
         # An allocation's keep-mask in lambda's dtype, with its per-adapter views made once: splitting a fresh mask
         # into one view per adapter at every allocation costs more than the products themselves.
-        lambdas = [a.E for a in self.adapters]
-        sizes = [e.numel() for e in lambdas]
-        self._keep_factor = torch.empty(sum(sizes), dtype=lambdas[0].dtype, device=self.device)
-        self._keep_views = [v.view(e.shape) for v, e in zip(self._keep_factor.split(sizes), lambdas, strict=True)]
+        # Sized from rank_mask, which is always whole (ZeRO-3 empties lambda outside the forward) and shaped like
+        # lambda ((E, r) for fused MoE experts).
+        masks = [a.rank_mask for a in self.adapters]
+        self._keep_factor = torch.empty(
+            sum(m.numel() for m in masks), dtype=self.adapters[0].E.dtype, device=self.device
+        )
+        split = self._keep_factor.split([m.numel() for m in masks])
+        self._keep_views = [v.view(m.shape) for v, m in zip(split, masks, strict=True)]
         # The final phase's lambda multipliers (the frozen masks in lambda's dtype) and the lambdas they were made
         # for; set by freeze_masks.
         self._frozen_factors: list[torch.Tensor] | None = None
@@ -61,6 +70,17 @@ class Layout:
     def applies(cls, model: Any, optimizer: Any, adapters: Sequence[SVDAdapter]) -> bool:
         """Whether this layout is how ``adapters`` are trained (the default: always)."""
         return True
+
+    @classmethod
+    def for_training(cls, model: Any, optimizer: Any, adapters: Sequence[SVDAdapter]) -> Layout:
+        """The layout of ``adapters`` trained as ``model`` by ``optimizer`` (both as given to the allocator)."""
+        return cls(adapters)
+
+    def step_hooks(self, optimizer: torch.optim.Optimizer | None) -> Any:
+        """What steps once per optimizer step and takes step hooks (``register_step_pre_hook`` and
+        ``register_step_post_hook``, as a torch optimizer): ``optimizer`` itself, the torch optimizer inside any
+        wrappers (None: nothing to pair with)."""
+        return optimizer
 
     def _device(self) -> torch.device:
         devices = {a.E.device for a in self.adapters}
@@ -91,6 +111,22 @@ class Layout:
     def sum_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Complete triplet scores from each process's partial ones (here already complete), in place."""
         return scores
+
+    @torch.no_grad()
+    def add_gradients(self, params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]) -> None:
+        """``p.grad += u`` for every pair (one multi-tensor add); a ``.grad`` that is None becomes a copy of ``u``.
+
+        Args:
+            params: the parameters.
+            updates: what to add to their gradients, one tensor shaped like each :meth:`values` entry.
+        """
+        existing = [(p.grad, u) for p, u in zip(params, updates, strict=True) if p.grad is not None]
+        if existing:
+            grads, adds = zip(*existing, strict=True)
+            torch._foreach_add_(list(grads), list(adds))
+        for p, u in zip(params, updates, strict=True):
+            if p.grad is None:
+                p.grad = u.clone()
 
     def replaced(self, params: Sequence[torch.Tensor]) -> bool:
         """Whether ``params`` are no longer the adapters' own (``compact`` called by hand, or the model sharded
@@ -144,7 +180,7 @@ class Layout:
     ) -> None:
         """Raise :class:`~.consistency.ConsistencyError` on every process if the processes disagree about this
         allocation (a no-op in one process)."""
-        check_allocation_consistency(step, budget, keep, scores, names, [a.E.numel() for a in self.adapters])
+        check_allocation_consistency(step, budget, keep, scores, names, [a.rank_mask.numel() for a in self.adapters])
 
     def setup_problem(self, check_consistency: bool) -> str | None:
         """What is wrong with how the processes were started, or None (see :func:`~.launch.launch_problem`)."""

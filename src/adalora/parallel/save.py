@@ -1,4 +1,5 @@
-"""Saving an adapter from several processes: gather FSDP2 shards, let rank 0 write, raise everywhere on failure."""
+"""Saving an adapter from several processes: gather FSDP2 shards and DeepSpeed ZeRO master copies, let rank 0 write,
+raise everywhere on failure."""
 
 from __future__ import annotations
 
@@ -16,37 +17,40 @@ from ..inject import name_matches
 from ..layers import find_adapters, unwrap_model
 from .processes import is_distributed, is_main_process
 from .sharded import is_sharded
+from .zero import is_zero_parameter, whole
 
 
 @contextlib.contextmanager
 def gathered_adapters(model: nn.Module, config: AdaLoRAConfig) -> Iterator[nn.Module]:
-    """Inside the block, the adapters and ``modules_to_save`` of an FSDP2-sharded model hold full tensors.
+    """Inside the block, the adapters and ``modules_to_save`` of a sharded or ZeRO-trained model hold whole tensors.
 
-    Every sharded P, E, Q and every sharded parameter of a ``modules_to_save`` module is all-gathered and put
-    in place of the sharded one as a plain ``nn.Parameter``; the sharded parameters are put back on exit. Only
-    these (small) parameters are gathered, never the frozen base model. Do not run the model inside the block.
-    A collective: every process must enter it. Without sharded parameters (one process, DDP) it does nothing.
+    Every P, E, Q and every parameter of a ``modules_to_save`` module that FSDP2 shards is all-gathered, and every one
+    that DeepSpeed ZeRO trains is replaced by its whole fp32 master copy (what a one-process run would hold: ZeRO-3
+    partitions the module's copy, and under bf16 it is rounded); each is put in place as a plain ``nn.Parameter``,
+    and the originals are put back on exit. Only these (small) parameters are gathered, never the frozen base model.
+    Do not run the model inside the block. A collective: every process must enter it. Without sharded or ZeRO
+    parameters (one process, DDP) it does nothing.
 
     Yields:
-        ``model``, ready for :func:`adalora.save_adapter` or any other reader of its adapter tensors.
+        ``model`` (inside any DDP or DeepSpeed wrapper), ready for :func:`adalora.save_adapter`, the exports or any
+        other reader of its adapter tensors.
     """
-    owners: list[nn.Module] = [a for _, a in find_adapters(model)]
+    model = unwrap_model(model)
+    owned: list[tuple[nn.Module, str]] = [(a, attr) for _, a in find_adapters(model) for attr in ("P", "E", "Q")]
     for name, module in model.named_modules():
         if name and name_matches(name, config.modules_to_save):
-            owners += list(module.modules())
+            owned += [(m, key) for m in module.modules() for key in m._parameters]
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    seen: set[int] = set()
+    seen: set[tuple[int, str]] = set()
     try:
-        for module in owners:  # named_modules order: the same on every process, as collectives need
-            if id(module) in seen:
+        for module, key in owned:  # named_modules order: the same on every process, as collectives need
+            param = module._parameters.get(key)
+            if param is None or (id(module), key) in seen or not (is_sharded(param) or is_zero_parameter(param)):
                 continue
-            seen.add(id(module))
-            for key, param in list(module._parameters.items()):
-                if param is None or not is_sharded(param):
-                    continue
-                full = param.full_tensor().detach()  # type: ignore[attr-defined]
-                module._parameters[key] = nn.Parameter(full, requires_grad=param.requires_grad)
-                swapped.append((module, key, param))
+            seen.add((id(module), key))
+            full = param.full_tensor() if is_sharded(param) else whole(param)  # type: ignore[attr-defined]
+            module._parameters[key] = nn.Parameter(full.detach().clone(), requires_grad=param.requires_grad)
+            swapped.append((module, key, param))
         yield model
     finally:
         for module, key, param in reversed(swapped):
@@ -58,15 +62,15 @@ def save_adapter_collective(
 ) -> Path | None:
     """:func:`adalora.save_adapter` for a model trained by several processes: call it on every process.
 
-    Unwraps DDP, gathers FSDP2 shards of the adapters (:func:`gathered_adapters`), and lets rank 0 alone
-    write; the others wait until the directory is complete. A failure on rank 0 (disk full, bad path) is
-    raised on every process, so none is left waiting. In a single process it is :func:`adalora.save_adapter`.
+    Unwraps DDP and DeepSpeed, gathers FSDP2 shards and ZeRO master copies of the adapters
+    (:func:`gathered_adapters`), and lets rank 0 alone write; the others wait until the directory is complete. A
+    failure on rank 0 (disk full, bad path) is raised on every process, so none is left waiting. In a single process
+    it is :func:`adalora.save_adapter`.
 
     Returns:
         The adapter directory on rank 0, None on the other processes.
     """
-    model = unwrap_model(model)
-    with gathered_adapters(model, config):
+    with gathered_adapters(model, config) as model:
         if not is_distributed():
             return save_adapter(model, directory, config, metadata)
         path, failure = None, None

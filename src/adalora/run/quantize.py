@@ -2,14 +2,11 @@
 
 Works on any model already in memory, including the packaged SmolLM2 GGUF that transformers dequantizes to float32
 on load (transformers' ``BitsAndBytesConfig``/``TorchAoConfig`` only apply when loading a checkpoint directory;
-models loaded that way are supported by :func:`adalora.inject` as they are). Methods:
+models loaded that way are supported by :func:`adalora.inject` as they are). The methods are the quantized kinds of
+the layer table (``adalora.layers.registry``: bitsandbytes nf4 with double quantization and blocks of 64, LLM.int8()
+with outlier threshold 6, torchao NF4 with blocks of 64, torchao int8 weight-only), each with its conversion.
 
-- ``bnb-4bit``: bitsandbytes ``Linear4bit``, nf4 with double quantization (QLoRA's choice), blocks of 64;
-- ``bnb-8bit``: bitsandbytes ``Linear8bitLt`` with int8 weights (LLM.int8(), outlier threshold 6);
-- ``torchao-nf4``: the weight becomes a torchao ``NF4Tensor`` (pure PyTorch; blocks of 64);
-- ``torchao-int8``: torchao int8 weight-only quantization (one scale per output row).
-
-bitsandbytes and torchao are imported only here and only when asked for (both print warnings at import).
+bitsandbytes and torchao are imported only when asked for (both print warnings at import), quietly.
 """
 
 from __future__ import annotations
@@ -22,10 +19,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..layers import QUANTIZATIONS
 from .quiet import DropMessages, dropped, quiet_import
 
-METHODS: tuple[str, ...] = ("bnb-4bit", "bnb-8bit", "torchao-nf4", "torchao-int8")
-_PACKAGES = {"bnb": "bitsandbytes", "torchao": "torchao"}
+METHODS: tuple[str, ...] = tuple(QUANTIZATIONS)  # the layer table's quantized kinds (adalora.layers.registry)
 
 
 class QuantizationUnavailable(ImportError):
@@ -41,7 +38,7 @@ def require_package(method: str) -> None:
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}.")
-    package = _PACKAGES[method.split("-")[0]]
+    package = QUANTIZATIONS[method].package
     try:
         with _without_hub_kernels() if package == "bitsandbytes" else contextlib.nullcontext():
             quiet_import(package)
@@ -94,9 +91,9 @@ def quantize_model(
 
     Left in floating point: the output embedding (``lm_head``: it is usually tied to the input embedding and is
     the most sensitive layer), any layer whose weight another module shares, layers whose names end with an entry
-    of ``skip`` (e.g. a classification head that trains), and for ``torchao-nf4`` layers with fewer than 64
-    weights or a weight count not a multiple of 64, and for ``bnb-4bit`` layers with fewer than 64 inputs (bitsandbytes'
-    CPU inference kernel fails on them). ``nn.Linear`` subclasses are left alone.
+    of ``skip`` (e.g. a classification head that trains), and layers the method's kernels cannot hold (its
+    entry's ``accepts``: ``torchao-nf4`` needs whole blocks of 64 weights, ``bnb-4bit`` at least 64 inputs).
+    ``nn.Linear`` subclasses are left alone.
 
     Args:
         model: a float model (e.g. ``AutoModelForCausalLM.from_pretrained(...)``).
@@ -112,6 +109,7 @@ def quantize_model(
         QuantizationUnavailable: the method's package is missing (the message says what to install).
     """
     require_package(method)
+    quantization = QUANTIZATIONS[method]
     skip = tuple(skip)
     keep = _tied_or_output_weights(model)
     chosen = [
@@ -120,22 +118,14 @@ def quantize_model(
         if type(module) is nn.Linear
         and id(module.weight) not in keep
         and not any(name == s or name.endswith("." + s) for s in skip)
-        and (method != "torchao-nf4" or module.weight.numel() % 64 == 0)
-        # bitsandbytes' CPU inference kernel repacks 4-bit weights in blocks of 64 inputs and fails on fewer.
-        and (method != "bnb-4bit" or module.in_features >= 64)
+        and quantization.accepts(module)
     ]
     if not chosen:
         raise ValueError(f"quantize_model: the model has no nn.Linear layer to quantize with {method}.")
-    convert = {
-        "bnb-4bit": lambda m: _bnb_4bit(m, compute_dtype),
-        "bnb-8bit": _bnb_8bit,
-        "torchao-nf4": _torchao_nf4,
-        "torchao-int8": _torchao_int8,
-    }[method]
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, convert(module))
+        setattr(parent, child, quantization.convert(module, compute_dtype))
     return [name for name, _ in chosen]
 
 
@@ -152,62 +142,3 @@ def _tied_or_output_weights(model: nn.Module) -> set[int]:
     if output is not None and isinstance(getattr(output, "weight", None), torch.Tensor):
         keep.add(id(output.weight))
     return keep
-
-
-def _bnb_4bit(linear: nn.Linear, compute_dtype: torch.dtype | None) -> nn.Module:
-    import bitsandbytes as bnb
-
-    weight = linear.weight.detach()
-    module = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype or weight.dtype,
-        compress_statistics=True,
-        quant_type="nf4",
-        device="cpu",
-    )
-    module.weight = bnb.nn.Params4bit(
-        weight.cpu(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
-    )
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
-    return module.to(weight.device)  # bitsandbytes quantizes when the layer is moved to its device
-
-
-def _bnb_8bit(linear: nn.Linear) -> nn.Module:
-    import bitsandbytes as bnb
-
-    weight = linear.weight.detach()
-    module = bnb.nn.Linear8bitLt(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        has_fp16_weights=False,
-        threshold=6.0,
-        device="cpu",
-    )
-    module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
-    if linear.bias is not None:
-        module.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
-    return module.to(weight.device)
-
-
-def _torchao_nf4(linear: nn.Linear) -> nn.Module:
-    from torchao.quantization import to_nf4
-
-    weight = linear.weight.detach()
-    blocks = weight.numel() // 64
-    # torchao quantizes the 64-weight blocks' scales again in groups; the largest power of two <= 256 that
-    # divides the number of blocks.
-    scaler_block = next(s for s in (256, 128, 64, 32, 16, 8, 4, 2, 1) if blocks % s == 0)
-    linear.weight = nn.Parameter(to_nf4(weight, 64, scaler_block), requires_grad=False)
-    return linear
-
-
-def _torchao_int8(linear: nn.Linear) -> nn.Module:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    quantize_(linear, Int8WeightOnlyConfig())
-    linear.weight.requires_grad_(False)
-    return linear

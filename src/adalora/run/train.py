@@ -269,6 +269,11 @@ def describe(setup: Setup, log: Any) -> None:
         f"{derived['trainable_parameters']:,} trainable parameters, "
         f"{plural(torch.get_num_threads(), 'thread')}{processes}"
     )
+    if world > 1 and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in setup.model.modules()):
+        log(
+            "dropout is on: each process draws its own dropout masks, so this run equals a one-process run "
+            "statistically, not number for number (docs/scaling-out.md)"
+        )
 
 
 def train(

@@ -1,4 +1,4 @@
-"""Pairing RankAllocator.step() with the optimizer's steps, and reporting misuse once.
+"""How training can use the allocator wrongly, and what it reports: the optimizer pairing and missing gradients.
 
 The budget schedule counts optimizer steps, so an allocator stepped per micro-batch, or not at all, prunes at the
 wrong time without any error. :class:`OptimizerPairing` watches the optimizer through its step hooks and tells the
@@ -9,6 +9,10 @@ a warning or, with ``on_misuse="error"``, as an exception.
 
 Frameworks wrap the optimizer (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``);
 :func:`unwrap_optimizer` finds the torch optimizer that the hooks are registered on.
+
+An adapter whose module never feeds the loss scores zero importance and is pruned first; the allocator warns once,
+and :func:`no_gradient_warning` names the likeliest cause, read from the module names (frameworks that bypass a
+module), so that the warning says what to change.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..layers import SVDAdapter
+from .layers import SVDAdapter
 
 OnMisuse = Literal["warn", "error"]
 
@@ -160,3 +164,30 @@ class OptimizerPairing:
             hook.remove()
         self._hooks.clear()
         self._pre_hook = None
+
+
+LM_HEADS = ("lm_head", "embed_out", "output_projection")
+"""Last name components of language-model heads (Llama, GPT-NeoX, fairseq)."""
+
+
+def no_gradient_cause(names: Sequence[str]) -> str:
+    """The likeliest reason adapters on modules ``names`` got no gradient."""
+    heads = [n for n in names if n.rsplit(".", 1)[-1] in LM_HEADS]
+    if heads:
+        return (
+            f"{heads[0]} is a language-model head: trainers with a fused LM-head loss (TRL's SFTTrainer and "
+            "DPOTrainer) compute log-probabilities from its weight directly and never call the module, so its "
+            "adapter takes no part in the loss."
+        )
+    if any("pooler" in n for n in names):
+        return "The pooler is unused when the loss reads hidden states only (e.g. BERT's pooler under a custom head)."
+    return "They do not feed the loss (modules the forward pass never calls, or whose output is discarded)."
+
+
+def no_gradient_warning(names: Sequence[str]) -> str:
+    """The warning for adapters on modules ``names`` (sorted) that received no gradient."""
+    listed = f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+    return (
+        f"AdaLoRA adapters received no gradient and count as unimportant (zero sensitivity): {listed}. "
+        f"{no_gradient_cause(names)} Drop them from target_modules."
+    )
