@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -124,7 +123,7 @@ class Routing:
         self.counts = torch.bincount(self.experts, minlength=num_experts)
         self.offsets = self.counts.cumsum(0).to(torch.int32)
 
-    @cached_property
+    @functools.cached_property
     def segments(self) -> list[tuple[int, int, int]]:
         """``(expert, first row, end row)`` of every expert that received rows (one host sync, made once)."""
         bounds, start = [], 0
