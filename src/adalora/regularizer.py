@@ -60,8 +60,8 @@ def _check_form(form: str) -> None:
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
     """P^T P - I and Q Q^T - I for every matrix, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
 
-    Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward
-    (72 DeBERTa-sized adapters: 12 groups' worth of kernels instead of 216 small ones).
+    Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward,
+    however many adapters it holds (a transformer has a handful of shapes and many adapters of each).
     """
     groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for a in adapters:
@@ -144,10 +144,10 @@ def _add_closed_form_gradient(
 ) -> torch.Tensor:
     """:func:`add_regularization_gradient` for unsharded factors, read and written through ``layout``.
 
-    Every factor is grouped with the factors of the same shape, P's and Q's separately (MiniLM's 36 adapters: 2
-    groups of P, 2 of Q): one stack and two batched matmuls per group; the (r, r) Gram deviations of every group
-    are written into one buffer so that their norms and the reference form's 1/||D|| scaling take one operation
-    each; one multi-tensor add puts it all into the gradients.
+    Every factor is grouped with the factors of the same shape, P's and Q's separately: one stack and two batched
+    matmuls per group (the cost grows with the number of shapes, not of adapters); the (r, r) Gram deviations of
+    every group are written into one buffer so that their norms and the reference form's 1/||D|| scaling take one
+    operation each; one multi-tensor add puts it all into the gradients.
     """
     n = sum(a.num_matrices for a in adapters)  # an expert of a fused MoE weight is one matrix
     factor_params = [p for a in adapters for p in (a.P, a.Q)]
