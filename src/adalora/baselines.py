@@ -69,7 +69,8 @@ def as_lora(model: nn.Module) -> nn.Module:
         raise ValueError("as_lora: the model has no adapters; call adalora.inject(model, config) first")
     for _, adapter in adapters:
         adapter.P.zero_()
-        nn.init.kaiming_uniform_(adapter.Q, a=math.sqrt(5))  # loralib / PEFT init of A
+        for q in adapter.Q.view(-1, *adapter.Q.shape[-2:]):  # each expert's A of a fused MoE weight on its own
+            nn.init.kaiming_uniform_(q, a=math.sqrt(5))  # loralib / PEFT init of A
         adapter.E.fill_(1.0)
         adapter.E.requires_grad_(False)
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +33,12 @@ class AdaLoRAConfig:
 
     target_modules: tuple[str, ...] | str = ("query", "key", "value", "dense")
     """Module names to adapt: a list matches names equal to an entry or ending in ``"." + entry``;
-    a single string is a regular expression that must match the whole module name."""
+    a single string is a regular expression that must match the whole module name. An entry that names a
+    mixture-of-experts block (``"experts"``: Qwen3-MoE's ``mlp.experts``) adapts every fused expert weight of it."""
+    target_parameters: tuple[str, ...] = ()
+    """Parameter names to adapt, matched like ``target_modules`` entries (suffixes on ``.``-separated names): the
+    fused 3-D expert weights of mixture-of-experts blocks, e.g. ``("mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj")`` (PEFT's ``target_parameters``); each expert gets its own triplets."""
     init_r: int = 12  # r at step 0 for every adapted matrix; the paper starts at ~1.5 x the final rank
     target_r: int | None = 8  # average final rank: b(T) = target_r * n matrices
     target_total_rank: int | None = None  # alternative to target_r: b(T) given directly
@@ -54,14 +60,35 @@ class AdaLoRAConfig:
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so the frozen config is hashable and JSON round-trips exactly.
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.modules_to_save, list | str):
             value = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
             object.__setattr__(self, "modules_to_save", tuple(value))
         self._validate()
 
     # ------------------------------------------------------------------ validation
+    def _validate_targets(self, fail: Callable[[str, str, str], None]) -> None:
+        """Module and parameter names: a list or regex of modules, a list of parameters; some target at all."""
+        targets, parameters = self.target_modules, self.target_parameters
+        if not isinstance(parameters, tuple) or not all(isinstance(t, str) and t for t in parameters):
+            fail(
+                "target_parameters",
+                f"must be a list of parameter names, got {parameters!r}",
+                'e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] for the experts of an MoE model.',
+            )
+        if isinstance(targets, str):
+            if not targets:
+                fail("target_modules", "is an empty regular expression", "Name the modules to adapt.")
+        elif not (targets or parameters) or not all(isinstance(t, str) and t for t in targets):
+            fail(
+                "target_modules",
+                f"must be a non-empty list of module names or a regex string, got {targets!r}",
+                'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama '
+                "(or leave it empty and name fused expert weights in target_parameters).",
+            )
+
     def _validate(self) -> None:
         def fail(name: str, problem: str, fix: str) -> None:
             raise ValueError(f"AdaLoRAConfig.{name}: {problem}. {fix}")
@@ -73,16 +100,7 @@ class AdaLoRAConfig:
             if value < minimum:
                 fail(name, f"must be >= {minimum}, got {value}", f"Set {name} to at least {minimum}.")
 
-        targets = self.target_modules
-        if isinstance(targets, str):
-            if not targets:
-                fail("target_modules", "is an empty regular expression", "Name the modules to adapt.")
-        elif not targets or not all(isinstance(t, str) and t for t in targets):
-            fail(
-                "target_modules",
-                f"must be a non-empty list of module names or a regex string, got {targets!r}",
-                'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama.',
-            )
+        self._validate_targets(fail)
         check_int("init_r", 1)
         if (self.target_r is None) == (self.target_total_rank is None):
             fail(

@@ -24,12 +24,12 @@ from .setup import Setup
 
 
 def rank_pattern(setup: Setup) -> dict[str, int]:
-    """Final rank of every adapted matrix (empty for full fine-tuning)."""
+    """Final rank of every adapted matrix (each expert of a fused MoE weight apart; empty for full fine-tuning)."""
     if setup.allocator is not None:
         return setup.allocator.rank_pattern()
-    from ..layers import find_adapters
+    from ..layers import find_adapters, matrix_ranks
 
-    return {name: adapter.kept_rank() for name, adapter in find_adapters(setup.model)}
+    return matrix_ranks(find_adapters(setup.model))
 
 
 def save_weights(setup: Setup, output_dir: Path) -> Path:
