@@ -19,7 +19,9 @@
 # 6. the CUDA tests (no host sync outside allocation steps, sharded/compaction on CUDA), the adapter-autograd and
 #    compile tests; the allocator against PEFT and its profile;
 # 7. quantized bases: tests/test_quantized.py (its CUDA variants: bitsandbytes' CUDA kernels, bf16) and
-#    benchmarks/quantized_memory.py on CUDA (peak memory and step time, SmolLM2-135M-shaped, fp32/bf16/4-bit).
+#    benchmarks/quantized_memory.py on CUDA (peak memory and step time, SmolLM2-135M-shaped, fp32/bf16/4-bit);
+# 8. mixture-of-experts: the experts' grouped products against the loop on CUDA (tests/test_experts.py), and
+#    benchmarks/moe_step.py (AdaLoRA and LoRA on a tiny-but-wide Qwen3-MoE, loop and grouped products).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -84,7 +86,11 @@ if [ "$DEVICE" = cuda ]; then
   step 60 "$PY" benchmarks/allocator.py --device cuda --repeats 20 --profile
   step 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_quantized.py
   step 150 "$PY" benchmarks/quantized_memory.py --device cuda --rounds 2 --steps 5 --batch 8 --length 256
+  step 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_experts.py -k cuda
 fi
+moe=(--rounds 10)
+[ -z "${SMALL:-}" ] || moe=(--rounds 1 --experts 8 --hidden 64)
+step 120 "$PY" benchmarks/moe_step.py --device "$DEVICE" "${moe[@]}" "${tag[@]}"
 
 if [ -n "${OUT:-}" ]; then  # one archive: the device tool brings back few files
   tar czf "$OUT/gpu_results.tgz" "$log" "$results"/*"$DEVICE"*.json "$results"/*"$DEVICE"*.txt 2>/dev/null

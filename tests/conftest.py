@@ -79,3 +79,39 @@ class RecordAllocatedShapes(TorchDispatchMode):
         if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
             self.shapes.append(tuple(out.shape))
         return out
+
+
+# Per MoE model type: the config fields for the number of experts and for the width of each.
+MOE_FIELDS = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", "intermediate_size"),
+}
+
+
+def tiny_moe(model_type: str, layers: int = 2, hidden: int = 16, experts: int = 4, top_k: int = 2, vocab: int = 100):
+    """A mixture-of-experts decoder whose every layer is sparse: ``mlp.experts.gate_up_proj (E, 2I, H)``,
+    ``mlp.experts.down_proj (E, H, I)`` with I = hidden / 2, and a router ``mlp.gate``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    count, width = MOE_FIELDS[model_type]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+        **{count: experts, width: hidden // 2},
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_qwen3_moe(**sizes):
+    return tiny_moe("qwen3_moe", **sizes)
+
+
+def tiny_mixtral(**sizes):
+    return tiny_moe("mixtral", **sizes)

@@ -168,12 +168,14 @@ def test_next_token_training_lowers_perplexity(build):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def write_tiny_lm(directory: Path, hidden: int = 32) -> Path:
-    """A random 2-layer Llama over WORDS with the word tokenizer, saved with ``save_pretrained``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_tiny_lm(directory: Path, hidden: int = 32, model_type: str = "llama", **fields) -> Path:
+    """A random 2-layer decoder over WORDS (a Llama, or ``model_type`` with more config ``fields``) with the word
+    tokenizer, saved with ``save_pretrained``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     word_tokenizer().save_pretrained(directory)
-    config = LlamaConfig(
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=len(WORDS),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -184,9 +186,10 @@ def write_tiny_lm(directory: Path, hidden: int = 32) -> Path:
         bos_token_id=None,
         eos_token_id=WORDS.index("</s>"),
         pad_token_id=WORDS.index("<pad>"),
+        **fields,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
 
 

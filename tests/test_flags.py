@@ -97,6 +97,16 @@ def test_values_that_do_not_go_together_are_refused_naming_the_flags() -> None:
         settings_from_flags({"target_total_rank": 30, "target_r": 4})
 
 
+def test_list_fields_take_names_and_a_field_added_to_the_config_later_has_its_flag_too() -> None:
+    """``target_parameters`` was added to AdaLoRAConfig after the CLI was generated; it is a flag all the same."""
+    parser = parser_for(RunSettings())
+    settings = settings_from_flags(typed(parser, ["--target-parameters", "mlp.experts.down_proj", "gate_up_proj"]))
+    assert settings.adalora.target_parameters == ("mlp.experts.down_proj", "gate_up_proj")
+    assert "target_modules" in settings.derived  # the family's modules are still adapted beside them
+    with pytest.raises(UsageError, match="--target-parameters: must be a list of parameter names"):
+        settings_from_flags({"target_parameters": ("",)})
+
+
 def test_the_total_rank_replaces_the_average_rank() -> None:
     settings = settings_from_flags({"target_total_rank": 30})
     assert (settings.adalora.target_r, settings.adalora.target_total_rank) == (None, 30)

@@ -28,7 +28,7 @@ from . import regularizer
 from .compact import compact
 from .config import AdaLoRAConfig
 from .importance import ImportanceTracker
-from .layers import find_adapters, unwrap_model
+from .layers import find_adapters, matrix_ranks, unwrap_model
 from .misuse import Misuse, OnMisuse, OptimizerPairing, no_gradient_warning, unwrap_optimizer
 from .parallel import consistency_check_requested, layout_for
 from .schedule import BudgetDecision, Phase, budget_at
@@ -150,13 +150,14 @@ class RankAllocator:
         self.names = [n for n, _ in named]
         self.adapters = [a for _, a in named]
         # b(0) = init_r x n by construction of inject; not the current sum of ranks, which is smaller once a
-        # checkpoint taken after compaction is resumed.
-        self.init_budget = config.init_r * len(self.adapters)
-        self.target_budget = config.target_budget(len(self.adapters))
+        # checkpoint taken after compaction is resumed. n counts matrices: each expert of a fused MoE weight is one.
+        matrices = sum(a.num_matrices for a in self.adapters)
+        self.init_budget = config.init_r * matrices
+        self.target_budget = config.target_budget(matrices)
         if not 0 < self.target_budget < self.init_budget:
             raise ValueError(
                 f"RankAllocator: the target budget {self.target_budget} must lie between 1 and the initial "
-                f"budget {self.init_budget} - 1 ({len(self.adapters)} adapters x init_r). "
+                f"budget {self.init_budget} - 1 ({matrices} matrices x init_r). "
                 "Lower target_total_rank/target_r or raise init_r."
             )
         self.check_consistency = consistency_check_requested(check_consistency)
@@ -189,7 +190,7 @@ class RankAllocator:
 
     def _prepare_masks(self) -> None:
         """Buffers every allocation reuses, so that it needs no host sync to size them and no per-adapter split."""
-        ranks, device = [a.r for a in self.adapters], self.layout.device
+        ranks, device = [a.rank_mask.numel() for a in self.adapters], self.layout.device
         # owner[j] = index of the adapter that triplet j (in model order) belongs to, for counting ranks.
         self._owner = torch.repeat_interleave(
             torch.arange(len(self.adapters), device=device),
@@ -199,7 +200,9 @@ class RankAllocator:
         # An allocation's keep-mask for the rank_mask buffers, with its per-adapter views made once here: splitting
         # a fresh mask into one view per adapter at every allocation costs more than the copies themselves.
         self._keep = torch.empty(sum(ranks), dtype=torch.bool, device=device)
-        self._keep_views = list(self._keep.split(ranks))
+        self._keep_views = [
+            v.view(a.rank_mask.shape) for v, a in zip(self._keep.split(ranks), self.adapters, strict=True)
+        ]
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -406,14 +409,19 @@ class RankAllocator:
 
     # ------------------------------------------------------------------ reading
     def rank_pattern(self) -> dict[str, int]:
-        """{module name: kept rank} of the latest allocation (init rank before the first one)."""
-        ranks = torch.stack([a.rank_mask.sum() for a in self.adapters]).tolist()
-        return dict(zip(self.names, (int(r) for r in ranks), strict=True))
+        """{matrix name: kept rank} of the latest allocation (init rank before the first one).
+
+        A matrix is an adapted module, or one expert of an adapted fused MoE weight, named ``<parameter>[<expert>]``
+        (see :func:`adalora.layers.matrix_ranks`).
+        """
+        return matrix_ranks(list(zip(self.names, self.adapters, strict=True)))
 
     def triplet_scores(self) -> dict[str, torch.Tensor]:
-        """{module name: S of its triplets (r,)}, eq. 7, from the current statistics."""
-        scores = self.tracker.triplet_scores().split(self.tracker.ranks)
-        return dict(zip(self.names, scores, strict=True))
+        """{module name: S of its triplets}, eq. 7, from the current statistics: ``(r,)``, or ``(E, r)`` for the
+        fused expert weights of an MoE block."""
+        scores = self.tracker.triplet_scores().split(self.tracker.sizes)
+        shaped = [s.view(a.rank_mask.shape) for s, a in zip(scores, self.adapters, strict=True)]
+        return dict(zip(self.names, shaped, strict=True))
 
     def remove_hooks(self) -> None:
         """Detach from the optimizer (e.g. before building a new allocator for it)."""

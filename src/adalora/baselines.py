@@ -31,6 +31,7 @@ def lora_config(
     r: int,
     *,
     target_modules: Sequence[str] | str = ("query", "key", "value", "dense"),
+    target_parameters: Sequence[str] = (),
     alpha: float = 16.0,
     dropout: float = 0.0,
     modules_to_save: Sequence[str] = (),
@@ -38,11 +39,13 @@ def lora_config(
     """The configuration that injects rank-``r`` LoRA layers (no allocation: the rank stays ``r``).
 
     ``AdaLoRAConfig`` requires a final budget; a LoRA run never builds an allocator, so the placeholder
-    ``target_total_rank=1`` is never used. Only ``init_r``, ``alpha``, ``dropout`` and the module lists matter.
+    ``target_total_rank=1`` is never used. Only ``init_r``, ``alpha``, ``dropout`` and the module and parameter lists
+    matter.
     """
     targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
     return AdaLoRAConfig(
         target_modules=targets,
+        target_parameters=tuple(target_parameters),
         init_r=r,
         target_r=None,
         target_total_rank=1,
@@ -69,7 +72,8 @@ def as_lora(model: nn.Module) -> nn.Module:
         raise ValueError("as_lora: the model has no adapters; call adalora.inject(model, config) first")
     for _, adapter in adapters:
         adapter.P.zero_()
-        nn.init.kaiming_uniform_(adapter.Q, a=math.sqrt(5))  # loralib / PEFT init of A
+        for q in adapter.Q.view(-1, *adapter.Q.shape[-2:]):  # each expert's A of a fused MoE weight on its own
+            nn.init.kaiming_uniform_(q, a=math.sqrt(5))  # loralib / PEFT init of A
         adapter.E.fill_(1.0)
         adapter.E.requires_grad_(False)
     return model

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .layers import TRIPLET_DIMS, SVDAdapter, find_adapters, kept_triplets
+from .layers import TRIPLET_DIMS, SVDAdapter, find_adapters, kept_triplets, take_triplets
 
 
 def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
@@ -83,13 +83,17 @@ def resize_adapters(model: nn.Module, ranks: Mapping[str, int]) -> None:
             raise ValueError(
                 f"resize_adapters: rank {rank} for '{name}' must lie in [0, {adapter.r}] (its current rank)."
             )
-        _select_triplets(adapter, torch.arange(rank), None)
+        first = torch.arange(rank).expand(*adapter.rank_mask.shape[:-1], rank)  # the same for every expert
+        _select_triplets(adapter, first, None)
 
 
 @torch.no_grad()
 def _select_triplets(adapter: SVDAdapter, keep: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-    """Keep triplets ``keep`` (indices, ascending) of ``adapter``: P[:, keep], E[keep], Q[keep, :]."""
-    if keep.numel() == adapter.r:
+    """Keep triplets ``keep`` of ``adapter``: P[..., keep], E[..., keep], Q[..., keep, :].
+
+    ``keep`` is ``(k,)`` for one matrix, ``(experts, k)`` for fused experts (:func:`kept_triplets`).
+    """
+    if keep.shape[-1] == adapter.r:
         return  # already minimal (e.g. compacted twice): nothing moves
     keep = keep.to(adapter.E.device)
     kept = adapter.kept_factors(keep)
@@ -100,12 +104,14 @@ def _select_triplets(adapter: SVDAdapter, keep: torch.Tensor, optimizer: torch.o
         # still is when RankAllocator.step() calls us), and the next backward would then fail on the old shape.
         new = nn.Parameter(value, requires_grad=old.requires_grad)
         if old.grad is not None:
-            new.grad = old.grad.index_select(dim, keep)
+            new.grad = take_triplets(old.grad, dim, keep)
             old.grad = None
         setattr(adapter, attr, new)
         if optimizer is not None:
             _move_optimizer_state(optimizer, old, new, dim, keep)
-    adapter.rank_mask = adapter.rank_mask[keep]  # all True now; assigning keeps it a registered buffer
+    # All True now, but for the rows of fused experts padded up to the largest kept rank; assigning keeps it a
+    # registered buffer.
+    adapter.rank_mask = take_triplets(adapter.rank_mask, -1, keep)
 
 
 def _move_optimizer_state(
@@ -125,7 +131,7 @@ def _move_optimizer_state(
         state = optimizer.state.pop(old)
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == old.shape:
-                state[key] = value.index_select(dim, keep.to(value.device))
+                state[key] = take_triplets(value, dim, keep.to(value.device))
         optimizer.state[new] = state
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .fields import COUNT, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, STEPS, ConfigError, check_fields, setting
+from .fields import COUNT, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, STEPS, ConfigError, Names, check_fields, setting
 from .metrics import METRICS
 
 RegularizerForm = Literal["reference", "paper"]
@@ -37,7 +37,15 @@ class AdaLoRAConfig:
     target_modules: tuple[str, ...] | str = setting(
         ("query", "key", "value", "dense"),
         'modules to adapt: names equal to an entry or ending in "." + entry (a single string instead is a regular '
-        "expression that must match the whole name)",
+        'expression that must match the whole name); an entry naming a mixture-of-experts block ("experts") adapts '
+        "each of its fused expert weights",
+        metavar="NAME",
+    )
+    target_parameters: tuple[str, ...] = setting(
+        (),
+        "parameters to adapt, matched like target_modules entries: the fused 3-D expert weights of mixture-of-experts "
+        "blocks (PEFT's target_parameters); each expert gets its own triplets",
+        Names("parameter names", '["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]'),
         metavar="NAME",
     )
     init_r: int = setting(
@@ -74,15 +82,16 @@ class AdaLoRAConfig:
         "after_step", "measure importance after optimizer.step (authors' code) or before it (Alg. 1)"
     )
     modules_to_save: tuple[str, ...] = setting(
-        (), 'modules trained fully and saved with the adapter (e.g. "classifier")', metavar="NAME"
+        (), "modules trained fully and saved with the adapter", Names("module names", '["classifier"]'), metavar="NAME"
     )
     init_std: float = setting(0.02, "std of the Gaussian init of P and Q (lambda starts at 0)", POSITIVE)
     compact_at_final: bool = setting(False, "cut adapters to their kept rank at the final allocation (compact.py)")
 
     def __post_init__(self) -> None:
         # Normalise list inputs to tuples so the frozen config is hashable and JSON round-trips exactly.
-        if isinstance(self.target_modules, list):
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("target_modules", "target_parameters"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(self.modules_to_save, list | str):
             value = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
             object.__setattr__(self, "modules_to_save", tuple(value))
@@ -91,20 +100,22 @@ class AdaLoRAConfig:
 
     # ------------------------------------------------------------------ validation
     def _check_relations(self) -> None:
-        """What one field alone cannot say: the targets' form, one final budget below the initial one, and a
-        budgeting phase between warm-up and final phase."""
+        """What one field alone cannot say: some target (modules or parameters), one final budget below the initial
+        one, and a budgeting phase between warm-up and final phase."""
 
         def fail(name: str, problem: str, fix: str) -> None:
             raise ConfigError("AdaLoRAConfig", name, problem, fix)
 
-        targets = self.target_modules
+        targets, parameters = self.target_modules, self.target_parameters
         if isinstance(targets, str) and not targets:
             fail("target_modules", "is an empty regular expression", "Name the modules to adapt.")
-        if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        listed = isinstance(targets, tuple) and all(isinstance(t, str) and t for t in targets)
+        if not isinstance(targets, str) and (not listed or not (targets or parameters)):
             fail(
                 "target_modules",
                 f"must be a non-empty list of module names or a regex string, got {targets!r}",
-                'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama.',
+                'List the modules to adapt, e.g. ["query", "value"] for BERT or ["q_proj", "v_proj"] for Llama '
+                "(or leave it empty and name fused expert weights in target_parameters).",
             )
         if (self.target_r is None) == (self.target_total_rank is None):
             fail(

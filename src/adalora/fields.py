@@ -105,6 +105,28 @@ class Pattern:
         return text
 
 
+@dataclass(frozen=True)
+class Names:
+    """A list of names (a ``tuple[str, ...]`` field), none of them empty: of modules, of parameters."""
+
+    what: str  # e.g. "module names"
+    example: str  # e.g. '["classifier"]'
+
+    def describe(self) -> str:
+        return f"a list of {self.what}"
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, tuple) and all(isinstance(v, str) and v for v in value):
+            return None
+        return f"must be {self.describe()}, got {value!r}"
+
+    def parse(self, text: str) -> str:
+        """One name of the list (the command line gives them one by one)."""
+        if not text:
+            raise ValueError(f"expected {self.what}")
+        return text
+
+
 # The ranges most settings share.
 COUNT = Range(int, 1)  # ranks, epochs, sizes: whole numbers from 1
 STEPS = Range(int, 0)  # step counts and seeds: whole numbers from 0
@@ -120,7 +142,7 @@ class About:
 
     Attributes:
         help: what the setting does, in a phrase (the flag's help).
-        allowed: the values it takes, when a range or pattern says it; None for free text.
+        allowed: the values it takes, when a range, a pattern or a list of names says it; None for free text.
         choices: the values it takes, when it is one of a few names (a ``Literal`` type says it by itself).
         metavar: the flag's placeholder (``R``, ``STEPS``).
         group: which part of ``adalora train --help`` lists it (a key of the CLI's groups).
@@ -130,7 +152,7 @@ class About:
     """
 
     help: str
-    allowed: Range | Pattern | None = None
+    allowed: Range | Pattern | Names | None = None
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     group: str | None = None
@@ -139,7 +161,7 @@ class About:
     instead_of: str | None = None
 
 
-def setting(default: Any, help: str, allowed: Range | Pattern | None = None, **about: Any) -> Any:
+def setting(default: Any, help: str, allowed: Range | Pattern | Names | None = None, **about: Any) -> Any:
     """A dataclass field with ``default`` that describes itself (see :class:`About`)."""
     return dataclasses.field(default=default, metadata={"about": About(help, allowed, **about)})
 
@@ -190,13 +212,15 @@ def _problem(value: Any, field: dataclasses.Field, hint: Any) -> tuple[str, str]
     choices = choices_of(field, hint)
     if choices is not None:
         return None if value in choices else (f"unknown value {value!r}", f"Choose one of {', '.join(choices)}.")
-    if info.allowed is not None:
-        problem = info.allowed.problem(value)
-        return None if problem is None else (problem, f"Set {field.name} to {info.allowed.describe()}.")
+    allowed = info.allowed
+    if isinstance(allowed, Names):
+        problem = allowed.problem(value)
+        return None if problem is None else (problem, f"Give {allowed.what}, e.g. {allowed.example}.")
+    if allowed is not None:
+        problem = allowed.problem(value)
+        return None if problem is None else (problem, f"Set {field.name} to {allowed.describe()}.")
     if kind is bool and not isinstance(value, bool):
         return f"must be True or False, got {value!r}", "Pass True or False."
-    if kind == tuple[str, ...] and not (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)):
-        return f"must be a list of names, got {value!r}", 'Give names, e.g. ["classifier"].'
     return None
 
 

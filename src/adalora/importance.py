@@ -5,11 +5,18 @@ and turns them into triplet scores (eq. 7):
 
     S_i = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij).
 
-All statistics live in (at most) two contiguous float32 buffers on the adapters' device. Adapters of equal shape
+All statistics live in (at most) two contiguous float32 buffers on the adapters' device. Matrices of equal shape
 are laid out next to each other, so that each shape group's P, E and Q statistics are plain strided views of shape
 ``(g, p_rows, r)``, ``(g, r_local)`` and ``(g, r_local, d_in)``: one update touches every statistic with a handful
 of whole-buffer operations, and scoring takes three reductions per shape group instead of a Python loop over
-parameter names.
+parameter names. An adapter on the fused expert weight of an MoE block (P ``(E, d_out, r)``, lambda ``(E, r)``, Q
+``(E, r, d_in)``) is E members of its group: its tensors already are E matrices laid out one after the other.
+
+**Unrouted experts.** An expert that received no tokens in a step (or none that reached the loss) gets an all-zero
+gradient in its P, lambda and Q. That is no evidence that it is unimportant, so its statistics are left where they
+are until it is routed again (eq. 9-10 are applied with weight 0 for it), instead of decaying towards zero as a zero
+sensitivity would make them. Groups of such members (:attr:`_ShapeGroup.routed`) come after the others in the
+buffers and fold with one weight per member; the other groups fold in one pass, as before.
 
 The statistics cover the rows of each tensor that this process holds: all of them in one process, its shard under
 FSDP2. The tracker reads those rows, their values and gradients through a :class:`~adalora.parallel.layout.Layout`,
@@ -24,19 +31,21 @@ from dataclasses import dataclass
 import torch
 
 from .layers import SVDAdapter
-from .metrics import importance_metric
+from .metrics import Fold, importance_metric
 from .parallel.layout import Layout
 
 
 @dataclass(frozen=True)
 class _ShapeGroup:
-    """Adapters sharing (d_out, d_in, r); offsets index the flat statistics buffers.
+    """Matrices sharing (d_out, d_in, r); offsets index the flat statistics buffers.
 
     This process holds rows ``p_rows`` of each P and triplets ``triplets`` of each lambda and Q: all of them in one
     process, its shard under FSDP2 (equal global shapes shard identically, so the group's members share them).
     """
 
     members: tuple[int, ...]  # adapter indices, in model order
+    g: int  # matrices: one per adapter, one per expert of a fused-experts adapter
+    routed: bool  # members are experts, which a step may leave without tokens (see the module docstring)
     d_out: int  # global rows of P (the mean in eq. 7 divides by it)
     d_in: int
     r: int  # global number of triplets
@@ -53,7 +62,7 @@ class _ShapeGroup:
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Statistics as ``(g, p_rows, r)``, ``(g, r_local)`` and ``(g, r_local, d_in)``."""
-        g, r_local = len(self.members), len(self.triplets)
+        g, r_local = self.g, len(self.triplets)
         p = flat[self.p_offset : self.p_offset + g * self.p_rows * self.r].view(g, self.p_rows, self.r)
         e = flat[self.e_offset : self.e_offset + g * r_local].view(g, r_local)
         q = flat[self.q_offset : self.q_offset + g * r_local * self.d_in].view(g, r_local, self.d_in)
@@ -72,6 +81,25 @@ class _ShapeGroup:
         scores = s_p.sum(dim=1) / self.d_out  # (g, r)
         scores[:, self.triplets.start : self.triplets.stop] += s_e + s_q.mean(dim=2)
         return scores.reshape(-1)
+
+    def touched(self, grads: torch.Tensor) -> torch.Tensor:
+        """Which members got any nonzero gradient: ``(g,)`` bool, from the gradients laid out like the statistics."""
+        g_p, g_e, g_q = self.views(grads)
+        return (g_p.count_nonzero(dim=(1, 2)) + g_e.count_nonzero(dim=1) + g_q.count_nonzero(dim=(1, 2))) > 0
+
+    def fold(
+        self,
+        fold: Fold,
+        stats: list[torch.Tensor],
+        sensitivity: torch.Tensor,
+        keep: torch.Tensor,
+        betas: tuple[float, float],
+    ) -> None:
+        """Fold the group's part of ``sensitivity`` into ``stats`` with one weight per member, ``keep`` ``(g,)``."""
+        parts = [self.views(s) for s in stats]
+        shapes = ((-1, 1, 1), (-1, 1), (-1, 1, 1))  # keep broadcast over P, lambda and Q of each member
+        for kind, (view, shape) in enumerate(zip(self.views(sensitivity), shapes, strict=True)):
+            fold([part[kind] for part in parts], view, keep.view(shape), *betas)
 
 
 def _views_like(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,6 +122,7 @@ class ImportanceTracker:
         layout: how the adapters' tensors lie over processes; default: one process holding all of them.
 
     Attributes:
+        sizes: the number of triplets of each adapter: r, or E * r for the fused expert weights of an MoE block.
         owners: for each tracked parameter (in :meth:`parameters` order), the index of its adapter.
         skipped: count of updates skipped for non-finite gradients, a device tensor (read it at allocations).
     """
@@ -111,8 +140,9 @@ class ImportanceTracker:
         self.metric = importance_metric(metric)
         self.beta1, self.beta2 = beta1, beta2
         self.device = self.layout.device
-        self.ranks = [a.r for a in self.adapters]
+        self.sizes = [a.rank_mask.numel() for a in self.adapters]  # triplets per adapter (r, or E * r for experts)
         self.groups, self._params, self.owners = self._lay_out()
+        self._routed = [group for group in self.groups if group.routed]  # laid out last, after every other group
         values = self.layout.values(self._params)
         self.numel = sum(v.numel() for v in values)
         self._to_model_order = self._model_order().to(self.device)
@@ -128,37 +158,51 @@ class ImportanceTracker:
         self.skipped = torch.zeros((), dtype=torch.long, device=self.device)
 
     def _lay_out(self) -> tuple[list[_ShapeGroup], list[torch.nn.Parameter], list[int]]:
-        """Shape groups, the tracked parameters in buffer order (P's, E's, Q's of each group) and their owners."""
-        shapes: dict[tuple[int, int, int], list[int]] = {}
+        """Shape groups (those of experts last), the tracked parameters in buffer order (P's, E's, Q's of each group)
+        and their owners."""
+        shapes: dict[tuple[int, int, int, bool], list[int]] = {}
         for i, a in enumerate(self.adapters):
-            shapes.setdefault((a.d_out, a.d_in, a.r), []).append(i)
+            shapes.setdefault((a.d_out, a.d_in, a.r, a.rank_mask.dim() > 1), []).append(i)
         groups, params, owners, offset = [], [], [], 0
-        for (d_out, d_in, r), members in shapes.items():
-            first = self.adapters[members[0]]
-            p_rows, triplets = len(self.layout.rows(first.P)), self.layout.rows(first.E)
-            if self.layout.rows(first.Q) != triplets:
-                raise ValueError("AdaLoRA: lambda and Q of an adapter are split differently over processes.")
-            g, r_local = len(members), len(triplets)
+        for (d_out, d_in, r, routed), members in sorted(shapes.items(), key=lambda item: item[0][3]):
+            p_rows, triplets = self._local_rows(self.adapters[members[0]], routed)
+            g, r_local = sum(self.adapters[i].num_matrices for i in members), len(triplets)
             p_offset, e_offset = offset, offset + g * p_rows * r
             q_offset = e_offset + g * r_local
             offset = q_offset + g * r_local * d_in
-            groups.append(_ShapeGroup(tuple(members), d_out, d_in, r, p_rows, triplets, p_offset, e_offset, q_offset))
+            groups.append(
+                _ShapeGroup(tuple(members), g, routed, d_out, d_in, r, p_rows, triplets, p_offset, e_offset, q_offset)
+            )
             for name in ("P", "E", "Q"):  # listed in buffer order: concatenated, they lay out the flat buffer
                 params += [getattr(self.adapters[i], name) for i in members]
                 owners += members
         return groups, params, owners
 
+    def _local_rows(self, adapter: SVDAdapter, routed: bool) -> tuple[int, range]:
+        """(rows of each P, triplets of each lambda and Q) this process holds for the matrices of ``adapter``."""
+        if routed:  # dim 0 counts experts: a process must hold them all
+            if len(self.layout.rows(adapter.P)) != adapter.P.shape[0]:
+                raise ValueError(
+                    "AdaLoRA: the adapters of fused MoE expert weights are split over processes (FSDP2 shards them by "
+                    "expert), which the importance statistics do not support. Keep the experts blocks unsharded."
+                )
+            return adapter.d_out, range(adapter.r)
+        triplets = self.layout.rows(adapter.E)
+        if self.layout.rows(adapter.Q) != triplets:
+            raise ValueError("AdaLoRA: lambda and Q of an adapter are split differently over processes.")
+        return len(self.layout.rows(adapter.P)), triplets
+
     def _model_order(self) -> torch.Tensor:
         """Position of each adapter's triplets in the concatenation of per-group scores."""
         starts = [0]
-        for r in self.ranks:
-            starts.append(starts[-1] + r)
-        order = torch.empty(sum(self.ranks), dtype=torch.long)
+        for size in self.sizes:
+            starts.append(starts[-1] + size)
+        order = torch.empty(sum(self.sizes), dtype=torch.long)
         position = 0
         for group in self.groups:
             for i in group.members:
-                order[starts[i] : starts[i + 1]] = torch.arange(position, position + group.r)
-                position += group.r
+                order[starts[i] : starts[i + 1]] = torch.arange(position, position + self.sizes[i])
+                position += self.sizes[i]
         return order
 
     @property
@@ -192,10 +236,12 @@ class ImportanceTracker:
         if fold is None or not self.stats or self._workspace is None:
             return
         sensitivity = self._workspace
-        # I = |w * g| for every tracked entry, written straight into the flat workspace through per-parameter
-        # views (two multi-tensor passes, no allocation; parameters are listed in buffer order).
-        torch._foreach_copy_(self._workspace_views, self.layout.values(self._params))
-        torch._foreach_mul_(self._workspace_views, grads)
+        # I = |g * w| for every tracked entry, written straight into the flat workspace through per-parameter
+        # views (two multi-tensor passes, no allocation; parameters are listed in buffer order). The gradients go in
+        # first, so that the experts' groups can see which members the step left without any (unrouted experts).
+        torch._foreach_copy_(self._workspace_views, grads)
+        touched = [group.touched(sensitivity) for group in self._routed]
+        torch._foreach_mul_(self._workspace_views, self.layout.values(self._params))
         sensitivity.abs_()
         # The sum of |w g| is finite iff every entry is (or it overflows float32, equally unusable).
         finite = self.layout.all_finite(torch.isfinite(sensitivity.sum()))
@@ -212,13 +258,19 @@ class ImportanceTracker:
             self.skipped += ~finite
             sensitivity.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             keep = finite.to(torch.float32)
-        fold(self.stats, sensitivity, keep, self.beta1, self.beta2)
+        # Every group but the experts' in one pass; each experts' group with one weight per member: 0 for an expert
+        # the step left without gradient, whose statistics stay as they are.
+        end = self._routed[0].p_offset if self._routed else self.numel
+        if end:
+            fold([s[:end] for s in self.stats], sensitivity[:end], keep, self.beta1, self.beta2)
+        for group, seen in zip(self._routed, touched, strict=True):
+            group.fold(fold, self.stats, sensitivity, seen * keep, (self.beta1, self.beta2))
 
     # ------------------------------------------------------------------ scores (eq. 7, 11)
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:
-        """S for every triplet of every adapter, concatenated in adapter order: shape ``(sum of r,)``; the same on
-        every process."""
+        """S for every triplet of every adapter, concatenated in adapter order: shape ``(sum of sizes,)`` (an experts
+        adapter's triplets expert by expert); the same on every process."""
         if self.metric.reads_lambda_only:
             scores = torch.cat([self._lambda_magnitudes(a) for a in self.adapters])
         else:
@@ -229,11 +281,11 @@ class ImportanceTracker:
         return self.layout.sum_scores(scores)
 
     def _lambda_magnitudes(self, adapter: SVDAdapter) -> torch.Tensor:
-        """|lambda| of ``adapter``'s local triplets, in place in a zero vector over all of them: ``(r,)``."""
+        """|lambda| of ``adapter``'s local triplets, in place in a zero vector over all of them: ``(size,)``."""
         local = self.layout.values([adapter.E])[0].detach().abs().float()
+        if adapter.rank_mask.dim() > 1 or len(self.layout.rows(adapter.E)) == adapter.r:  # experts are never sharded
+            return local.reshape(-1)
         triplets = self.layout.rows(adapter.E)
-        if len(triplets) == adapter.r:
-            return local
         scores = torch.zeros(adapter.r, dtype=torch.float32, device=self.device)
         scores[triplets.start : triplets.stop] = local
         return scores

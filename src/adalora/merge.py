@@ -1,9 +1,10 @@
 """Fold adapters into the base weights (``merge``) or drop them (``unload``): back to the base architecture.
 
 ``merge`` computes ``W = W0 + scale * P diag(lambda) Q`` (paper eq. 3) per adapted layer, in the base layer's
-layout (a transposed matrix for GPT-2 ``Conv1D`` and ``nn.Embedding``, a kernel for ``nn.Conv*d``), and puts a
-plain layer of the base type holding W where the adapter was, so the result needs no adapter code at inference
-and saves with ``save_pretrained`` like the original model.
+layout (a transposed matrix for GPT-2 ``Conv1D`` and ``nn.Embedding``, a kernel for ``nn.Conv*d``, one matrix per
+expert for the fused expert weights of an MoE block), and puts a plain layer of the base type holding W (for fused
+experts: the block's plain parameter, and the block computes with its own forward again) where the adapter was, so
+the result needs no adapter code at inference and saves with ``save_pretrained`` like the original model.
 
 A quantized base (bitsandbytes 4-bit/8-bit, torchao NF4/int8) is dequantized and merged into a plain float
 ``nn.Linear`` by default; ``requantize=True`` quantizes the merged weight again into the base's format instead
@@ -19,7 +20,7 @@ from torch import nn
 
 from .finite import require_finite
 from .inject import _set_submodule
-from .layers import QuantizedAdapter, SVDAdapter, find_adapters, unwrap_model
+from .layers import QuantizedAdapter, SVDAdapter, find_adapters, release_blocks, unwrap_model
 
 
 def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.Module:
@@ -78,8 +79,8 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
             if requantize and isinstance(adapter, QuantizedAdapter)
             else adapter.to_base(weight)
         )
-        base.train(adapter.training)
-        _set_submodule(model, name, base)
+        _put_back(model, name, adapter, base)
+    release_blocks(model)
     config = getattr(model, "config", None)
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # type: ignore[union-attr]
@@ -101,10 +102,16 @@ def unload(model: nn.Module) -> nn.Module:
     """
     wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     for name, adapter in _adapters_or_raise(model, "unload"):
-        base = adapter.unloaded()
-        base.train(adapter.training)
-        _set_submodule(model, name, base)
+        _put_back(model, name, adapter, adapter.unloaded())
+    release_blocks(model)
     return wrapped
+
+
+def _put_back(model: nn.Module, name: str, adapter: SVDAdapter, base: nn.Module | nn.Parameter) -> None:
+    """Put the base layer (or, for fused experts, the base parameter) where the adapter was."""
+    if isinstance(base, nn.Module):
+        base.train(adapter.training)
+    _set_submodule(model, name, base)
 
 
 @torch.no_grad()

@@ -2,9 +2,12 @@
 
 Two forms (docs/algorithm.md, the regulariser):
 
-- ``"paper"``:     sum over adapters of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2;
+- ``"paper"``:     sum over adapted matrices of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2;
 - ``"reference"``: mean over all 2n matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (norm not squared),
                    as in the authors' code and PEFT. The default.
+
+An adapter on the fused expert weight of an MoE block holds one P_e and Q_e per expert: each expert is one matrix of
+the sum (and of the n in the mean), exactly as if its experts were separate layers.
 
 Two ways to apply gamma * R (``orth_reg_weight``), each one function:
 
@@ -55,7 +58,7 @@ def _check_form(form: str) -> None:
 
 
 def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
-    """P^T P - I and Q Q^T - I for every adapter, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
+    """P^T P - I and Q Q^T - I for every matrix, batched by shape: a list of ``(g, r, r)`` stacks, differentiable.
 
     Adapters of equal shape are stacked so that a whole group costs one batched matmul forward and two backward,
     however many adapters it holds (a transformer has a handful of shapes and many adapters of each).
@@ -66,9 +69,9 @@ def gram_deviations(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
         groups.setdefault((p.shape, q.shape, p.dtype, p.device), []).append((p, q))
     out = []
     for (p_shape, _, dtype, device), members in groups.items():
-        eye = torch.eye(p_shape[1], dtype=dtype, device=device)
-        p = torch.stack([p for p, _ in members])  # (g, d_out, r)
-        q = torch.stack([q for _, q in members])  # (g, r, d_in)
+        eye = torch.eye(p_shape[-1], dtype=dtype, device=device)
+        p = torch.stack([p for p, _ in members]).flatten(0, -3)  # (g, d_out, r), experts as matrices
+        q = torch.stack([q for _, q in members]).flatten(0, -3)  # (g, r, d_in)
         out.append(p.mT @ p - eye)
         out.append(q @ q.mT - eye)
     return out
@@ -131,7 +134,7 @@ def _factor_groups(factors: Sequence[tuple[bool, Factor]]) -> dict[tuple, list[t
         stacks.setdefault((value.shape, value.dtype, value.device, is_p), []).append((param, value))
     buffers: dict[tuple, list[tuple[bool, list[Factor]]]] = {}
     for (shape, dtype, device, is_p), members in stacks.items():
-        buffers.setdefault((shape[1] if is_p else shape[0], dtype, device), []).append((is_p, members))
+        buffers.setdefault((shape[-1] if is_p else shape[-2], dtype, device), []).append((is_p, members))
     return buffers
 
 
@@ -146,7 +149,7 @@ def _add_closed_form_gradient(
     every group are written into one buffer so that their norms and the reference form's 1/||D|| scaling take one
     operation each; one multi-tensor add puts it all into the gradients.
     """
-    n = len(adapters)
+    n = sum(a.num_matrices for a in adapters)  # an expert of a fused MoE weight is one matrix
     factor_params = [p for a in adapters for p in (a.P, a.Q)]
     values = layout.values(factor_params)  # whole, wherever they live
     factors = [(i % 2 == 0, pair) for i, pair in enumerate(zip(factor_params, values, strict=True))]
@@ -155,7 +158,8 @@ def _add_closed_form_gradient(
     norm_groups: list[torch.Tensor] = []
     for (r, dtype, device), groups in _factor_groups(factors).items():
         eye = torch.eye(r, dtype=dtype, device=device)
-        stacks = [torch.stack([v for _, v in members]) for _, members in groups]  # (g, d_out, r) P, (g, r, d_in) Q
+        # (g, d_out, r) for P, (g, r, d_in) for Q; the experts of fused MoE weights are matrices of their own.
+        stacks = [torch.stack([v for _, v in members]).flatten(0, -3) for _, members in groups]
         sizes = [len(x) for x in stacks]
         deviations = torch.empty(sum(sizes), r, r, dtype=dtype, device=device)  # (G, r, r), all groups of this r
         for (is_p, _), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
@@ -172,7 +176,7 @@ def _add_closed_form_gradient(
         for (is_p, members), x, deviation in zip(groups, stacks, deviations.split(sizes), strict=True):
             grad = torch.bmm(x, deviation) if is_p else torch.bmm(deviation, x)  # P D or D Q
             params.extend(p for p, _ in members)
-            updates.extend(grad.unbind(0))
+            updates.extend(grad.view(len(members), *members[0][1].shape).unbind(0))
     layout.add_gradients(params, updates)
     norms = norm_groups[0] if len(norm_groups) == 1 else torch.cat(norm_groups)  # (2n,): every deviation's norm
     if form == "paper":

@@ -7,7 +7,10 @@ An adapter directory holds two files:
   manifest of the tensors (name, shape, dtype), the size and SHA-256 of the weights file, the library version,
   a fingerprint of the base model (its parameter names and shapes) and the caller's free-form ``metadata``;
 - ``adalora_adapter.safetensors``: ``<module>.P`` ``(d_out, k)``, ``<module>.E`` ``(k,)``, ``<module>.Q``
-  ``(k, d_in)`` sliced to the k kept triplets of each module, plus the full state of ``modules_to_save``.
+  ``(k, d_in)`` sliced to the k kept triplets of each module, plus the full state of ``modules_to_save``. The fused
+  expert weight of an MoE block (``<block>.gate_up_proj``) has ``(E, d_out, k)``, ``(E, k)``, ``(E, k, d_in)`` with
+  k its experts' largest kept rank: each expert's kept triplets first, then zero-lambda padding, and its config
+  entry lists every expert's rank (``expert_ranks``).
 
 The names differ from PEFT's (``adapter_config.json``) on purpose: a PEFT loader pointed at an AdaLoRA
 directory fails at once instead of misreading it. :func:`adalora.export_peft` writes PEFT's format.
@@ -39,9 +42,11 @@ from torch import nn
 from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
 from ..finite import require_finite
-from ..inject import inject, name_matches
+from ..inject import find_targets, inject, name_matches
 from ..layers import (
+    FusedWeight,
     SVDAdapter,
+    SVDExperts,
     adapter_class_for,
     find_adapters,
     is_quantized_precision,
@@ -105,18 +110,7 @@ def save_adapter(
         # Copies (kept_factors selects), so the saved tensors never share storage (safetensors refuses that).
         factors = adapter.kept_factors(keep).to("cpu")
         tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
-        modules[name] = {
-            "type": adapter.layer_type_name(adapter),
-            "rank": factors.rank,
-            "scale": adapter.scale,
-            "d_out": adapter.d_out,
-            "d_in": adapter.d_in,
-            # P and Q are 2-D whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
-            "weight_shape": list(adapter.base_shape()),  # logical: a packed 4-bit weight has another shape
-            "layer": adapter.layer_options(),
-            # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
-            "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
-        }
+        modules[name] = _module_entry(adapter, factors.rank)
     extra = _modules_to_save_state(model, config)
     tensors.update(extra)
     require_finite(tensors.items(), f"save_adapter: the model's adapter (for '{directory}')")
@@ -138,6 +132,25 @@ def save_adapter(
         info["weights_file"] = {"name": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _module_entry(adapter: SVDAdapter, rank: int) -> dict[str, Any]:
+    """What ``adalora_config.json`` records about one adapted module saved at ``rank`` triplets."""
+    entry = {
+        "type": adapter.layer_type_name(adapter),
+        "rank": rank,
+        "scale": adapter.scale,
+        "d_out": adapter.d_out,
+        "d_in": adapter.d_in,
+        # P and Q are 2-D per matrix whatever the layer; the base layout (e.g. a conv kernel) is needed to export them.
+        "weight_shape": list(adapter.base_shape()),  # logical: a packed 4-bit weight has another shape
+        "layer": adapter.layer_options(),
+        # Factors trained models keep frozen (the LoRA baseline's lambda gate) stay frozen after loading.
+        "frozen": [attr for attr in ("P", "E", "Q") if not getattr(adapter, attr).requires_grad],
+    }
+    if isinstance(adapter, SVDExperts):  # the rank of each expert; its padding up to "rank" has lambda = 0
+        entry["expert_ranks"] = adapter.rank_mask.sum(-1).tolist()
+    return entry
 
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -228,6 +241,9 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn
                 param = getattr(adapter, attr)
                 param.copy_(tensors[f"{name}.{attr}"])
                 param.requires_grad_(attr not in meta.get("frozen", ()))
+            if "expert_ranks" in meta:  # each expert keeps its own rank; the rest of its row is padding
+                ranks = torch.tensor(meta["expert_ranks"], device=adapter.rank_mask.device)
+                adapter.rank_mask.copy_(torch.arange(adapter.r, device=ranks.device) < ranks.unsqueeze(-1))
         for key in info.get("modules_to_save_tensors", []):
             _get_tensor(base_model, key).copy_(tensors[key])
     return wrapped
@@ -265,10 +281,13 @@ def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     adapter_params = {id(p) for _, a in named for p in a.adapter_parameters()}
     # Adapters of quantized layers hold the layer itself: its parameters are named '<name>.base_layer.weight'.
     nested = tuple(f"{n}.base_layer." for n, a in named if "base_layer" in a._modules)
+    # An adapter of a fused expert weight stands where the parameter was: '<name>.weight' was '<name>'.
+    fused = {f"{n}.weight": n for n, a in named if isinstance(a, SVDExperts)}
     params = []
     for name, param in model.named_parameters():
         if id(param) in adapter_params:
             continue
+        name = fused.get(name, name)
         if name.startswith(nested):
             head, _, tail = name.partition(".base_layer.")
             name = f"{head}.{tail}"
@@ -338,8 +357,8 @@ def check_fingerprint(
 
 # ---------------------------------------------------------------------- helpers
 def _check_targets(model: nn.Module, adapter_names: list[str], config: AdaLoRAConfig, caller: str) -> None:
-    """The adapters must be exactly the modules ``config.target_modules`` selects, or a load would differ."""
-    targeted = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
+    """The adapters must be exactly the targets ``config`` selects, or a load would differ."""
+    targeted = [n for n, _ in find_targets(model, config)]
     if sorted(targeted) != sorted(adapter_names):
         stray = sorted(set(adapter_names) - set(targeted))[:3]
         unadapted = sorted(set(targeted) - set(adapter_names))[:3]
@@ -447,35 +466,9 @@ def _check_against_model(
     """Every saved module exists in ``model`` with the saved type and shape, and the tensors fit it."""
     modules: dict[str, dict[str, Any]] = info["modules"]
     _check_targets_for_load(model, list(modules), config, directory)
+    targets = dict(find_targets(model, config))
     for name, meta in modules.items():
-        module = model.get_submodule(name)
-        adapter_cls = adapter_class_for(module)
-        if adapter_cls is None or adapter_cls.layer_type_name(module) != meta["type"]:
-            raise ValueError(
-                f"module '{name}' of the base model is a {type(module).__name__}, but the adapter in '{directory}' "
-                f"was saved for a {meta['type']} layer."
-            )
-        reason = adapter_cls.unsupported_reason(module)
-        if reason is not None:
-            raise ValueError(f"module '{name}' of the base model cannot be adapted: {reason}.")
-        rank, d_out, d_in = int(meta["rank"]), int(meta["d_out"]), int(meta["d_in"])
-        if not 0 <= rank <= config.init_r:
-            raise ValueError(f"module '{name}': saved rank {rank} is outside [0, init_r={config.init_r}].")
-        expected = {"P": [d_out, rank], "E": [rank], "Q": [rank, d_in]}
-        for attr, shape in expected.items():
-            key = f"{name}.{attr}"
-            if key not in tensors or list(tensors[key].shape) != shape:
-                got = list(tensors[key].shape) if key in tensors else "nothing"
-                raise ValueError(
-                    f"tensor '{key}' has shape {got}, but module '{name}' (d_out={d_out}, d_in={d_in}) at the saved "
-                    f"rank {rank} needs {shape}."
-                )
-        if adapter_cls.dims(module) != (d_out, d_in):
-            raise ValueError(
-                f"module '{name}' has weight shape {list(logical_shape(module.weight))} (an update of "
-                f"{adapter_cls.dims(module)}"
-                f" as (d_out, d_in)), the adapter expects ({d_out}, {d_in})."
-            )
+        _check_module(name, targets[name], meta, config, tensors, directory)
     for key in info.get("modules_to_save_tensors", []):
         try:
             target = _get_tensor(model, key)
@@ -488,8 +481,55 @@ def _check_against_model(
             )
 
 
+def _check_module(
+    name: str,
+    module: nn.Module | FusedWeight,
+    meta: dict[str, Any],
+    config: AdaLoRAConfig,
+    tensors: dict[str, torch.Tensor],
+    directory: Path,
+) -> None:
+    """The saved entry ``meta`` and its tensors fit ``module`` (a layer, or a fused expert weight) of the model."""
+    adapter_cls = adapter_class_for(module)
+    kind = f"a parameter of {type(module.block).__name__}" if isinstance(module, FusedWeight) else type(module).__name__
+    if adapter_cls is None or adapter_cls.layer_type_name(module) != meta["type"]:
+        raise ValueError(
+            f"module '{name}' of the base model is {kind}, but the adapter in '{directory}' was saved for a "
+            f"{meta['type']} layer."
+        )
+    reason = adapter_cls.unsupported_reason(module)
+    if reason is not None:
+        raise ValueError(f"module '{name}' of the base model cannot be adapted: {reason}.")
+    rank, d_out, d_in = int(meta["rank"]), int(meta["d_out"]), int(meta["d_in"])
+    if not 0 <= rank <= config.init_r:
+        raise ValueError(f"module '{name}': saved rank {rank} is outside [0, init_r={config.init_r}].")
+    lead = [module.weight.shape[0]] if isinstance(module, FusedWeight) else []  # one matrix per expert
+    expected = {"P": [*lead, d_out, rank], "E": [*lead, rank], "Q": [*lead, rank, d_in]}
+    for attr, shape in expected.items():
+        key = f"{name}.{attr}"
+        if key not in tensors or list(tensors[key].shape) != shape:
+            got = list(tensors[key].shape) if key in tensors else "nothing"
+            raise ValueError(
+                f"tensor '{key}' has shape {got}, but module '{name}' (d_out={d_out}, d_in={d_in}) at the saved "
+                f"rank {rank} needs {shape}."
+            )
+    if adapter_cls.dims(module) != (d_out, d_in):
+        raise ValueError(
+            f"module '{name}' has weight shape {list(logical_shape(module.weight))} (an update of "
+            f"{adapter_cls.dims(module)} as (d_out, d_in)), the adapter expects ({d_out}, {d_in})."
+        )
+    ranks = meta.get("expert_ranks")
+    if lead and not (
+        isinstance(ranks, list) and len(ranks) == lead[0] and all(isinstance(k, int) and 0 <= k <= rank for k in ranks)
+    ):
+        raise ValueError(
+            f"module '{name}': expert_ranks {ranks!r} must list a rank in [0, {rank}] for each of its {lead[0]} "
+            "experts (the file was edited?). Save the adapter again."
+        )
+
+
 def _check_targets_for_load(model: nn.Module, saved: list[str], config: AdaLoRAConfig, directory: Path) -> None:
-    targeted = [n for n, _ in model.named_modules() if n and name_matches(n, config.target_modules)]
+    targeted = [n for n, _ in find_targets(model, config)]
     if sorted(targeted) != sorted(saved):
         raise ValueError(
             f"the adapter in '{directory}' has modules {sorted(set(saved) - set(targeted))[:3]} that "

@@ -111,7 +111,7 @@ def _fold(update: ModuleUpdate, factor: float, reader_scale: float, pad_to: int 
     p, q = f.P, f.Q
     if pad_to is not None and pad_to > f.rank:
         extra = pad_to - f.rank
-        p = torch.cat([p, p.new_zeros(p.shape[0], extra)], dim=1)
-        q = torch.cat([q, q.new_zeros(extra, q.shape[1])], dim=0)
-        e = torch.cat([e, e.new_zeros(extra)])
+        p = torch.cat([p, p.new_zeros(*p.shape[:-1], extra)], dim=-1)  # (..., d_out, k): (experts,) leading or not
+        q = torch.cat([q, q.new_zeros(*q.shape[:-2], extra, q.shape[-1])], dim=-2)
+        e = torch.cat([e, e.new_zeros(*e.shape[:-1], extra)], dim=-1)
     return dataclasses.replace(update, factors=KeptFactors(p, e, q, float(reader_scale)))

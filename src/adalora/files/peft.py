@@ -17,7 +17,12 @@ Layouts per layer type (PEFT's names and shapes; ``SVDAdapter.lora_tensors`` of 
 
 - ``nn.Linear``, GPT-2 ``Conv1D``: ``lora_A.weight (k, d_in)``, ``lora_B.weight (d_out, k)``;
 - ``nn.Conv{1,2,3}d``: ``lora_A.weight (k, in, *kernel_size)``, ``lora_B.weight (out, k, 1, ...)``;
-- ``nn.Embedding``: ``lora_embedding_A (k, num_embeddings)``, ``lora_embedding_B (embedding_dim, k)``.
+- ``nn.Embedding``: ``lora_embedding_A (k, num_embeddings)``, ``lora_embedding_B (embedding_dim, k)``;
+- a fused expert weight of an MoE block (PEFT's ``target_parameters``, its ``ParamWrapper``): ``lora_A.weight
+  (E k, d_in)``, ``lora_B.weight (d_out, k E)`` at the experts' largest kept rank k (zero-lambda padding for the
+  others), under the block's name with one ``base_layer.`` per weight of the block that PEFT wraps after it (it nests
+  one wrapper per parameter, in the block's parameter order). PEFT refuses ``lora_dropout`` on parameters, so an
+  export with experts records ``lora_dropout = 0`` (the file is for inference; dropout does not act there).
 
 Import (``import_peft``): PEFT's AdaLoRA layers compute ``(x (A * E)^T B^T) * lora_alpha / (ranknum + 1e-5)``
 with ``ranknum = init_r``, while ours use ``alpha / init_r``. The factor ``init_r / (init_r + 1e-5)`` (a relative
@@ -112,23 +117,31 @@ def write_peft(
         laid_out = lay_out(source.updates, layout, rank)
     except ValueError as error:
         raise ValueError(f"export_peft: {error}") from None
+    modules, parameters = _peft_targets(laid_out.updates)
     tensors: dict[str, torch.Tensor] = {}
     for update in laid_out.updates:
-        tensors.update(_lora_tensors(update))
+        tensors.update(_lora_tensors(update, modules.get(update.name) or parameters[update.name]))
     for key, value in source.modules_to_save.items():
         tensors[f"{PEFT_PREFIX}{key}"] = value.contiguous().clone()
+    fan_in_fan_out = any(u.adapter_class.peft_fan_in_fan_out for u in laid_out.updates)
+    if parameters and fan_in_fan_out:
+        raise ValueError(
+            "export_peft: PEFT cannot load fused expert weights (target_parameters) together with GPT-2 Conv1D "
+            "layers (fan_in_fan_out) in one adapter. Export from a model that adapts only one of them."
+        )
     peft_config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": source.task_type if task_type == AUTO else task_type,
         "base_model_name_or_path": source.base_model_name,
-        "target_modules": sorted(u.name for u in laid_out.updates),
+        "target_modules": sorted(modules),
+        **({"target_parameters": sorted(parameters)} if parameters else {}),
         "r": laid_out.r,
         "lora_alpha": laid_out.lora_alpha,
         "rank_pattern": laid_out.rank_pattern,
         "alpha_pattern": {},  # one lora_alpha: llama.cpp and SGLang have no alpha_pattern
-        "lora_dropout": source.config.dropout,
+        "lora_dropout": 0.0 if parameters else source.config.dropout,  # PEFT refuses dropout on parameters
         # GPT-2's Conv1D stores (d_in, d_out) weights; PEFT needs to know to merge them correctly.
-        "fan_in_fan_out": any(u.adapter_class.peft_fan_in_fan_out for u in laid_out.updates),
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "modules_to_save": list(source.config.modules_to_save) or None,
         "use_rslora": False,  # rslora would scale by alpha / sqrt(r), not the alpha / r the layouts assume
@@ -142,13 +155,33 @@ def write_peft(
     return Path(directory)
 
 
-def _lora_tensors(update: ModuleUpdate) -> dict[str, torch.Tensor]:
-    """PEFT LoRA tensors of one module (keys with the ``base_model.model.`` prefix), lambda folded into A."""
+def _peft_targets(updates: list[ModuleUpdate]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({module: its key in PEFT's files}, {fused expert weight: the key of PEFT's wrapper for it})``.
+
+    PEFT wraps the targeted parameters of one block one inside the other, in the block's parameter order: the last
+    is the outermost wrapper (keys ``<block>.lora_A...``), each earlier one a ``base_layer`` deeper.
+    """
+    modules = {u.name: u.name for u in updates if u.layer_type != "experts"}
+    blocks: dict[str, list[ModuleUpdate]] = {}
+    for u in updates:
+        if u.layer_type == "experts":
+            blocks.setdefault(u.name.rpartition(".")[0], []).append(u)
+    parameters = {}
+    for block, members in blocks.items():
+        members.sort(key=lambda u: u.options["order"])
+        for depth, u in enumerate(reversed(members)):
+            parameters[u.name] = block + ".base_layer" * depth
+    return modules, parameters
+
+
+def _lora_tensors(update: ModuleUpdate, key: str) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors of one module stored under ``key`` (with the ``base_model.model.`` prefix), lambda folded
+    into A."""
     try:
         tensors = update.adapter_class.lora_tensors(update.factors, update.weight_shape, update.options)
     except ValueError as error:
         raise ValueError(f"export_peft: module '{update.name}' has {error}") from None
-    return {f"{PEFT_PREFIX}{update.name}.{suffix}": value for suffix, value in tensors.items()}
+    return {f"{PEFT_PREFIX}{key}.{suffix}": value for suffix, value in tensors.items()}
 
 
 # ---------------------------------------------------------------------- import

@@ -3,9 +3,12 @@
 A short AdaLoRA run finds which matrices deserve rank; this file hands that pattern to other trainers:
 
 - ``ranks``: ``{module: rank}`` for every adapted module (0 for those AdaLoRA pruned away);
+- ``expert_ranks`` (MoE models only): ``{fused expert weight: [rank of each expert]}``. PEFT's LoRA gives every
+  expert of a parameter one rank, so ``ranks`` and the configs below give such a weight its largest expert rank;
 - ``peft_lora_config``: keyword arguments for ``peft.LoraConfig`` (``r``, ``lora_alpha``, ``target_modules``,
-  ``rank_pattern``, ``alpha_pattern``, ``lora_dropout``, ``task_type``): ``LoraConfig(**recipe["peft_lora_config"])``
-  builds modules of exactly those ranks, leaving out the rank-0 ones;
+  ``target_parameters`` for fused expert weights, ``rank_pattern``, ``alpha_pattern``, ``lora_dropout``,
+  ``task_type``): ``LoraConfig(**recipe["peft_lora_config"])`` builds modules of exactly those ranks, leaving out the
+  rank-0 ones (PEFT refuses dropout on parameters: ``lora_dropout`` is 0 when there are expert weights);
 - ``yaml_config``: the same as the flat keys of trainer YAML configs that accept per-module ranks
   (``lora_r``, ``lora_alpha``, ``lora_target_modules``, ``lora_rank_pattern``, ``lora_alpha_pattern``,
   ``lora_dropout``); JSON is valid YAML, so the block can be pasted as it is.
@@ -42,32 +45,39 @@ def rank_recipe(source: ExportSource) -> dict[str, Any]:
     r = most_common_rank([u.rank for u in kept])
     alphas = {u.name: _number(u.factors.scale * u.rank) for u in kept}
     lora_alpha = next(alphas[u.name] for u in kept if u.rank == r)
-    targets = sorted(u.name for u in kept)
+    targets = sorted(u.name for u in kept if not u.expert_ranks)
+    parameters = sorted(u.name for u in kept if u.expert_ranks)
+    experts = {"target_parameters": parameters} if parameters else {}
+    dropout = 0.0 if parameters else source.config.dropout  # PEFT refuses dropout on parameters
     rank_pattern = {u.name: u.rank for u in kept}
     peft_kwargs = {
         "r": r,
         "lora_alpha": lora_alpha,
         "target_modules": targets,
+        **experts,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alphas,
-        "lora_dropout": source.config.dropout,
+        "lora_dropout": dropout,
         "task_type": source.task_type,
     }
     yaml_keys = {
         "lora_r": r,
         "lora_alpha": lora_alpha,
         "lora_target_modules": targets,
+        **{f"lora_{key}": value for key, value in experts.items()},
         "lora_rank_pattern": rank_pattern,
         "lora_alpha_pattern": alphas,
-        "lora_dropout": source.config.dropout,
+        "lora_dropout": dropout,
     }
+    expert_ranks = {u.name: list(u.expert_ranks) for u in source.updates if u.expert_ranks}
     return {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
         "base_model_name_or_path": source.base_model_name,
         "init_r": source.config.init_r,
-        "total_rank": sum(ranks.values()),
+        "total_rank": sum(sum(u.expert_ranks) if u.expert_ranks else u.rank for u in source.updates),
         "ranks": ranks,
+        **({"expert_ranks": expert_ranks} if expert_ranks else {}),
         "peft_lora_config": peft_kwargs,
         "yaml_config": yaml_keys,
     }

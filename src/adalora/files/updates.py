@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import KeptFactors, SVDAdapter, adapter_class_named, find_adapters, kept_triplets
+from ..layers import KeptFactors, SVDAdapter, SVDExperts, adapter_class_named, find_adapters, kept_triplets
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class ModuleUpdate:
         factors: P ``(d_out, k)``, lambda ``(k,)``, Q ``(k, d_in)`` and the scale, on the CPU.
         weight_shape: the base weight's shape (the kernel layout of a convolution).
         options: the adapter's ``layer_options()`` (kernel settings, padding index, ...).
+        expert_ranks: for the fused expert weight of an MoE block, each expert's kept rank (``factors`` hold them
+            all at the largest, zero-padded); empty for other layers.
     """
 
     name: str
@@ -34,6 +36,7 @@ class ModuleUpdate:
     factors: KeptFactors
     weight_shape: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    expert_ranks: tuple[int, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -54,6 +57,7 @@ def updates_from_model(model: nn.Module) -> list[ModuleUpdate]:
             adapter.kept_factors(keep).to("cpu"),
             adapter.base_shape(),
             adapter.layer_options(),
+            tuple(adapter.rank_mask.sum(-1).tolist()) if isinstance(adapter, SVDExperts) else (),
         )
         for (name, adapter), keep in zip(named, kept_triplets([a for _, a in named]), strict=True)
     ]
@@ -68,6 +72,7 @@ def updates_from_adapter(info: dict[str, Any], tensors: dict[str, torch.Tensor])
             KeptFactors(tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"], float(meta["scale"])),
             tuple(meta.get("weight_shape", ())),
             meta.get("layer", {}),
+            tuple(meta.get("expert_ranks", ())),
         )
         for name, meta in info["modules"].items()
     ]

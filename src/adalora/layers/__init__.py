@@ -2,6 +2,7 @@
 
 - :mod:`.base`: :class:`SVDAdapter` (what every adapter shares), kept factors, finding adapters in a model;
 - :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`: one adapter class per kind of base layer;
+- :mod:`.experts`: adapters on the fused 3-D expert weights of mixture-of-experts blocks, triplets per expert;
 - :mod:`.quantized`: adapters for bitsandbytes and torchao quantized linear layers (QLoRA-style);
 - :mod:`.registry`: the table of supported layer types (the one place a new layer type is added).
 """
@@ -14,10 +15,22 @@ from .base import (
     find_adapters,
     kept_triplets,
     overrides,
+    take_triplets,
     unwrap_model,
 )
 from .conv import SVDConv
 from .embedding import SVDEmbedding
+from .experts import (
+    SUPPORTED_EXPERTS,
+    FusedWeight,
+    SVDExperts,
+    expert_weight_names,
+    is_experts_block,
+    matrix_names,
+    matrix_ranks,
+    release_blocks,
+    set_expert_matmul,
+)
 from .linear import SVDConv1D, SVDLinear
 from .quantized import (
     Quantization,
@@ -45,7 +58,9 @@ from .registry import (
 __all__ = [
     "LAYER_TYPES",
     "QUANTIZATIONS",
+    "SUPPORTED_EXPERTS",
     "TRIPLET_DIMS",
+    "FusedWeight",
     "KeptFactors",
     "LayerType",
     "Quantization",
@@ -54,6 +69,7 @@ __all__ = [
     "SVDConv",
     "SVDConv1D",
     "SVDEmbedding",
+    "SVDExperts",
     "SVDLinear",
     "SVDLinear4bit",
     "SVDLinear8bitLt",
@@ -61,16 +77,23 @@ __all__ = [
     "adapter_class_for",
     "adapter_class_named",
     "disable_adapters",
+    "expert_weight_names",
     "find_adapters",
+    "is_experts_block",
     "is_quantized_precision",
     "keep_differentiable_layout",
     "kept_triplets",
     "layer_type_of",
     "logical_shape",
+    "matrix_names",
+    "matrix_ranks",
     "overrides",
     "precision_of",
     "refusal",
+    "release_blocks",
+    "set_expert_matmul",
     "supported_layers",
     "supported_quantized",
+    "take_triplets",
     "unwrap_model",
 ]

@@ -1,6 +1,7 @@
 """The SVD adapter every layer type shares: W = W0 + scale * P diag(lambda) Q (paper eq. 3).
 
-Whatever the base layer, P is a 2-D ``(d_out, r)`` matrix and Q a 2-D ``(r, d_in)`` matrix, so that importance
+Whatever the base layer, P is a ``(d_out, r)`` matrix and Q a ``(r, d_in)`` matrix per adapted matrix (the fused
+expert weights of an MoE block stack one per expert: ``(E, d_out, r)``, see :mod:`.experts`), so that importance
 scores, the regulariser, allocation, saving, merging and compaction treat every layer type alike; only the forward
 and the layout of the merged update differ (see each subclass).
 
@@ -18,6 +19,7 @@ behaviour); P and Q keep training, so a masked triplet can win back its place at
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,8 +30,22 @@ from torch import nn
 
 from .mixing import svd_mix
 
-# (attribute, dimension that indexes triplets): P is (d_out, r), E is (r,), Q is (r, d_in).
-TRIPLET_DIMS: tuple[tuple[str, int], ...] = (("P", 1), ("E", 0), ("Q", 0))
+# (attribute, dimension that indexes triplets): P is (..., d_out, r), E is (..., r), Q is (..., r, d_in), where "..."
+# is empty for one matrix and (experts,) for the fused expert weights of an MoE block (layers.experts).
+TRIPLET_DIMS: tuple[tuple[str, int], ...] = (("P", -1), ("E", -1), ("Q", -2))
+
+
+def take_triplets(tensor: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """The triplets ``keep`` of a factor (or of a tensor shaped like one): a copy, never a view.
+
+    Args:
+        tensor: P ``(..., d_out, r)``, lambda or ``rank_mask`` ``(..., r)`` or Q ``(..., r, d_in)``.
+        dim: its triplet dimension (:data:`TRIPLET_DIMS`).
+        keep: triplet indices ``(..., k)``, one row per matrix (the same leading dimensions as lambda).
+    """
+    if tensor.dim() > keep.dim():
+        keep = keep.unsqueeze(-2) if dim == -1 else keep.unsqueeze(-1)
+    return torch.take_along_dim(tensor, keep, dim=dim)
 
 
 @dataclass(frozen=True)
@@ -43,11 +59,12 @@ class KeptFactors:
 
     @property
     def rank(self) -> int:
-        return self.E.numel()
+        """k, the number of triplets of each matrix (for fused experts, the largest kept rank of any expert)."""
+        return self.E.shape[-1]
 
     def lora_a(self) -> torch.Tensor:
-        """``diag(lambda) Q``, shape ``(k, d_in)``: the singular values folded into the right factor."""
-        return (self.E.unsqueeze(1) * self.Q).contiguous()
+        """``diag(lambda) Q``, shape ``(..., k, d_in)``: the singular values folded into the right factor."""
+        return (self.E.unsqueeze(-1) * self.Q).contiguous()
 
     def to(self, device: torch.device | str) -> KeptFactors:
         return KeptFactors(self.P.to(device), self.E.to(device), self.Q.to(device), self.scale)
@@ -64,10 +81,10 @@ class SVDAdapter(nn.Module):
     Attributes:
         weight: the frozen base weight, in the layout of the module it replaced.
         bias: the frozen base bias or ``None``.
-        P: left singular vectors, shape ``(d_out, r)``.
-        E: singular values lambda, shape ``(r,)``; starts at zero so the adapted model equals the base.
-        Q: right singular vectors, shape ``(r, d_in)``.
-        rank_mask: bool buffer ``(r,)``, True for triplets kept by the latest allocation.
+        P: left singular vectors, shape ``(d_out, r)`` (``(E, d_out, r)`` with ``experts=E``).
+        E: singular values lambda, shape ``(r,)`` (``(E, r)``); starts at zero so the adapted model equals the base.
+        Q: right singular vectors, shape ``(r, d_in)`` (``(E, r, d_in)``).
+        rank_mask: bool buffer shaped like lambda, True for triplets kept by the latest allocation.
         scale: ``alpha / init_r``, fixed for the life of the adapter.
     """
 
@@ -119,6 +136,8 @@ class SVDAdapter(nn.Module):
         scale: float,
         dropout: float = 0.0,
         init_std: float = 0.02,
+        *,
+        experts: int | None = None,
     ) -> None:
         """Create the factors; the subclass then holds its base (``weight``/``bias``, or ``base_layer``).
 
@@ -131,16 +150,18 @@ class SVDAdapter(nn.Module):
             scale: alpha / init_r.
             dropout: dropout probability on the adapter input.
             init_std: std of the Gaussian init of P and Q (lambda starts at 0).
+            experts: for the fused expert weights of an MoE block, E: one matrix (and set of triplets) per expert.
         """
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
         self.scale = float(scale)
         dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
         factory = {"device": like.device, "dtype": dtype}
-        self.P = nn.Parameter(torch.empty(d_out, r, **factory))
-        self.E = nn.Parameter(torch.zeros(r, **factory))
-        self.Q = nn.Parameter(torch.empty(r, d_in, **factory))
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=like.device))
+        lead = () if experts is None else (experts,)  # fused MoE experts: one matrix per expert (layers.experts)
+        self.P = nn.Parameter(torch.empty(*lead, d_out, r, **factory))
+        self.E = nn.Parameter(torch.zeros(*lead, r, **factory))
+        self.Q = nn.Parameter(torch.empty(*lead, r, d_in, **factory))
+        self.register_buffer("rank_mask", torch.ones(*lead, r, dtype=torch.bool, device=like.device))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         nn.init.normal_(self.P, std=init_std)
@@ -149,12 +170,17 @@ class SVDAdapter(nn.Module):
     # ------------------------------------------------------------------ shapes
     @property
     def r(self) -> int:
-        """Current number of triplets (the initial rank until the adapter is compacted).
+        """Current number of triplets of each matrix (the initial rank until the adapter is compacted).
 
         Read from ``rank_mask``, a buffer that is always whole: DeepSpeed ZeRO-3 empties the parameters outside the
         forward pass (lambda's local shape is then ``(0,)``).
         """
-        return self.rank_mask.shape[0]
+        return self.rank_mask.shape[-1]
+
+    @property
+    def num_matrices(self) -> int:
+        """Matrices the adapter holds triplets for: 1, or one per expert of a fused MoE weight."""
+        return math.prod(self.rank_mask.shape[:-1])
 
     def layer_options(self) -> dict[str, Any]:
         """Settings of the base layer besides its weight shape, as JSON values (recorded in adapter files)."""
@@ -187,18 +213,20 @@ class SVDAdapter(nn.Module):
     def kept_factors(self, keep: torch.Tensor | None = None) -> KeptFactors:
         """Copies of P, lambda and Q cut to the triplets ``keep`` (default: those ``rank_mask`` keeps).
 
-        What saving, exporting and compacting an adapter start from. ``index_select`` copies, so the result never
+        What saving, exporting and compacting an adapter start from. The selection copies, so the result never
         shares storage with the parameters.
 
         Args:
-            keep: ascending triplet indices ``(k,)``; see :func:`kept_triplets` to read every adapter's mask with one
-                host sync.
+            keep: triplet indices ``(..., k)`` as :func:`kept_triplets` gives them (it reads every adapter's mask with
+                one host sync). Rows padded with masked triplets (fused experts of unequal ranks) get lambda = 0.
         """
         if keep is None:
-            keep = self.rank_mask.nonzero().squeeze(1)
+            keep = kept_triplets([self])[0]
         keep = keep.to(self.E.device)
         with torch.no_grad():
-            p, e, q = (getattr(self, attr).detach().index_select(dim, keep) for attr, dim in TRIPLET_DIMS)
+            p, e, q = (take_triplets(getattr(self, attr).detach(), dim, keep) for attr, dim in TRIPLET_DIMS)
+            if e.dim() > 1:  # padding: the masked triplets that fill an expert's row up to the largest kept rank
+                e *= take_triplets(self.rank_mask, -1, keep)
         return KeptFactors(p, e, q, self.scale)
 
     def adapter_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
@@ -289,9 +317,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def kept_triplets(adapters: Sequence[SVDAdapter]) -> list[torch.Tensor]:
-    """Ascending indices of the triplets each adapter's ``rank_mask`` keeps, read with one host sync for all."""
+    """Indices of the triplets each adapter's ``rank_mask`` keeps, read with one host sync for all.
+
+    One matrix: the kept triplets in ascending order, ``(k,)``. Fused experts, whose tensors hold every expert at one
+    rank: ``(experts, k)`` with k the largest kept rank of any expert; each row lists that expert's kept triplets in
+    ascending order, then as many of its masked ones as fill the row (:meth:`SVDAdapter.kept_factors` zeroes their
+    lambda; their ``rank_mask`` stays False).
+    """
     masks = [a.rank_mask for a in adapters]
     if not masks:
         return []
-    kept = torch.cat(masks).cpu().split([m.numel() for m in masks])
-    return [mask.nonzero().squeeze(1) for mask in kept]
+    kept = torch.cat([m.reshape(-1) for m in masks]).cpu().split([m.numel() for m in masks])
+    out = []
+    for mask, flat in zip(masks, kept, strict=True):
+        mask = flat.view(mask.shape)
+        k = int(mask.sum(-1).max()) if mask.numel() else 0
+        # A stable sort of "masked" puts the kept triplets first, each group in ascending order.
+        out.append(torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :k])
+    return out

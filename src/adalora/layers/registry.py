@@ -20,6 +20,7 @@ from torch import nn
 from .base import SVDAdapter, overrides
 from .conv import SVDConv
 from .embedding import SVDEmbedding
+from .experts import FusedWeight, SVDExperts, supported_experts
 from .linear import SVDConv1D, SVDLinear, conv1d_type
 from .quantized import (
     Quantization,
@@ -100,6 +101,12 @@ LAYER_TYPES: tuple[LayerType, ...] = (
     ),
     LayerType(("embedding",), "nn.Embedding", lambda m: isinstance(m, nn.Embedding), SVDEmbedding),
     LayerType(("conv1d",), "transformers' GPT-2 Conv1D", _is_gpt2_conv1d, SVDConv1D),
+    # A fused 3-D expert weight of an MoE block (named in target_parameters, or every one of a block named in
+    # target_modules): a (block, parameter name) pair rather than a module, which no entry above matches.
+    LayerType(
+        ("experts",), f"the fused expert weights of the MoE blocks {supported_experts()}",
+        lambda m: isinstance(m, FusedWeight), SVDExperts,
+    ),
 )  # fmt: skip
 
 QUANTIZATIONS: dict[str, Quantization] = {t.quantization.method: t.quantization for t in LAYER_TYPES if t.quantization}
@@ -120,21 +127,21 @@ def supported_quantized() -> str:
     return _in_words([t.description for t in LAYER_TYPES if t.quantization is not None])
 
 
-def layer_type_of(module: nn.Module) -> LayerType | None:
+def layer_type_of(module: nn.Module | FusedWeight) -> LayerType | None:
     """The entry of ``module``'s type (the first that matches), or None if it is not supported or an adapter."""
     if isinstance(module, SVDAdapter):
         return None
     return next((t for t in LAYER_TYPES if t.matches(module)), None)
 
 
-def adapter_class_for(module: nn.Module) -> type[SVDAdapter] | None:
+def adapter_class_for(module: nn.Module | FusedWeight) -> type[SVDAdapter] | None:
     """The adapter type that can replace ``module``, or None if its type is not supported (see also
     :func:`refusal`: some modules of a supported type still cannot be adapted)."""
     entry = layer_type_of(module)
     return None if entry is None else entry.adapter
 
 
-def refusal(module: nn.Module) -> str | None:
+def refusal(module: nn.Module | FusedWeight) -> str | None:
     """Why ``module``, of a supported type, cannot be adapted (None if it can).
 
     An ``nn.Linear`` subclass with a forward of its own (a quantized layer of a library without an entry here) or

@@ -53,9 +53,14 @@ class Layout:
         self.device = self._device()
         # An allocation's keep-mask in lambda's dtype, with its per-adapter views made once: splitting a fresh mask
         # into one view per adapter at every allocation costs more than the products themselves.
-        sizes = [a.r for a in self.adapters]
-        self._keep_factor = torch.empty(sum(sizes), dtype=self.adapters[0].E.dtype, device=self.device)
-        self._keep_views = list(self._keep_factor.split(sizes))
+        # Sized from rank_mask, which is always whole (ZeRO-3 empties lambda outside the forward) and shaped like
+        # lambda ((E, r) for fused MoE experts).
+        masks = [a.rank_mask for a in self.adapters]
+        self._keep_factor = torch.empty(
+            sum(m.numel() for m in masks), dtype=self.adapters[0].E.dtype, device=self.device
+        )
+        split = self._keep_factor.split([m.numel() for m in masks])
+        self._keep_views = [v.view(m.shape) for v, m in zip(split, masks, strict=True)]
         # The final phase's lambda multipliers (the frozen masks in lambda's dtype) and the lambdas they were made
         # for; set by freeze_masks.
         self._frozen_factors: list[torch.Tensor] | None = None
@@ -150,7 +155,7 @@ class Layout:
         nothing to zero and the final-phase steps do nothing.
         """
         masks = [a.rank_mask for a in self.adapters]
-        factors = torch.cat(masks).to(self.adapters[0].E.dtype)
+        factors = torch.cat([m.reshape(-1) for m in masks]).to(self.adapters[0].E.dtype)
         shapes = [a.E.shape for a in self.adapters]
         split = factors.split([m.numel() for m in masks])
         self._frozen_factors = [] if bool(factors.all()) else [f.view(s) for f, s in zip(split, shapes, strict=True)]
@@ -175,7 +180,7 @@ class Layout:
     ) -> None:
         """Raise :class:`~.consistency.ConsistencyError` on every process if the processes disagree about this
         allocation (a no-op in one process)."""
-        check_allocation_consistency(step, budget, keep, scores, names, [a.r for a in self.adapters])
+        check_allocation_consistency(step, budget, keep, scores, names, [a.rank_mask.numel() for a in self.adapters])
 
     def setup_problem(self, check_consistency: bool) -> str | None:
         """What is wrong with how the processes were started, or None (see :func:`~.launch.launch_problem`)."""

@@ -144,6 +144,8 @@ def unsupported(optimizer: Any, adapters: Sequence[SVDAdapter]) -> str | None:
         return "DeepSpeed fp16 (its gradients are loss-scaled until its step) is not supported"
     if any(isinstance(a, QuantizedAdapter) for a in adapters):
         return "a quantized base layer (bitsandbytes, torchao) under DeepSpeed is not supported"
+    if any(a.rank_mask.dim() > 1 for a in adapters):  # SVDExperts: one set of triplets per expert
+        return "adapters on fused MoE expert weights under DeepSpeed are not supported (untested)"
     name = type(optimizer).__name__
     if not name.startswith("DeepSpeedZeroOptimizer"):
         return f"DeepSpeed's {name} (DeepSpeed without ZeRO, or ZeRO-1 with fp32 gradient accumulation) is unsupported"

@@ -86,7 +86,12 @@ def adapt(settings: RunSettings, model: Model, steps: int, batches: int) -> AdaL
         if rank is None:
             raise RunError("--method lora needs a rank: give --lora-r (or --target-r)")
         config = lora_config(
-            rank, target_modules=model.targets, alpha=given.alpha, dropout=given.dropout, modules_to_save=model.heads
+            rank,
+            target_modules=model.targets,
+            target_parameters=given.target_parameters,
+            alpha=given.alpha,
+            dropout=given.dropout,
+            modules_to_save=model.heads,
         )
         inject_lora(model.module, config)
         return config

@@ -42,6 +42,14 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
+    # Mixture-of-experts decoders: "experts" names each layer's fused-experts block, whose every expert weight
+    # matrix gets triplets of its own (layers/experts.py); gate_proj/up_proj/down_proj are their dense MLPs (shared
+    # experts, dense layers), where the model has them.
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"),
+    "qwen2_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"),
+    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj", "experts"),
+    "olmoe": ("q_proj", "k_proj", "v_proj", "o_proj", "experts"),
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj", "experts"),
 }
 # Task heads that sequence-classification models add on top (trained fully, saved with the adapter).
 HEAD_NAMES = ("pre_classifier", "classifier", "score")

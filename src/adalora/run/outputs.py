@@ -10,7 +10,7 @@ from typing import Any
 from .. import parallel
 from ..allocator import RankAllocator
 from ..files.atomic import atomic_directory, read_json, write_json
-from ..layers import find_adapters
+from ..layers import find_adapters, matrix_ranks
 from .defaults import training_rank
 from .directory import (
     BUDGET_FILE,
@@ -31,10 +31,10 @@ from .words import plural
 
 
 def rank_pattern(model: Model, method: Method) -> dict[str, int]:
-    """Final rank of every adapted matrix (empty for full fine-tuning)."""
+    """Final rank of every adapted matrix (each expert of a fused MoE weight apart; empty for full fine-tuning)."""
     if method.allocator is not None:
         return method.allocator.rank_pattern()
-    return {name: adapter.kept_rank() for name, adapter in find_adapters(model.module)}
+    return matrix_ranks(find_adapters(model.module))
 
 
 def save_weights(settings: RunSettings, task: AnyTask, model: Model, method: Method, output_dir: Path) -> Path:

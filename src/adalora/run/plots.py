@@ -38,6 +38,10 @@ MATRIX_SYMBOLS = {
     "attn.c_proj": "Wo",
     "mlp.c_fc": "Wf1",
     "mlp.c_proj": "Wf2",
+    # The fused expert weights of MoE blocks (one row per expert: "Wgu[3]" is expert 3's gate and up projection).
+    "mlp.experts.gate_up_proj": "Wgu",
+    "mlp.experts.up_proj": "Wf1",
+    "mlp.experts.down_proj": "Wf2",
 }
 
 _LAYER = re.compile(r"^(?:.*\.)?(\d+)\.(.+)$")
@@ -46,13 +50,13 @@ _LAYER = re.compile(r"^(?:.*\.)?(\d+)\.(.+)$")
 def split_name(name: str) -> tuple[int | None, str]:
     """(layer index, matrix type) of a module name: ``bert.encoder.layer.3.attention.self.query`` -> (3, Wq).
 
-    The layer is the last integer component followed by more components; names without one get None.
+    The layer is the last integer component followed by more components; names without one get None. An expert of a
+    fused MoE weight, ``model.layers.3.mlp.experts.down_proj[5]``, is its own matrix type: (3, Wf2[5]).
     """
     match = _LAYER.match(name)
-    if match is None:
-        return None, MATRIX_SYMBOLS.get(name, name)
-    kind = match.group(2)
-    return int(match.group(1)), MATRIX_SYMBOLS.get(kind, kind)
+    layer, kind = (None, name) if match is None else (int(match.group(1)), match.group(2))
+    base, bracket, expert = kind.partition("[")
+    return layer, MATRIX_SYMBOLS.get(base, base) + bracket + expert
 
 
 def rank_grid(rank_pattern: Mapping[str, int]) -> tuple[list[str], list[int | None], list[list[int | None]]]:
@@ -101,16 +105,19 @@ def plot_rank_heatmap(
     types, layers, grid = rank_grid(rank_pattern)
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
     vmax = init_r if init_r is not None else max(1.0, float(np.nanmax(values)))
-    # At least 6 inches wide so that a title naming the method and the task fits above 6 layers.
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 + 0.6 * len(layers)), 1.4 + 0.5 * max(len(types), 3)))
+    # At least 6 inches wide so that a title naming the method and the task fits above 6 layers; MoE models have a
+    # row per expert, so beyond a screenful of rows they get thinner and the numbers leave the cells.
+    many = len(types) > 32
+    row = 0.16 if many else 0.5
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.8 + 0.6 * len(layers)), 1.4 + row * max(len(types), 3)))
     image = ax.imshow(values, cmap="YlGnBu", vmin=0, vmax=vmax, aspect="auto")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
+    for i, cells in enumerate(grid if not many else []):
+        for j, value in enumerate(cells):
             if value is not None:
                 dark = value > 0.6 * vmax
                 ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black", fontsize=9)
     ax.set_xticks(range(len(layers)), ["-" if layer is None else str(layer + 1) for layer in layers])
-    ax.set_yticks(range(len(types)), types)
+    ax.set_yticks(range(len(types)), types, fontsize=6 if many else None)
     ax.set_xlabel("layer")
     fig.colorbar(image, ax=ax, label="final rank")
     ax.set_title(title or f"Final rank per matrix (total {sum(rank_pattern.values())})", fontsize=11)
