@@ -24,10 +24,20 @@ from typing import Any
 
 import torch
 
+from .chat_data import (
+    MESSAGES,
+    MESSAGES_KIND,
+    PROMPT_COMPLETION_KIND,
+    Conversations,
+    conversational_kind,
+    read_conversations,
+)
 from .data import DataError, read_records, rotten_tomatoes
 from .lm_loss import IGNORE_INDEX
 
 EVAL_FRACTION = 0.1  # share of the training records held out when no eval file is given
+TEXT, PROMPT_COMPLETION = "text", "prompt-completion"  # the kinds of LMExamples
+CONVERSATIONAL = (MESSAGES_KIND, PROMPT_COMPLETION_KIND)  # the kinds of Conversations
 
 
 class LMError(ValueError):
@@ -47,7 +57,7 @@ class LMExamples:
 
     @property
     def kind(self) -> str:
-        return "text" if self.prompts is None else "prompt-completion"
+        return TEXT if self.prompts is None else PROMPT_COMPLETION
 
     def take(self, indices: Sequence[int]) -> LMExamples:
         prompts = None if self.prompts is None else tuple(self.prompts[i] for i in indices)
@@ -58,14 +68,17 @@ class LMExamples:
         return self if limit is None or limit >= len(self) else self.take(range(limit))
 
 
+LMData = LMExamples | Conversations  # one split of a causal-LM task, in any of its forms
+
+
 @dataclass(frozen=True)
 class LMTask:
     """A causal-LM task: train and held-out splits. ``label_names``/``num_labels`` mirror :class:`adalora.run.data.Task`
     (a language model has no classes), so that run bookkeeping treats both alike."""
 
     name: str
-    train: LMExamples
-    eval: LMExamples
+    train: LMData
+    eval: LMData
     label_names: tuple[str, ...] = ()
 
     @property
@@ -75,13 +88,16 @@ class LMTask:
 
 def read_lm_examples(
     path: str | Path, text_column: str = "text", prompt_column: str = "prompt", completion_column: str = "completion"
-) -> LMExamples:
-    """Examples from a user's file: prompt/completion records if both columns exist, else ``text_column``.
+) -> LMData:
+    """Examples from a user's file, in the form of its first record, which every record must share:
 
-    ``.txt`` files hold plain text; each paragraph (blank-line separated) is a document.
+    - conversations (:mod:`adalora.run.chat_data`): a ``messages`` list, or prompt and completion lists of messages;
+    - prompt/completion records, when both columns hold text;
+    - else ``text_column``. ``.txt`` files hold plain text; each paragraph (blank-line separated) is a document.
 
     Raises:
-        DataError: if the file cannot be read, lacks the columns, or has an empty text.
+        DataError: if the file cannot be read, mixes forms, lacks the columns, or has an empty text or a malformed
+            conversation (with the example number).
     """
     path = Path(path)
     if path.suffix.lower() == ".txt":
@@ -93,16 +109,37 @@ def read_lm_examples(
             raise DataError(f"{path}: no text")
         return LMExamples(documents)
     records = read_records(path)
-    columns = records[0].keys()
-    if prompt_column in columns and completion_column in columns:
+    columns = (text_column, prompt_column, completion_column)
+    first = _form(records[0], *columns)
+    for number, record in enumerate(records, start=1):
+        form = _form(record, *columns)
+        if first is not None and form is not None and form != first:  # a row without the columns: said below
+            raise DataError(
+                f"{path}: example {number} is a {form} row but example 1 is a {first} row; write every example of "
+                "a file in one format"
+            )
+    if first in CONVERSATIONAL:
+        return read_conversations(records, path, prompt_column, completion_column)
+    if first == PROMPT_COMPLETION:
         prompts = _strings(records, prompt_column, path, allow_empty=True)
         return LMExamples(_strings(records, completion_column, path), prompts)
-    if text_column in columns:
+    if first == TEXT:
         return LMExamples(_strings(records, text_column, path))
     raise DataError(
-        f"{path}: expected '{prompt_column}' and '{completion_column}' columns (loss on the completion) or a "
-        f"'{text_column}' column (plain text; see --text-column); the columns are: {', '.join(map(str, columns))}"
+        f"{path}: expected a '{MESSAGES}' list (conversations), '{prompt_column}' and '{completion_column}' columns "
+        f"(loss on the completion) or a '{text_column}' column (plain text; see --text-column); the columns are: "
+        f"{', '.join(map(str, records[0]))}"
     )
+
+
+def _form(record: dict[str, Any], text_column: str, prompt_column: str, completion_column: str) -> str | None:
+    """The form of one record (an :class:`LMExamples` or :class:`Conversations` kind); None if it has none."""
+    conversational = conversational_kind(record, prompt_column, completion_column)
+    if conversational is not None:
+        return conversational
+    if prompt_column in record and completion_column in record:
+        return PROMPT_COMPLETION
+    return TEXT if text_column in record else None
 
 
 def _strings(records: list[dict[str, Any]], column: str, path: Path, allow_empty: bool = False) -> tuple[str, ...]:
@@ -121,7 +158,7 @@ def builtin_text(eval_size: int = 1000) -> tuple[LMExamples, LMExamples]:
     return LMExamples(task.train.texts), LMExamples(task.eval.texts)
 
 
-def hold_out(examples: LMExamples, fraction: float = EVAL_FRACTION, seed: int = 0) -> tuple[LMExamples, LMExamples]:
+def hold_out(examples: LMData, fraction: float = EVAL_FRACTION, seed: int = 0) -> tuple[LMData, LMData]:
     """(train, held-out): a fixed shuffled ``fraction`` of the examples (at least one) is held out.
 
     Raises:
@@ -195,10 +232,8 @@ def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str
     Raises:
         LMError: if the tokenizer has no EOS token, or no row with a trained token is left.
     """
-    if max_length < 2:
-        raise LMError(f"--max-length must be at least 2 for next-token training, got {max_length}")
-    eos = eos_id(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    check_max_length(max_length)
+    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []  # (input ids, labels) before padding
     if examples.prompts is None:
         documents = tokenizer(list(examples.texts), verbose=False)["input_ids"]
@@ -221,6 +256,30 @@ def encode_lm(tokenizer: Any, examples: LMExamples, max_length: int) -> dict[str
             f"no {examples.kind} example leaves a token to train on within --max-length {max_length} "
             "(prompts longer than the limit?); raise --max-length or shorten the prompts"
         )
+    return padded_rows(rows, max_length, pad)
+
+
+def check_max_length(max_length: int) -> None:
+    """Refuse a row length in which no token is predicted (position ``i`` predicts token ``i + 1``)."""
+    if max_length < 2:
+        raise LMError(f"--max-length must be at least 2 for next-token training, got {max_length}")
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills the padding (any id would do: padding is masked out of attention and loss)."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    return 0
+
+
+def padded_rows(rows: Sequence[tuple[list[int], list[int]]], max_length: int, pad: int) -> dict[str, torch.Tensor]:
+    """Rows of ``(input ids, labels)`` of at most ``max_length`` tokens, left-padded to exactly ``max_length``.
+
+    Returns:
+        ``input_ids`` (``pad`` on the padding), ``attention_mask`` (0 on the padding) and ``labels`` (-100 on the
+        padding), each ``(len(rows), max_length)``.
+    """
     n = len(rows)
     input_ids = torch.full((n, max_length), pad, dtype=torch.long)
     labels = torch.full((n, max_length), IGNORE_INDEX, dtype=torch.long)

@@ -29,6 +29,7 @@ from ..fields import (
     flag as flag_of,
 )
 from ..layers import QUANTIZATIONS
+from .chat_data import AssistantLoss
 from .data import BUILTIN_TASKS
 from .defaults import describe_defaults
 
@@ -86,6 +87,10 @@ class RunSettings:
         None, "column of the second text (sentence pairs)", metavar="NAME", group="data"
     )
     label_column: str = setting("label", "integers 0..k-1 or names", metavar="NAME", group="data")
+    assistant_loss: AssistantLoss = setting(
+        "all", f"{CAUSAL_LM} on conversations: which assistant turns carry the loss, all or the last of each "
+        "conversation (of its completion, in the prompt/completion form)", group="data",
+    )  # fmt: skip
     max_train: int | None = setting(
         3000, "first N training examples (the built-in split is shuffled)", COUNT, metavar="N", none_as="all",
         group="data",

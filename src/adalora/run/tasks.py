@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .chat_data import Conversations
+from .chat_template import encode_chat
 from .data import DataError, Task, builtin_task, file_task
 from .data import encode as encode_classes
 from .evaluate import Evaluator, evaluate_accuracy, evaluate_perplexity
-from .lm_data import LMTask, encode_lm, lm_task
+from .lm_data import LMData, LMTask, encode_lm, lm_task
 from .lm_loss import next_token_loss
 from .settings import CAUSAL_LM, RunSettings
 
@@ -41,9 +43,33 @@ def classification_task(settings: RunSettings) -> Task:
 
 
 def text_task(settings: RunSettings) -> LMTask:
-    """The user's files (the eval split held out of train when not given), or the built-in text."""
+    """The user's files (the eval split held out of train when not given), or the built-in text.
+
+    Raises:
+        DataError: also for ``--assistant-loss last`` on data without conversations (it would change nothing).
+    """
     files = (settings.train_file, settings.eval_file, settings.text_column)
-    return lm_task(*files, settings.max_train, settings.max_eval)
+    task = lm_task(*files, settings.max_train, settings.max_eval)
+    if settings.assistant_loss != "all" and not isinstance(task.train, Conversations):
+        raise DataError(
+            f"--assistant-loss {settings.assistant_loss} chooses assistant turns of conversations, and "
+            f"{settings.train_file or 'the built-in text'} holds {task.train.kind} examples; drop --assistant-loss"
+        )
+    return task
+
+
+def classification_tensors(tokenizer: Any, examples: Any, settings: RunSettings) -> Tensors:
+    """Rows of ``settings.max_length`` tokens, one per example (:func:`adalora.run.data.encode`)."""
+    return encode_classes(tokenizer, examples, settings.max_length)
+
+
+def text_tensors(tokenizer: Any, examples: LMData, settings: RunSettings) -> Tensors:
+    """Rows of ``settings.max_length`` tokens for next-token training: conversations through the chat template
+    (:func:`adalora.run.chat_template.encode_chat`), text and prompt/completion examples as they are
+    (:func:`adalora.run.lm_data.encode_lm`)."""
+    if isinstance(examples, Conversations):
+        return encode_chat(tokenizer, examples, settings.max_length, settings.assistant_loss)
+    return encode_lm(tokenizer, examples, settings.max_length)
 
 
 @dataclass(frozen=True)
@@ -52,7 +78,7 @@ class Kind:
 
     Attributes:
         read: the task's examples, from the settings.
-        encode: ``(tokenizer, examples, max_length) -> tensors`` of fixed-length rows.
+        encode: ``(tokenizer, examples, settings) -> tensors`` of fixed-length rows.
         evaluate: ``(model, tensors, batch_size) -> scores`` on the held-out split.
         loss: the training loss of a batch (None: the model's own ``loss``).
         metric: the score a run reports: ``accuracy`` (higher is better) or ``perplexity`` (lower).
@@ -62,7 +88,7 @@ class Kind:
     """
 
     read: Callable[[RunSettings], AnyTask]
-    encode: Callable[[Any, Any, int], Tensors]
+    encode: Callable[[Any, Any, RunSettings], Tensors]
     evaluate: Evaluator
     loss: Loss | None
     metric: str
@@ -72,11 +98,11 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "classification": Kind(
-        classification_task, encode_classes, evaluate_accuracy, None, "accuracy", False,
+        classification_task, classification_tensors, evaluate_accuracy, None, "accuracy", False,
         "the packaged all-MiniLM-L6-v2",
     ),
     CAUSAL_LM: Kind(
-        text_task, encode_lm, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M"
+        text_task, text_tensors, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M"
     ),
 }  # fmt: skip
 
@@ -118,6 +144,6 @@ def encode(settings: RunSettings, task: AnyTask, tokenizer: Any) -> Data:
     kind = kind_of(settings.task)
     return Data(
         task,
-        kind.encode(tokenizer, task.train, settings.max_length),
-        kind.encode(tokenizer, task.eval, settings.max_length),
+        kind.encode(tokenizer, task.train, settings),
+        kind.encode(tokenizer, task.eval, settings),
     )
