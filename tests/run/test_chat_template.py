@@ -147,7 +147,14 @@ def test_max_length_cuts_the_end_and_refuses_a_turn_cut_away_entirely(tmp_path):
         encode_chat(chat_tokenizer(), examples, max_length=19)  # the second turn starts at token 20 of 22
     assert str(error.value) == (
         f"{tmp_path / 'chat.jsonl'}: example 2: --max-length 19 cuts away its message 5 (assistant) entirely (its "
-        "tokens are 20-22 of 22); --max-length 22 keeps every trained turn, or shorten the conversation"
+        "tokens are 20-22 of 22); --max-length 22 keeps every trained turn, or shorten the conversations"
+    )
+    with pytest.raises(LMError) as error:  # every conversation loses a turn: the first is named, and the count
+        encode_chat(chat_tokenizer(), examples, max_length=6)
+    assert str(error.value) == (
+        f"{tmp_path / 'chat.jsonl'}: example 1: --max-length 6 cuts away its message 2 (assistant) entirely (its "
+        "tokens are 7-8 of 8), as it does a trained turn of 2 conversations in all; --max-length 22 keeps every "
+        "trained turn, or shorten the conversations"
     )
 
 
@@ -325,7 +332,7 @@ def test_cli_errors_on_conversations_are_one_line_and_write_nothing(chat_lm, tmp
     assert "has no chat template" in err
     err = one_line_error(capsys, chat_train(chat_lm, good, out, "--max-length", "12"))
     assert re.search(r"chat.jsonl: example \d+: --max-length 12 cuts away its message 4 \(assistant\) entirely", err)
-    assert "(its tokens are 22-23 of 23); --max-length 23 keeps every trained turn" in err
+    assert "(its tokens are 22-23 of 23), as it does a trained turn of 11 conversations in all; --max-length 23" in err
     err = one_line_error(capsys, chat_train(chat_lm, text, out, "--assistant-loss", "last"))
     assert "--assistant-loss last chooses assistant turns of conversations" in err
     assert not out.exists()

@@ -88,36 +88,40 @@ def encode_chat(
     """
     check_max_length(max_length)
     marked = GENERATION_BLOCK.search(chat_template(tokenizer, conversations)) is not None
-    rows = []
+    rows, cut = [], []  # cut: (where, message index, its turn, the conversation's tokens, the length keeping them)
     for conversation in conversations.items:
         where = conversations.where(conversation)
         chosen = conversation.trainable()
         chosen = chosen[-1:] if assistant_loss == "last" else chosen
         locate = marked_turns if marked else rendered_turns
         ids, turns = locate(tokenizer, conversation, chosen, where)
-        rows.append(labelled(ids, dict(zip(chosen, turns, strict=True)), max_length, where))
+        lost = [(index, turn) for index, turn in zip(chosen, turns, strict=True) if turn[0] >= max_length]
+        if lost:
+            cut.append((where, *lost[0], len(ids), turns[-1][1]))
+        rows.append(labelled(ids, turns, max_length))
+    if cut:
+        raise cut_away(cut, max_length)
     return padded_rows(rows, max_length, pad_id(tokenizer))
 
 
-def labelled(ids: list[int], turns: dict[int, Turn], max_length: int, where: str) -> tuple[list[int], list[int]]:
-    """``(ids, labels)`` cut to ``max_length`` tokens: labels are the ids in the ``turns`` (by message index) and -100
-    elsewhere.
-
-    Raises:
-        LMError: if a turn starts at or after ``max_length`` (none of it would be trained), with the length that
-            keeps every turn.
-    """
+def labelled(ids: list[int], turns: list[Turn], max_length: int) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` cut to ``max_length`` tokens: labels are the ids inside the ``turns`` and -100 elsewhere."""
     labels = [IGNORE_INDEX] * len(ids)
-    for index, (start, end) in turns.items():
-        if start >= max_length:
-            needed = max(end for _, end in turns.values())
-            raise LMError(
-                f"{where}: --max-length {max_length} cuts away its message {index + 1} (assistant) entirely (its "
-                f"tokens are {start + 1}-{end} of {len(ids)}); --max-length {needed} keeps every trained turn, or "
-                "shorten the conversation"
-            )
+    for start, end in turns:
         labels[start:end] = ids[start:end]
     return ids[:max_length], labels[:max_length]
+
+
+def cut_away(cut: list[tuple[str, int, Turn, int, int]], max_length: int) -> LMError:
+    """The one line for conversations whose trained turns ``max_length`` cuts away entirely (a turn that starts at
+    or after it): the first of them, how many there are, and the length that keeps every trained turn of all."""
+    where, index, (start, end), tokens, _ = cut[0]
+    others = f", as it does a trained turn of {len(cut)} conversations in all" if len(cut) > 1 else ""
+    return LMError(
+        f"{where}: --max-length {max_length} cuts away its message {index + 1} (assistant) entirely (its tokens are "
+        f"{start + 1}-{end} of {tokens}){others}; --max-length {max(c[-1] for c in cut)} keeps every trained turn, "
+        "or shorten the conversations"
+    )
 
 
 def render(tokenizer: Any, conversation: Conversation, where: str, end: int | None = None, **options: Any) -> Any:
@@ -146,7 +150,7 @@ def rendered_turns(
     """
     text = render(tokenizer, conversation, where, tokenize=False)
     spans = [character_span(tokenizer, conversation, index, text, where) for index in chosen]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return list(encoded["input_ids"]), [token_span(encoded["offset_mapping"], span) for span in spans]
 
 
@@ -194,7 +198,8 @@ def marked_turns(
         LMError: if the template refuses the conversation, or marks another number of spans than it has assistant
             messages.
     """
-    out = render(tokenizer, conversation, where, return_dict=True, return_assistant_tokens_mask=True)
+    options = {"return_dict": True, "return_assistant_tokens_mask": True, "tokenizer_kwargs": {"verbose": False}}
+    out = render(tokenizer, conversation, where, **options)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     edges = [i for i in range(len(mask) + 1) if (mask[i - 1] if i else 0) != (mask[i] if i < len(mask) else 0)]
     runs = list(zip(edges[::2], edges[1::2], strict=True))  # [start, end) of each run of 1s

