@@ -3,11 +3,11 @@
 A conversation (:mod:`adalora.run.chat_data`) becomes one row: the whole conversation as the chat template writes it
 (``tokenizer.apply_chat_template``), tokenised once as transformers tokenises a rendered chat (no special tokens
 added: the template writes them), truncated to ``--max-length`` at the end and left-padded like a prompt/completion
-row (:mod:`adalora.run.lm_data`). Labels are the tokens of the trained assistant turns, each from its first
-content token through the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...: so the model
-learns to stop), and -100 everywhere else: system and user turns, the template's headers and generation prompts
-(``<|im_start|>assistant\\n``), the whitespace a template writes after a turn, and the padding. Which turns are
-trained: every assistant turn, or only the last one of each conversation (``assistant_loss``); in TRL's
+row (:mod:`adalora.run.lm_data`). Labels are the tokens of the trained assistant turns, each from the end of the
+generation prompt through the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``...: so the
+model learns to stop), and -100 everywhere else: system and user turns, the template's headers and generation
+prompts (``<|im_start|>assistant\\n``), the whitespace a template writes after a turn, and the padding. Which turns
+are trained: every assistant turn, or only the last one of each conversation (``assistant_loss``); in TRL's
 prompt/completion form only those of the completion.
 
 Where the assistant turns are, in characters of the rendered text, comes from one of two sources:
@@ -23,7 +23,7 @@ Where the assistant turns are, in characters of the rendered text, comes from on
 
 Token positions follow from the characters as transformers computes its assistant mask: a token carries the loss
 if its character span (the fast tokenizer's offsets) overlaps a trained turn's. So both sources give the same
-positions on a template that has generation blocks (tests/run/test_chat_data.py checks it).
+positions on a template that has generation blocks (tests/run/test_chat_template.py checks it).
 """
 
 from __future__ import annotations
@@ -201,8 +201,13 @@ def marked_turns(
     options = {"return_dict": True, "return_assistant_tokens_mask": True, "tokenizer_kwargs": {"verbose": False}}
     out = render(tokenizer, conversation, where, **options)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    edges = [i for i in range(len(mask) + 1) if (mask[i - 1] if i else 0) != (mask[i] if i < len(mask) else 0)]
-    runs = list(zip(edges[::2], edges[1::2], strict=True))  # [start, end) of each run of 1s
+    runs, start = [], None  # [start, end) of each run of 1s
+    for i, flag in enumerate([*mask, 0]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
     assistants = [i for i, (role, _) in enumerate(conversation.messages) if role == ASSISTANT]
     if len(runs) != len(assistants):
         raise LMError(
