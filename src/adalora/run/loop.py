@@ -280,14 +280,15 @@ class RunCallbacks:
         self.checkpoint()
         self.stop_if_asked()
 
-    def collapse_guard_inputs(self) -> tuple[list[int], list[int], float, float | None]:
-        """(train label counts, eval label counts, lr, adapter scale) for :func:`adalora.run.collapse.guard_epoch`."""
+    def collapse_guard_inputs(self) -> tuple[list[int], list[int], float, float | None, int]:
+        """(train label counts, eval label counts, lr, adapter scale, total steps) for
+        :func:`adalora.run.collapse.guard_epoch`."""
         settings, config = self.settings, self.settings.adalora
         labels = len(self.data.task.label_names)
         train = torch.bincount(self.data.train["labels"], minlength=labels).tolist()
         held_out = torch.bincount(self.data.eval["labels"], minlength=labels).tolist()
         rank = training_rank(settings.method, settings.lora_r, config.target_r, config.init_r)
-        return train, held_out, self.method.lr, config.alpha / rank if rank else None
+        return train, held_out, self.method.lr, config.alpha / rank if rank else None, self.method.total_steps
 
     def close(self) -> None:
         self.bar.close()
