@@ -18,6 +18,7 @@ from typing import Any
 from ..fields import ConfigError
 from ..files.atomic import WriteError
 from ..run.directory import how_to_continue
+from ..run.names import default_output_dir
 from ..run.settings import CONFIG_FIELDS, DERIVED, RUN_FIELDS, RunError, RunSettings, flag
 from ..run.train import run
 from .arguments import UsageError, add_flags
@@ -50,7 +51,8 @@ def register_train(subparsers: SubParsers) -> None:
     run_options = groups["run"]
     run_options.add_argument(
         "--output-dir", metavar="DIR",
-        help="a new or empty directory, or a run of adalora with --overwrite (default: runs/<task>-<method>)",
+        help="a new or empty directory, or a run of adalora with --overwrite (default: runs/<model>-<task>-<method>, "
+        "e.g. runs/smollm2-causal-lm-adalora; <task> is classification for your own files)",
     )  # fmt: skip
     run_options.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run_options.add_argument(
@@ -103,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--resume continues a run in its own directory; drop --output-dir/--overwrite")
         output_dir, resume = Path(args.resume), True
     else:
-        name = Path(settings.train_file).stem if settings.train_file else settings.task
-        output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
+        output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(settings)
+        resume = False
     progress = not args.no_progress
     try:
         run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=progress, given=tuple(typed))

@@ -59,6 +59,7 @@ class Kind:
         score_before: whether the held-out split is scored before training too (a language model's perplexity
             means something untrained; a fresh classification head's accuracy does not).
         packaged: the model used without ``--model``, as the run's first line names it.
+        packaged_name: its short name, in the run's name (names.py).
     """
 
     read: Callable[[RunSettings], AnyTask]
@@ -68,15 +69,17 @@ class Kind:
     metric: str
     score_before: bool
     packaged: str
+    packaged_name: str
 
 
 KINDS: dict[str, Kind] = {
     "classification": Kind(
         classification_task, encode_classes, evaluate_accuracy, None, "accuracy", False,
-        "the packaged all-MiniLM-L6-v2",
+        "the packaged all-MiniLM-L6-v2", "minilm",
     ),
     CAUSAL_LM: Kind(
-        text_task, encode_lm, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M"
+        text_task, encode_lm, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M",
+        "smollm2",
     ),
 }  # fmt: skip
 
