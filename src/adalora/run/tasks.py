@@ -17,6 +17,7 @@ from torch import nn
 
 from .data import DataError, Task, builtin_task, file_task
 from .data import encode as encode_classes
+from .defaults import kind_name
 from .evaluate import Evaluator, evaluate_accuracy, evaluate_perplexity
 from .lm_data import LMTask, encode_lm, lm_task
 from .lm_loss import next_token_loss
@@ -86,7 +87,7 @@ KINDS: dict[str, Kind] = {
 
 def kind_of(task: str) -> Kind:
     """The kind of the ``--task`` ``task``: causal-lm, or classification (every built-in task, and files)."""
-    return KINDS[CAUSAL_LM if task == CAUSAL_LM else "classification"]
+    return KINDS[kind_name(task)]
 
 
 @dataclass(frozen=True)
