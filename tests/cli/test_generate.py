@@ -154,7 +154,8 @@ def broken(trained, tmp_path) -> dict[str, Path]:
         ("failed", (), "the run failed (the loss became NaN at step 3)"),
         ("missing", (), "no such directory"),
         ("unfinished", ("--max-new-tokens", "0"), "--max-new-tokens must be at least 1, got 0"),
-        ("unfinished", ("--temperature", "-1"), "--temperature must be 0 (greedy) or more"),
+        ("unfinished", ("--temperature", "-1"), "--temperature must be 0 (greedy) or a finite number above it"),
+        ("unfinished", ("--temperature", "inf"), "--temperature must be 0 (greedy) or a finite number above it"),
     ],
 )
 def test_what_cannot_generate_is_one_line(broken, tmp_path, capsys, target: str, extra: tuple, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,8 @@ SubParsers = Any  # argparse's private _SubParsersAction
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0:  # also refuses NaN
-        raise UsageError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be 0 (greedy) or a finite number above it, got {args.temperature}")
     if DEVICE.problem(args.device) is not None:
         raise UsageError(f"--device {args.device}: not a device; use auto, cpu, cuda, cuda:N or mps")
     with locked_runs([Path(args.output_dir)], "generate", fix=""):  # not while a run writes its weights there
