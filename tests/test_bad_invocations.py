@@ -98,6 +98,9 @@ CASES = [
     Case("merge-out-foreign", ("merge", "{run}", "--out", "{foreign}"), "refusing to replace it"),
     Case("export-foreign", ("export", "{foreign}"), "no AdaLoRA adapter"),
     Case("export-out-file", ("export", "{run}", "--out", "{world}/notes.txt"), "is a file"),
+    Case("generate-classification", ("generate", "{run}", "--prompt", "hi"), "a classification run"),
+    Case("generate-foreign", ("generate", "{foreign}", "--prompt", "hi"), "is not an adalora run directory"),
+    Case("generate-without-prompt", ("generate", "{run}"), "the following arguments are required: --prompt"),
     # read-only locations (real read-only mounts)
     Case("output-dir-read-only-fs", train("--output-dir", "{ro}/run"), "read-only file system", needs="root"),
     Case("output-dir-read-only-empty", train("--output-dir", "{ro}"), "read-only file system", needs="root"),
@@ -207,7 +210,7 @@ def test_bad_invocation(case: Case, world: World, capsys, monkeypatch) -> None:
 def test_there_are_at_least_30_cases_over_every_subcommand() -> None:
     assert len(CASES) >= 30
     commands = {case.argv[0] for case in CASES if case.argv}
-    assert {"train", "inspect", "plot", "merge", "export"} <= commands
+    assert {"train", "inspect", "plot", "merge", "export", "generate"} <= commands
 
 
 def test_one_line_without_traceback_from_the_console_script(world: World) -> None:

@@ -87,14 +87,16 @@ def test_bad_input_is_a_clear_error(train, held, accuracy, message) -> None:
 def test_guard_warns_once_and_keeps_the_final_epochs_verdict() -> None:
     state: dict = {}
     counts = ([50, 50], [50, 50])
-    first = guard_epoch(state, 1, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0)
+    first = guard_epoch(state, 1, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0, total_steps=186)
     assert first is not None and "after epoch 1 of 3:" in first and "2e-3" not in first  # printed as 0.002
     assert "0.002" in first and "alpha/r = 8" in first and "--lr" in first and "0.6931" in first
-    assert guard_epoch(state, 2, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0) is None  # one warning per run
+    # one warning per run
+    assert guard_epoch(state, 2, 3, 0.70, 0.50, *counts, lr=2e-3, scale=8.0, total_steps=186) is None
     assert state["collapse"]["epoch"] == 2 and state["collapse_epochs"] == [1, 2]
-    assert guard_epoch(state, 3, 3, 0.30, 0.90, *counts, lr=2e-3, scale=8.0) is None
+    assert guard_epoch(state, 3, 3, 0.30, 0.90, *counts, lr=2e-3, scale=8.0, total_steps=186) is None
     assert state["collapse"] is None and state["collapse_epochs"] == [1, 2]  # recovered by the last epoch
-    assert guard_epoch({}, 3, 3, 0.70, 0.50, *counts, lr=5e-5, scale=None) is not None  # full FT: no scale
+    # full fine-tuning: no scale
+    assert guard_epoch({}, 3, 3, 0.70, 0.50, *counts, lr=5e-5, scale=None, total_steps=186) is not None
 
 
 def test_a_huge_learning_rate_collapses_a_tiny_run_and_the_guard_says_so(tmp_path, capsys) -> None:

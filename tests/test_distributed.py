@@ -470,8 +470,9 @@ def test_cli_says_when_dropout_makes_processes_differ_from_one(monkeypatch, worl
 
     monkeypatch.setattr(loop.parallel, "get_world_size", lambda: world)
     settings = SimpleNamespace(
-        method="adalora", task="trec", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False
-    )
+        method="adalora", task="trec", batch_size=8, grad_accum=1, precision="fp32", gradient_checkpointing=False,
+        model=None, train_file=None,
+    )  # fmt: skip
     data = SimpleNamespace(task=SimpleNamespace(name="classification", train=range(8), eval=range(8)))
     module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(dropout))
     model = SimpleNamespace(module=module, device="cpu")

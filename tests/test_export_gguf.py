@@ -149,7 +149,7 @@ def test_gguf_from_a_run_directory_equals_the_library_export(tmp_path):
     export_gguf(model, tmp_path / "direct.gguf", config, base_model_name="org/base")
     save_adapter(model, tmp_path / "run" / "adapter", config, metadata={"model": "org/base"})
     written = export_output_dir(tmp_path / "run", format="gguf")
-    assert written == tmp_path / "run" / "lora.gguf"
+    assert written == tmp_path / "run" / "export-lora.gguf"
     direct_fields, direct = read_lora_gguf(tmp_path / "direct.gguf")
     run_fields, from_run = read_lora_gguf(written)
     assert direct_fields == run_fields

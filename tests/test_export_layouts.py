@@ -165,7 +165,7 @@ def test_export_from_a_run_directory_records_task_type_and_a_meaningful_base_nam
 
     assert main(["export", str(tmp_path / "run"), "--layout", "uniform"]) == 0
     assert "peft adapter written to" in capsys.readouterr().out
-    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    written = json.loads((tmp_path / "run" / "export-peft-uniform" / "adapter_config.json").read_text())
     assert written["task_type"] == "SEQ_CLS"  # from the recorded BertForSequenceClassification
     assert written["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not the venv path
     assert written["rank_pattern"] == {}
@@ -195,14 +195,14 @@ def test_every_format_from_the_same_run(tmp_path, capsys):
     save_adapter(model, tmp_path / "run" / "adapter", config, metadata={"model": "org/gpt2-base"})
     run = str(tmp_path / "run")
     assert main(["export", run]) == 0
-    assert main(["export", run, "--layout", "uniform", "--out", str(tmp_path / "run" / "peft-uniform")]) == 0
+    assert main(["export", run, "--layout", "uniform"]) == 0  # beside the compact export, not over it
     assert main(["export", run, "--format", "gguf"]) == 0
     assert main(["export", run, "--format", "rank-pattern"]) == 0
     out = capsys.readouterr().out
-    for written in ("peft", "peft-uniform", "lora.gguf", "rank-pattern.json"):
-        assert (tmp_path / "run" / written).exists()
-        assert str(tmp_path / "run" / written) in out
-    compact = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
-    uniform = json.loads((tmp_path / "run" / "peft-uniform" / "adapter_config.json").read_text())
+    for written in ("peft-compact", "peft-uniform", "lora.gguf", "rank-pattern.json"):
+        assert (tmp_path / "run" / f"export-{written}").exists()
+        assert str(tmp_path / "run" / f"export-{written}") in out
+    compact = json.loads((tmp_path / "run" / "export-peft-compact" / "adapter_config.json").read_text())
+    uniform = json.loads((tmp_path / "run" / "export-peft-uniform" / "adapter_config.json").read_text())
     assert compact["target_modules"] == uniform["target_modules"]
     assert compact["base_model_name_or_path"] == uniform["base_model_name_or_path"] == "org/gpt2-base"

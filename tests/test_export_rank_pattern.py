@@ -52,7 +52,7 @@ def test_probe_then_peft_lora_with_the_exported_pattern(tmp_path, capsys):
     # 2. The recipe.
     assert main(["export", str(tmp_path / "run"), "--format", "rank-pattern"]) == 0
     assert "rank-pattern recipe written to" in capsys.readouterr().out
-    recipe = json.loads((tmp_path / "run" / "rank-pattern.json").read_text())
+    recipe = json.loads((tmp_path / "run" / "export-rank-pattern.json").read_text())
     assert recipe["ranks"] == ranks
     assert recipe["base_model_name_or_path"] == "org/tiny-llama"
     kwargs = recipe["peft_lora_config"]

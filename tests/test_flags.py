@@ -74,7 +74,7 @@ def helps(defaults: RunSettings) -> dict[str, str]:
 def test_derived_fields_say_how_the_run_fills_them_in() -> None:
     help_of = helps(RunSettings())
     assert help_of["warmup_steps"].endswith(f"(default: {DERIVED['warmup_steps']})")
-    assert help_of["modules_to_save"].endswith("(default: the task head)")
+    assert help_of["modules_to_save"].endswith(f"(default: {DERIVED['modules_to_save']})")
     given = RunSettings().replace(warmup_steps=10, modules_to_save=("score",))
     assert given.derived == ("target_modules", "final_steps")
     assert (given.value("warmup_steps"), given.value("final_steps"), given.value("modules_to_save")) == (

@@ -179,7 +179,7 @@ def test_cli_merge_and_export(tmp_path, capsys):
     torch.testing.assert_close(logits(merged, x), logits(model, x), atol=1e-5, rtol=1e-4)
 
     assert main(["export", str(tmp_path / "run"), "--format", "peft"]) == 0
-    assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "run" / "export-peft-compact" / "adapter_config.json").is_file()
     assert "peft adapter written to" in capsys.readouterr().out
 
     assert main(["merge", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")]) == 2

@@ -95,9 +95,10 @@ def test_cli_export_from_a_saved_adapter_equals_export_peft(tmp_path):
     )
     with pytest.raises(ValueError, match="unknown export format"):
         export_output_dir(tmp_path / "run", tmp_path / "x", format="onnx")
-    assert export_output_dir(tmp_path / "run") == tmp_path / "run" / "peft"  # default: inside the run directory
-    assert export_output_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter-peft"
-    assert (tmp_path / "run" / "peft" / "adapter_model.safetensors").is_file()
+    default = tmp_path / "run" / "export-peft-compact"  # inside the run directory, one per format and layout
+    assert export_output_dir(tmp_path / "run") == default
+    assert export_output_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter-peft-compact"
+    assert (default / "adapter_model.safetensors").is_file()
 
 
 def test_export_with_every_rank_zero_is_an_error(tmp_path):

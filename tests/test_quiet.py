@@ -76,6 +76,27 @@ def test_a_quantized_causal_lm_run_prints_only_our_own_lines(tmp_path, quantize:
     assert result.returncode == 0, result.stderr
     assert "held-out perplexity before training" in result.stdout
     assert foreign_lines(result.stderr) == []
+    generated = run_cli("generate", str(tmp_path / "run"), "--prompt", "Q: the cat sat", "--max-new-tokens", "3")
+    assert generated.returncode == 0 and generated.stderr == "", generated.stderr  # the base quantized again
+
+
+def test_generate_prints_the_completion_only(tmp_path) -> None:
+    """``adalora generate`` on a causal-lm run, with the adapter and merged: its stdout is the completion."""
+    import torch
+
+    from adalora.cli import main
+
+    model, threads = write_tiny_lm(tmp_path / "model"), torch.get_num_threads()
+    try:
+        assert main([*qa_train_args(model, tmp_path, "--epochs", "1"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the run set one thread for this process
+    for merged in ((), ("--merged",)):
+        result = run_cli(
+            "generate", str(tmp_path / "run"), "--prompt", "Q: the dog sat", "--max-new-tokens", "3", *merged
+        )
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert len(result.stdout.splitlines()) == 1
 
 
 def test_no_progress_bars_silences_transformers_bars_and_the_gguf_converter_and_puts_them_back(capfd) -> None:

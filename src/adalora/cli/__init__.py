@@ -1,8 +1,8 @@
-"""The ``adalora`` command line: ``train``, ``inspect``, ``plot``, ``merge`` and ``export``.
+"""The ``adalora`` command line: ``train``, ``inspect``, ``plot``, ``merge``, ``export`` and ``generate``.
 
 One module per subcommand (``train.py``, ``inspect.py`` with ``plot``, ``convert.py`` with ``merge`` and
-``export``); each has a ``register_<name>(subparsers)`` function that adds its parser and sets ``func`` to the
-function that runs it: adding a subcommand is one new function and one line in :data:`SUBCOMMANDS`.
+``export``, ``generate.py``); each has a ``register_<name>(subparsers)`` function that adds its parser and sets
+``func`` to the function that runs it: adding a subcommand is one new function and one line in :data:`SUBCOMMANDS`.
 
 Every mistake a user can make (an option out of range, bad files, unknown columns, impossible schedules, an
 output directory that is not ours or cannot be written) prints one line ``adalora: error: ...`` (argparse's:
@@ -21,6 +21,7 @@ from typing import Any
 from ..files.atomic import WriteError
 from .arguments import Parser, UsageError, argv_or_sys, join_negative_numbers, single_value_options
 from .convert import cmd_export, cmd_merge, register_export, register_merge
+from .generate import cmd_generate, register_generate
 from .inspect import cmd_inspect, cmd_plot, format_rank_table, register_inspect, register_plot
 from .train import cmd_train, register_train
 
@@ -32,11 +33,12 @@ SUBCOMMANDS: list[Callable[[SubParsers], None]] = [
     register_plot,
     register_merge,
     register_export,
+    register_generate,
 ]
 
 __all__ = [
-    "SUBCOMMANDS", "UsageError", "build_parser", "cmd_export", "cmd_inspect", "cmd_merge", "cmd_plot", "cmd_train",
-    "format_rank_table", "main",
+    "SUBCOMMANDS", "UsageError", "build_parser", "cmd_export", "cmd_generate", "cmd_inspect", "cmd_merge", "cmd_plot",
+    "cmd_train", "format_rank_table", "main",
 ]  # fmt: skip
 
 

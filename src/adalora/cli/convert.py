@@ -24,16 +24,28 @@ def _check_source(path: str, command: str) -> None:
     find_adapter_dir(path)  # FileNotFoundError saying what was expected where
 
 
-def _check_target(out: Path, marker: str, option: str) -> None:
-    """``out`` may be created or replaced (new, empty, or holding ``marker``) and can be written."""
-    if out.exists() and not out.is_dir():
+def _check_target(out: Path, marker: str | None, option: str, what: str, overwrite: bool) -> None:
+    """``out`` may be written, and can be: it is new or an empty directory, or it holds an earlier output of the
+    command (a directory holding ``marker``; for an output of one file, ``marker`` None, a file) and ``overwrite``
+    says to replace it. Nothing is ever replaced silently: a second export or merge to the same place, the default
+    one included, is refused unless ``--overwrite`` is given.
+
+    Args:
+        what: what the command writes, for the messages (``a peft adapter``).
+    """
+    if marker is None and out.is_dir():
+        raise RunError(f"{option} {out} is a directory; {what} is one file: name the file")
+    if marker is not None and out.exists() and not out.is_dir():
         raise RunError(f"{option} {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists():
+    earlier = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if earlier and marker is not None and not (out / marker).exists():
         raise RunError(
-            f"{option} {out} is not empty and holds no {marker}: refusing to replace it; choose another {option} "
+            f"{option} {out} is not empty and holds no {marker}: refusing to replace it; choose another --out "
             "or an empty directory"
         )
-    check_writable(out, option)
+    if earlier and not overwrite:
+        raise RunError(f"{option} {out} already holds {what}: add --overwrite to replace it, or choose another --out")
+    check_writable(out if marker is not None else out.parent, option)
 
 
 def _runs_touched(source: str, out: str | None) -> list[Path]:
@@ -51,7 +63,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # loading and writing bars: a merge says one line, or one error line
     with locked_runs(_runs_touched(args.output_dir, args.out), "merge", fix=""):
         _check_source(args.output_dir, "merge")
-        _check_target(Path(args.out), "config.json", "--out")
+        _check_target(Path(args.out), "config.json", "--out", "a merged model", args.overwrite)
         out = merge_output_dir(args.output_dir, args.out, base=args.base, safe=not args.unsafe)
     print(f"merged model written to {out} (load it with from_pretrained; no adalora needed)")
     return 0
@@ -62,6 +74,7 @@ def register_merge(subparsers: SubParsers) -> None:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model (save_pretrained)")
     p.add_argument("--base", metavar="PATH", help="the base model (default: the one recorded at training time)")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --out")
     p.add_argument(
         "--unsafe",
         action="store_true",
@@ -80,20 +93,15 @@ def _export(args: argparse.Namespace) -> int:
     _check_source(args.output_dir, "export")
     if args.rank is not None and args.rank < 1:
         raise UsageError(f"--rank must be a positive rank, got {args.rank}")
-    entry = EXPORT_FORMATS[args.format]
+    entry, layout = EXPORT_FORMATS[args.format], args.layout or "compact"
     option = "--out" if args.out is not None else "the default --out"
-    out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir, args.format)
-    if entry.directory_marker is not None:
-        _check_target(out, entry.directory_marker, option)
-    elif out.is_dir():
-        raise RunError(f"{option} {out} is a directory; {args.format} writes one file: name the file")
-    else:
-        check_writable(out.parent, option)
+    out = Path(args.out) if args.out is not None else default_export_dir(args.output_dir, args.format, layout)
+    _check_target(out, entry.directory_marker, option, f"a {args.format} {entry.noun}", args.overwrite)
     out = export_output_dir(
         args.output_dir,
-        args.out,
+        out,
         format=args.format,
-        layout=args.layout or "compact",
+        layout=layout,
         rank=args.rank,
         base_model_name_or_path=args.base_model_name,
     )
@@ -110,7 +118,14 @@ def register_export(subparsers: SubParsers) -> None:
     )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a training output directory, or an adapter directory")
     p.add_argument("--format", choices=list(EXPORT_FORMATS), default="peft", help="output format (default: peft)")
-    p.add_argument("--out", metavar="PATH", help="where to write it (default: inside OUTPUT_DIR, named by format)")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where to write it (default: one per format and layout inside OUTPUT_DIR: export-peft-compact/, "
+        "export-peft-uniform/, export-lora.gguf, export-rank-pattern.json; beside an adapter directory ADAPTER: "
+        "ADAPTER-peft-compact/, ...)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (or the default)")
     p.add_argument(
         "--layout",
         choices=LAYOUTS,

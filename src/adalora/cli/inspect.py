@@ -72,12 +72,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
     settings, derived = run["settings"], run["derived"]
+    data = Path(settings["train_file"]).name if settings.get("train_file") else derived["task"]
     print(
-        f"run: {settings['method']} on {derived['task']} ({derived['train_examples']} train / "
-        f"{derived['eval_examples']} eval examples), model {derived['model_path']}"
+        f"run: {derived.get('name', settings['method'])} ({derived['train_examples']} train / "
+        f"{derived['eval_examples']} eval examples of {data}), model {derived['model_path']}"
     )
     steps = plural(derived["total_steps"], "optimizer step")
     print(f"     {steps}, {derived['trainable_parameters']:,} trainable parameters")
+    print(f"     {hardware(settings, derived)}")
     if "failure" in run:
         print(f"status: failed: {run['failure']['message']}")
         return
@@ -108,6 +110,22 @@ def _print_run(directory: Path, run: dict[str, Any], metric: str) -> None:
         print(format_rank_table(ranks))
 
 
+def hardware(settings: dict[str, Any], derived: dict[str, Any]) -> str:
+    """Where and how the run computed, from its saved settings: ``on cpu in bf16, base quantized bnb-4bit (14 linear
+    layers), gradient checkpointing on, 2 threads``."""
+    quantize = settings["quantize"]
+    if quantize == "none":
+        base = "base not quantized"
+    else:
+        layers = derived.get("quantized_layers")
+        base = f"base quantized {quantize}" + ("" if layers is None else f" ({plural(layers, 'linear layer')})")
+    checkpointing = "on" if settings["gradient_checkpointing"] else "off"
+    threads = f", {plural(settings['threads'], 'thread')}" if settings.get("threads") else ""
+    return (
+        f"on {settings['device']} in {settings['precision']}, {base}, gradient checkpointing {checkpointing}{threads}"
+    )
+
+
 def _print_incomplete(directory: Path, run: dict[str, Any]) -> None:
     """Where a run that has not finished stopped: its newest usable checkpoint (checked as ``--resume`` does)."""
     problems = []
@@ -131,7 +149,9 @@ def _print_incomplete(directory: Path, run: dict[str, Any]) -> None:
 
 
 def register_inspect(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("inspect", help="print a run's metrics and final rank table")
+    p = subparsers.add_parser(
+        "inspect", help="print a run's name, data, hardware settings, per-epoch metrics and final rank table"
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a directory written by adalora train")
     p.set_defaults(func=cmd_inspect)
 

@@ -17,8 +17,10 @@ from typing import Any
 
 from ..fields import ConfigError
 from ..files.atomic import WriteError
+from ..run.defaults import BY_TASK, by_task
 from ..run.directory import how_to_continue
-from ..run.settings import CONFIG_FIELDS, DERIVED, RUN_FIELDS, RunError, RunSettings, flag
+from ..run.names import default_output_dir
+from ..run.settings import CONFIG_FIELDS, DERIVED, RUN_FIELDS, RunError, RunSettings, flag, task_defaults
 from ..run.train import run
 from .arguments import UsageError, add_flags
 
@@ -39,18 +41,24 @@ GROUPS = {
 def register_train(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="fine-tune a model (default: all-MiniLM-L6-v2 on Rotten Tomatoes sentences, offline, a few minutes)",
-        description="Fine-tune a sequence classifier with AdaLoRA or a baseline and write metrics, adapter, rank "
-        "pattern, allocation history and figures to the output directory. With no options: the packaged "
-        "all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity. --task causal-lm trains a decoder on next-token "
-        "loss instead (prompt/completion or plain text; perplexity on a held-out split; docs/causal-lm.md).",
+        help="fine-tune a classifier or a decoder (default: all-MiniLM-L6-v2 on Rotten Tomatoes sentences, offline, "
+        "a few minutes)",
+        description="Fine-tune a model with AdaLoRA or a baseline, for one of two kinds of task, and write metrics, "
+        "adapter, rank pattern, allocation history and figures to the output directory. Classification (the "
+        "built-in tasks, or --train/--eval files with text and labels): a sequence classifier, scored by accuracy; "
+        "with no options, the packaged all-MiniLM-L6-v2 on Rotten Tomatoes sentence polarity. --task causal-lm: a "
+        "decoder (--model, default the packaged SmolLM2-135M) on next-token loss, from prompt/completion pairs, "
+        "chat conversations, or plain text, scored by perplexity on a held-out split before and after training "
+        "(docs/causal-lm.md). Where a default differs by task, the help says so; try a finished causal-lm run with "
+        "adalora generate.",
     )
     groups = {key: p.add_argument_group(title) for key, title in GROUPS.items()}
     add_setting_flags(groups, RunSettings())
     run_options = groups["run"]
     run_options.add_argument(
         "--output-dir", metavar="DIR",
-        help="a new or empty directory, or a run of adalora with --overwrite (default: runs/<task>-<method>)",
+        help="a new or empty directory, or a run of adalora with --overwrite (default: runs/<model>-<task>-<method>, "
+        "e.g. runs/smollm2-causal-lm-adalora; <task> is classification for your own files)",
     )  # fmt: skip
     run_options.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     run_options.add_argument(
@@ -62,10 +70,11 @@ def register_train(subparsers: SubParsers) -> None:
 
 def add_setting_flags(groups: dict[str, Any], defaults: RunSettings) -> None:
     """A flag for every field of ``defaults`` and of its config (but T, which the run counts); the fields that the
-    run derives say how."""
+    run derives say how, and those whose default depends on the task show each task's (defaults.BY_TASK)."""
     shown = {name: words for name, words in DERIVED.items() if name in defaults.derived}
     add_flags(groups, defaults.adalora, group="adalora", skip=("total_steps",), shown=shown, wording=_in_flags)
-    add_flags(groups, defaults, skip=("adalora", "derived"), wording=_in_flags)
+    per_task = {name: by_task(name) for name in BY_TASK}
+    add_flags(groups, defaults, skip=("adalora", "derived"), shown=per_task, wording=_in_flags)
 
 
 def typed_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,14 +106,14 @@ def _in_flags(text: str, every_name: bool = False) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     typed = typed_settings(args)
-    settings = settings_from_flags(typed)
+    settings = settings_from_flags(typed, task_defaults(typed.get("task", RunSettings().task)))
     if args.resume is not None:
         if args.output_dir is not None or args.overwrite:
             raise UsageError("--resume continues a run in its own directory; drop --output-dir/--overwrite")
         output_dir, resume = Path(args.resume), True
     else:
-        name = Path(settings.train_file).stem if settings.train_file else settings.task
-        output_dir, resume = Path(args.output_dir or f"runs/{name}-{settings.method}"), False
+        output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(settings)
+        resume = False
     progress = not args.no_progress
     try:
         run(settings, output_dir, resume=resume, overwrite=args.overwrite, progress=progress, given=tuple(typed))

@@ -58,8 +58,9 @@ class ExportFormat:
 
     Attributes:
         write: ``write(source, out, options) -> out``; writes atomically.
-        default_name: the output's name inside a run directory (beside an adapter directory it is prefixed
-            with the adapter directory's name and a dash).
+        default_name: the output's name, ``{layout}`` standing for the PEFT layout, so that each format and layout
+            has its own (adalora.run.convert.default_export_dir: ``export-`` before it inside a run directory, the
+            adapter directory's name and a dash beside an adapter directory).
         help: one line for ``adalora export --help``.
         noun: what is written, for the CLI's report (``"peft adapter written to ..."``).
         directory_marker: for a format written as a directory, the file that marks one of ours (an existing
@@ -76,7 +77,7 @@ class ExportFormat:
 EXPORT_FORMATS: dict[str, ExportFormat] = {
     "peft": ExportFormat(
         _write_peft,
-        "peft",
+        "peft-{layout}",
         "a PEFT LoRA adapter directory (--layout compact or uniform)",
         directory_marker="adapter_config.json",
     ),

@@ -21,7 +21,9 @@ for an epoch while its accuracy already rises, and on an imbalanced task a run c
 after one epoch while its loss is already falling below H. Together they flagged exactly the runs at chance
 in the project's earlier measurements (docs/cli.md, *Defaults that do not collapse*).
 
-Pure logic, no torch: the run calls :func:`detect_collapse` after every epoch (``adalora.run.train``).
+The warning names the likely cause (:func:`likely_cause`): a learning rate too high, or a run too short.
+
+Pure logic, no torch: the run calls :func:`guard_epoch` after every epoch (``adalora.run.loop``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .words import plural
+
 LOSS_TOLERANCE = 0.02  # relative: a learning run's epoch-mean loss drops well below H by its final epoch
 ACCURACY_TOLERANCE = 0.01  # absolute: one point above the majority rate is still "a constant prediction"
+# Telling the causes apart (likely_cause). A collapse from too high a rate can sit at H (a constant prediction of
+# the class frequencies) or above it; a run that has not yet learned sits at H, not above: so a loss above 1.1 H
+# is an overshoot. The default learning rates were measured on runs of 124 to 250 steps, none of which collapsed
+# (docs/cli.md, *Defaults that do not collapse*): a run of fewer than 100 steps is shorter than any of them.
+OVERSHOOT = 1.1
+SHORT_RUN_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -106,17 +116,45 @@ def detect_collapse(
     return None
 
 
-def collapse_message(collapse: Collapse, epoch: int, epochs: int, lr: float, scale: float | None) -> str:
-    """The one warning a run logs: what was seen, the likely cause, and what to try."""
+def likely_cause(collapse: Collapse, total_steps: int, lr: float, scale: float | None) -> str:
+    """The cause the warning names, and what to try, told apart by what was seen:
+
+    - a loss above the constant prediction's (more than :data:`OVERSHOOT` x H, or not finite): the updates
+      overshoot, so the learning rate is too high, however long the run;
+    - a loss at H in a run of fewer than :data:`SHORT_RUN_STEPS` optimizer steps: the run is too short for its
+      schedule (LR warm-up, then decay to 0) to leave the constant prediction, whatever the rate;
+    - a loss at H in a longer run: a rate too high for the adapter scale (the usual case), or too low.
+    """
     scale_text = f" and adapter scale alpha/r = {scale:g}" if scale is not None else ""
+    if not math.isfinite(collapse.train_loss) or collapse.train_loss > OVERSHOOT * collapse.constant_loss:
+        return (
+            f"Likely cause: learning rate {lr:g} too high for this model{scale_text}: the loss rose above the "
+            "constant prediction's. Try a learning rate 2-3x lower (--lr), or another --seed."
+        )
+    if total_steps < SHORT_RUN_STEPS:
+        return (
+            f"Likely cause: too few steps: the run has {plural(total_steps, 'optimizer step')} in all, too few for "
+            f"its schedule (LR warm-up, then decay to 0) to move off the constant prediction at learning rate "
+            f"{lr:g}. Train longer (more --epochs or data, or a smaller --batch-size); if a run of "
+            f"{SHORT_RUN_STEPS} steps or more still collapses, lower --lr."
+        )
+    return (
+        f"Likely cause: learning rate {lr:g} too high for this model{scale_text}. Try a learning rate 2-3x lower "
+        "(--lr), or another --seed; if you lowered --lr yourself, the run may instead be learning too slowly "
+        "(train longer or raise it)."
+    )
+
+
+def collapse_message(
+    collapse: Collapse, epoch: int, epochs: int, lr: float, scale: float | None, total_steps: int
+) -> str:
+    """The one warning a run logs: what was seen, the likely cause (:func:`likely_cause`), and what to try."""
     c = collapse
     return (
         f"warning: the run looks collapsed after epoch {epoch} of {epochs}: train loss {c.train_loss:.4f} is at "
         f"or above the loss of always predicting the training class frequencies ({c.constant_loss:.4f}) and "
         f"eval accuracy {c.eval_accuracy:.4f} is no better than the majority-class rate ({c.majority_rate:.4f}). "
-        f"Likely cause: learning rate {lr:g} too high for this model{scale_text}. Try a learning rate 2-3x lower "
-        "(--lr), or another --seed; if you lowered --lr yourself, the run may instead be learning too slowly "
-        "(train longer or raise it)."
+        + likely_cause(collapse, total_steps, lr, scale)
     )
 
 
@@ -135,8 +173,10 @@ def guard_epoch(
     eval_label_counts: Sequence[int],
     lr: float,
     scale: float | None,
+    total_steps: int,
 ) -> str | None:
-    """Check one finished epoch of a run and update its checkpointed ``state``; returns the warning to log.
+    """Check one finished epoch of a run of ``total_steps`` optimizer steps and update its checkpointed ``state``;
+    returns the warning to log.
 
     ``state["collapse"]`` becomes the record of this epoch when it looks collapsed, else None (after the last
     epoch it is what ``metrics.json`` reports); ``state["collapse_epochs"]`` lists every flagged epoch (1-based).
@@ -146,7 +186,7 @@ def guard_epoch(
     if found is None:
         state["collapse"] = None
         return None
-    message = collapse_message(found, epoch, epochs, lr, scale)
+    message = collapse_message(found, epoch, epochs, lr, scale, total_steps)
     state["collapse"] = collapse_record(found, epoch, epoch == epochs, message)
     flagged = state.setdefault("collapse_epochs", [])
     flagged.append(epoch)

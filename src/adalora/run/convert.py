@@ -155,13 +155,15 @@ def _try_load_tokenizer(path: str | None):  # -> PreTrainedTokenizerBase | None
         return None
 
 
-def default_export_dir(output_dir: str | os.PathLike[str], format: str = "peft") -> Path:
-    """Where ``adalora export`` writes without ``--out``: inside a run directory under the format's name
-    (``peft``, ``lora.gguf``, ``rank-pattern.json``), or beside an adapter directory with its name as a prefix."""
-    name = EXPORT_FORMATS[format].default_name
+def default_export_dir(output_dir: str | os.PathLike[str], format: str = "peft", layout: str = "compact") -> Path:
+    """Where ``adalora export`` writes without ``--out``: one place per format and layout, so that one export never
+    stands in for another. Inside a run directory ``export-<name>`` (``export-peft-compact``, ``export-peft-uniform``,
+    ``export-lora.gguf``, ``export-rank-pattern.json``); beside an adapter directory ``<adapter>-<name>``
+    (``adapter-peft-compact``)."""
+    name = EXPORT_FORMATS[format].default_name.format(layout=layout)
     adapter_dir = find_adapter_dir(output_dir)
     if adapter_dir != Path(output_dir):
-        return Path(output_dir) / name
+        return Path(output_dir) / f"export-{name}"
     return adapter_dir.with_name(f"{adapter_dir.name}-{name}")
 
 
@@ -204,9 +206,7 @@ def export_output_dir(
 
     Args:
         output_dir: a training output directory (containing ``adapter/``) or an adapter directory.
-        out_dir: the file or directory to write; default: ``<output_dir>/<name>`` for a training output
-            directory, ``<adapter dir>-<name>`` beside an adapter directory, with the format's name
-            (``peft``, ``lora.gguf``, ``rank-pattern.json``).
+        out_dir: the file or directory to write (replaced if it is there); default: :func:`default_export_dir`.
         format: a key of :data:`adalora.files.exports.EXPORT_FORMATS`: ``"peft"`` (a PEFT LoRA adapter
             directory), ``"gguf"`` (a llama.cpp LoRA adapter file), ``"rank-pattern"`` (a LoRA recipe, JSON).
         layout: PEFT only: ``"compact"`` or ``"uniform"`` (docs/adapter-files.md).
@@ -222,7 +222,7 @@ def export_output_dir(
         raise ValueError(f"unknown export format {format!r}; supported: {', '.join(EXPORT_FORMATS)}.")
     adapter_dir = find_adapter_dir(output_dir)
     if out_dir is None:
-        out_dir = default_export_dir(output_dir, format)
+        out_dir = default_export_dir(output_dir, format, layout)
     source = ExportSource.from_adapter_dir(adapter_dir)
     name = base_model_name_or_path or base_model_name(source.base_model_name)
     source = dataclasses.replace(source, base_model_name=name)

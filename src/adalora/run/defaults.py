@@ -1,4 +1,7 @@
-"""The default learning rate of ``adalora train``: one rule for every adapter method, by its adapter scale.
+"""The defaults of ``adalora train`` that depend on the run: the learning rate, by method, and the settings whose
+default differs between the two kinds of task (:data:`BY_TASK`).
+
+The learning rate: one rule for every adapter method, by its adapter scale.
 
     lr = base(method) * min(1, s_ref(method) / s),    s = alpha / sqrt(r)
 
@@ -16,6 +19,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+# The two kinds of task (run/tasks.py): every built-in task and the user's labelled files, and next-token training.
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+
+# Settings whose default depends on the kind of task: {field of RunSettings: {kind: default}}; ``adalora train``
+# starts from the defaults of the task it is given (settings.task_defaults) and its help shows each. The maximal
+# length: a classification example is a sentence or two, while a decoder's example carries its prompt and answer
+# and, through a chat template, role headers and a system prompt: SmolLM2's template makes a one-sentence question
+# with the answer "Yes." 49 tokens (32 of them the template's), so 48 would cut the answer away. Batches are cut to
+# their longest row (batches.py), so a longer limit costs only what the data needs (packed text: longer rows).
+BY_TASK: dict[str, dict[str, Any]] = {
+    "max_length": {CLASSIFICATION: 48, CAUSAL_LM: 128},
+}
+
+
+def kind_name(task: str) -> str:
+    """The kind of the ``--task`` ``task``: causal-lm, or classification (every built-in task, and files)."""
+    return CAUSAL_LM if task == CAUSAL_LM else CLASSIFICATION
+
+
+def by_task(field: str) -> str:
+    """The defaults of ``field`` (a key of :data:`BY_TASK`) in words, as ``--help`` shows them."""
+    return ", ".join(f"{value} for {kind}" for kind, value in BY_TASK[field].items())
 
 
 @dataclass(frozen=True)
@@ -82,7 +109,7 @@ def describe_defaults() -> str:
     # alpha / sqrt(r) <= s_ref  <=>  r >= (alpha / s_ref)^2: the smallest rank at which the base rate holds
     ranks = ", ".join(f"{math.ceil((16.0 / RULES[m].reference_scale) ** 2 - 1e-9)}" for m in adapters)  # type: ignore[operator]
     return (
-        f"default by method: {bases} at alpha 16 and rank >= {ranks} (LoRA: --lora-r; others: --init-r), lowered "
-        f"in proportion to alpha/sqrt(r) beyond that (e.g. lora r=1: {default_lr('lora', 1):.2g}); "
+        f"default by method, for either task: {bases} at alpha 16 and rank >= {ranks} (LoRA: --lora-r; others: "
+        f"--init-r), lowered in proportion to alpha/sqrt(r) beyond that (e.g. lora r=1: {default_lr('lora', 1):.2g}); "
         f"full {RULES['full'].base:g}; see docs/cli.md"
     )

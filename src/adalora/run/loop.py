@@ -30,6 +30,7 @@ from .divergence import Diverged, diverged, track
 from .hardware import DeviceLoss, autocast, grad_scaler
 from .method import Method
 from .model import Model
+from .names import run_name
 from .settings import CAUSAL_LM, RunError, RunSettings
 from .stop import StopRequests
 from .tasks import Data, Kind, kind_of
@@ -97,9 +98,9 @@ def train(
 
 
 def describe(settings: RunSettings, data: Data, model: Model, method: Method) -> list[str]:
-    """What the run is, in one line (method, task, data sizes, steps, examples per step, trainable parameters,
-    threads), and under several processes with dropout a second: such a run equals a one-process run only
-    statistically."""
+    """What the run is, in one line (its name: model, task and method; data sizes, steps, examples per step,
+    trainable parameters, threads), and under several processes with dropout a second: such a run equals a
+    one-process run only statistically."""
     task, world = data.task, parallel.get_world_size()
     # causal-lm packs text into rows of --max-length tokens: the rows are what batches count
     rows = f" ({data.rows} / {len(data.eval['labels'])} rows)" if settings.task == CAUSAL_LM else ""
@@ -110,7 +111,7 @@ def describe(settings: RunSettings, data: Data, model: Model, method: Method) ->
         checkpointing = ", gradient checkpointing" if settings.gradient_checkpointing else ""
         processes += f", on {model.device} in {settings.precision}{checkpointing}"
     lines = [
-        f"{settings.method} on {task.name}: {len(task.train)} train / {len(task.eval)} eval "
+        f"{run_name(settings)}: {len(task.train)} train / {len(task.eval)} eval "
         f"examples{rows}, {plural(method.total_steps, 'step')} of {per_step}{accumulated} examples, "
         f"{method.trainable_parameters:,} trainable parameters, "
         f"{plural(torch.get_num_threads(), 'thread')}{processes}"
@@ -280,14 +281,15 @@ class RunCallbacks:
         self.checkpoint()
         self.stop_if_asked()
 
-    def collapse_guard_inputs(self) -> tuple[list[int], list[int], float, float | None]:
-        """(train label counts, eval label counts, lr, adapter scale) for :func:`adalora.run.collapse.guard_epoch`."""
+    def collapse_guard_inputs(self) -> tuple[list[int], list[int], float, float | None, int]:
+        """(train label counts, eval label counts, lr, adapter scale, total steps) for
+        :func:`adalora.run.collapse.guard_epoch`."""
         settings, config = self.settings, self.settings.adalora
         labels = len(self.data.task.label_names)
         train = torch.bincount(self.data.train["labels"], minlength=labels).tolist()
         held_out = torch.bincount(self.data.eval["labels"], minlength=labels).tolist()
         rank = training_rank(settings.method, settings.lora_r, config.target_r, config.init_r)
-        return train, held_out, self.method.lr, config.alpha / rank if rank else None
+        return train, held_out, self.method.lr, config.alpha / rank if rank else None, self.method.total_steps
 
     def close(self) -> None:
         self.bar.close()

@@ -113,12 +113,20 @@ def load_model(settings: RunSettings, task: AnyTask) -> Model:
         targets = family_targets(module)
     model = Model(path, tokenizer, module, heads, targets, settings.device)
     if settings.quantize != "none":
-        # On the training device first: bitsandbytes quantizes its layers where they are (on a GPU when moved there).
-        module.to(model.device)
-        compute = COMPUTE_DTYPES.get(settings.precision)
-        model.quantized_layers = len(quantize_model(module, settings.quantize, compute_dtype=compute, skip=heads))
-        drop_int8_cast_notices()
+        model.quantized_layers = quantize_base(module, settings, heads)
     return model
+
+
+def quantize_base(module: nn.Module, settings: RunSettings, skip: Sequence[str]) -> int:
+    """Store the frozen base's linear layers in 4 or 8 bits as ``settings.quantize`` says, on ``settings.device``,
+    computing in ``settings.precision``; the modules named in ``skip`` (trained fully) stay as they are. Returns how
+    many layers were quantized."""
+    # On the device first: bitsandbytes quantizes its layers where they are (on a GPU when moved there).
+    module.to(settings.device)
+    compute = COMPUTE_DTYPES.get(settings.precision)
+    count = len(quantize_model(module, settings.quantize, compute_dtype=compute, skip=skip))
+    drop_int8_cast_notices()
+    return count
 
 
 # ---------------------------------------------------------------------------------------------- where the model is

@@ -89,8 +89,7 @@ def draw_figures(output_dir: str | Path) -> list[Path]:
     settings, derived = run["settings"], run["derived"]
     ranks = read_json(output_dir / RANKS_FILE) if (output_dir / RANKS_FILE).is_file() else {}
     if ranks:
-        label = {"lora": "LoRA", "pruned-lora": "pruned LoRA", "adalora": "AdaLoRA"}.get(settings["method"], "")
-        title = f"{label} final ranks on {derived['task']} (total {sum(ranks.values())})"
+        title = f"Final ranks of {derived.get('name', derived['task'])} (total {sum(ranks.values())})"
         config = settings["adalora"]
         rank = training_rank(settings["method"], settings["lora_r"], config["target_r"], config["init_r"])
         drawn.append(plot_rank_heatmap(ranks, output_dir / HEATMAP_FILE, init_r=rank, title=title))

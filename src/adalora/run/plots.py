@@ -139,30 +139,36 @@ def plot_budget_curve(
 ) -> Path:
     """Save the budget b(t) over optimizer steps, with the kept total at each allocation as points.
 
-    The three phases of the schedule (warm-up, budget decreasing, final) are shaded and named in a band above
-    the plot area, so that no label covers the curve or a boundary line.
+    One convention for every element: x is t, the 0-based index of the optimizer step just taken, as in
+    :func:`adalora.schedule.budget_at` and the allocator's records. So b(t) is drawn at x = t, an allocation at
+    its ``step``, and the phase boundaries at t_i (the last warm-up step) and T - t_f (the last budgeting step,
+    where the forced final allocation sits: on the boundary, not inside the final phase).
+
+    The three phases of the schedule (warm-up t <= t_i, budget decreasing t_i < t <= T - t_f, final t > T - t_f)
+    are shaded and named in a band above the plot area, so that no label covers the curve or a boundary line.
 
     Args:
         budgets: b(t) for t = 0, 1, ... (one value per optimizer step).
         path: PNG file to write.
-        allocations: allocation records with ``step`` and ``ranks`` (kept ranks; a list or a dict).
+        allocations: allocation records with ``step`` (t) and ``ranks`` (kept ranks; a list or a dict).
         phases: optional ``{"warmup_steps": t_i, "final_start": T - t_f}``: phase boundaries.
         title: figure title.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.0, 4.5))
-    ax.plot(range(1, len(budgets) + 1), budgets, label="budget b(t)", color="tab:blue", linewidth=1.8)
+    ax.plot(range(len(budgets)), budgets, label="budget b(t)", color="tab:blue", linewidth=1.8)
     if allocations:
-        steps = [record["step"] + 1 for record in allocations]
+        steps = [record["step"] for record in allocations]
         kept = [
             sum(record["ranks"].values() if isinstance(record["ranks"], Mapping) else record["ranks"])
             for record in allocations
         ]
         ax.scatter(steps, kept, s=12, color="tab:orange", label="kept at allocation", zorder=3)
-    ax.set_xlim(0, max(1, len(budgets)))
+    last = max(1, len(budgets) - 1)
+    ax.set_xlim(0, last)
     if phases:
-        _draw_phases(ax, phases, len(budgets))
-    ax.set_xlabel("optimizer step")
+        _draw_phases(ax, phases, last)
+    ax.set_xlabel("optimizer step t (0-based)")
     ax.set_ylabel("total rank (singular values kept)")
     ax.set_title(title or "Budget schedule", pad=22)  # room for the phase names between title and plot
     ax.legend(loc="upper right", fontsize=9, framealpha=0.95)
@@ -180,9 +186,10 @@ def save_figure(plt: Any, fig: Any, path: str | Path) -> Path:
     return path
 
 
-def _draw_phases(ax: Any, phases: Mapping[str, int], steps: int) -> None:
-    """Shade the phases, draw their boundaries, and name each phase above the plot area (clear of all lines)."""
-    bounds = [0, phases.get("warmup_steps", 0), phases.get("final_start", steps), steps]
+def _draw_phases(ax: Any, phases: Mapping[str, int], last: int) -> None:
+    """Shade the phases over t = 0 .. ``last``, draw their boundaries at t_i and T - t_f, and name each phase above
+    the plot area (clear of all lines)."""
+    bounds = [0, phases.get("warmup_steps", 0), phases.get("final_start", last), last]
     transform = ax.get_xaxis_transform()  # x in steps, y in axes units (1 = top of the plot area)
     for (name, colour), left, right in zip(PHASES, bounds, bounds[1:], strict=False):
         if right <= left:
@@ -191,5 +198,5 @@ def _draw_phases(ax: Any, phases: Mapping[str, int], steps: int) -> None:
         ax.text((left + right) / 2, 1.01, name, ha="center", va="bottom", fontsize=8, color="dimgrey",
                 transform=transform, clip_on=False)  # fmt: skip
     for boundary in bounds[1:3]:
-        if 0 < boundary < steps:
+        if 0 < boundary < last:
             ax.axvline(boundary, color="grey", linestyle="--", linewidth=0.8, zorder=1)

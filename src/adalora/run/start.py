@@ -25,6 +25,7 @@ from .directory import (
 )
 from .method import Method
 from .model import Model
+from .names import run_name
 from .settings import CAUSAL_LM, RunError, RunSettings
 from .tasks import Data
 
@@ -41,6 +42,7 @@ def derived_values(settings: RunSettings, data: Data, model: Model, method: Meth
     (compared on ``--resume``: a run continues only on the data and model it started with)."""
     task, config = data.task, method.config
     derived: dict[str, Any] = {
+        "name": run_name(settings),
         "model_path": str(model.path),
         "task": task.name,
         "label_names": list(task.label_names),

@@ -19,6 +19,7 @@ from .chat_data import Conversations
 from .chat_template import encode_chat
 from .data import DataError, Task, builtin_task, file_task
 from .data import encode as encode_classes
+from .defaults import kind_name
 from .evaluate import Evaluator, evaluate_accuracy, evaluate_perplexity
 from .lm_data import LMData, LMTask, encode_lm, lm_task
 from .lm_loss import next_token_loss
@@ -85,6 +86,7 @@ class Kind:
         score_before: whether the held-out split is scored before training too (a language model's perplexity
             means something untrained; a fresh classification head's accuracy does not).
         packaged: the model used without ``--model``, as the run's first line names it.
+        packaged_name: its short name, in the run's name (names.py).
     """
 
     read: Callable[[RunSettings], AnyTask]
@@ -94,22 +96,24 @@ class Kind:
     metric: str
     score_before: bool
     packaged: str
+    packaged_name: str
 
 
 KINDS: dict[str, Kind] = {
     "classification": Kind(
         classification_task, classification_tensors, evaluate_accuracy, None, "accuracy", False,
-        "the packaged all-MiniLM-L6-v2",
+        "the packaged all-MiniLM-L6-v2", "minilm",
     ),
     CAUSAL_LM: Kind(
-        text_task, text_tensors, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M"
+        text_task, text_tensors, evaluate_perplexity, next_token_loss, "perplexity", True, "the packaged SmolLM2-135M",
+        "smollm2",
     ),
 }  # fmt: skip
 
 
 def kind_of(task: str) -> Kind:
     """The kind of the ``--task`` ``task``: causal-lm, or classification (every built-in task, and files)."""
-    return KINDS[CAUSAL_LM if task == CAUSAL_LM else "classification"]
+    return KINDS[kind_name(task)]
 
 
 @dataclass(frozen=True)
