@@ -18,6 +18,7 @@ import pytest
 import torch
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
 from conftest import tiny_gpt2, tiny_llama, tiny_qwen3_moe, token_batch
+from test_experts_training import train_lm
 from test_resume import KILLER, SETTINGS, assert_same_run
 from torch import nn
 
@@ -76,22 +77,6 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def lora_config(targets=LLAMA, **changes) -> AdaLoRAConfig:
     return AdaLoRAConfig(target_modules=targets, triplet_init="lora", **{**SCHEDULE, **changes})
-
-
-def train(model, config, steps, optimizer=None, allocator=None, seed=0):
-    """``steps`` next-token steps on random tokens with the allocator and the regulariser; (optimizer, allocator)."""
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    allocator = allocator or RankAllocator(model, config, optimizer)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        ids = torch.randint(0, 100, (4, 9), generator=generator)
-        model(ids, labels=ids).loss.backward()
-        allocator.add_regularization_gradient()
-        optimizer.step()
-        allocator.step()
-        optimizer.zero_grad()
-    return optimizer, allocator
 
 
 # ---------------------------------------------------------------------------------------------- the start itself
@@ -203,7 +188,7 @@ def trained():
     base = tiny_llama()
     config = lora_config()
     model = inject(copy.deepcopy(base), config)
-    train(model, config, 8)
+    train_lm(model, config, 8)
     masks = [a.rank_mask for _, a in find_adapters(model)]
     assert not all(m.all() for m in masks) and any(m.any() for m in masks)  # some triplets masked, some kept
     return base, model.eval(), config
@@ -240,15 +225,15 @@ def test_a_checkpoint_continues_exactly_whatever_the_fresh_start(tmp_path):
     config = lora_config()
     base = tiny_llama()
     reference = inject(copy.deepcopy(base), config)
-    optimizer, allocator = train(reference, config, 4)
+    optimizer, allocator = train_lm(reference, config, 4)
     save_checkpoint(tmp_path / "ckpt.pt", model=reference, optimizer=optimizer, allocator=allocator)
-    train(reference, config, 4, optimizer, allocator, seed=1)
+    train_lm(reference, config, 4, optimizer, allocator, seed=1)
     torch.manual_seed(123)
     resumed = inject(copy.deepcopy(base), config)
     optimizer2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
     allocator2 = RankAllocator(resumed, config, optimizer2)
     load_checkpoint(tmp_path / "ckpt.pt", model=resumed, optimizer=optimizer2, allocator=allocator2)
-    train(resumed, config, 4, optimizer2, allocator2, seed=1)
+    train_lm(resumed, config, 4, optimizer2, allocator2, seed=1)
     assert allocator2.rank_pattern() == allocator.rank_pattern()
     for (_, a), (_, b) in zip(find_adapters(reference), find_adapters(resumed), strict=True):
         for attr in ("P", "E", "Q"):
