@@ -88,10 +88,10 @@ class AdaLoRAConfig:
     init_std: float = setting(0.02, "std of the Gaussian P and Q of triplet_init paper", POSITIVE)
     triplet_init: TripletInit = setting(
         "paper",
-        "how P, lambda, Q start (eq. 3; the update is zero either way): paper = lambda 0, P, Q ~ N(0, init_std^2), "
-        "so P and Q get no gradient until lambda moves (the paper, PEFT); lora = P 0, lambda 1, Q Kaiming-uniform "
-        "as LoRA's A, so P learns from step 0 like LoRA's B (opt-in; AdaLoRA only: the LoRA baselines start so "
-        "anyway)",
+        "how P, lambda, Q start; the update (eq. 3) is zero either way. paper: lambda = 0, P and Q ~ "
+        "N(0, init_std^2), so P and Q get no gradient until lambda moves (the paper, PEFT); lora (opt-in): P = 0, "
+        "lambda = 1, Q Kaiming-uniform as LoRA's A, so P learns from step 0 as LoRA's B does (the LoRA baselines "
+        "always start so)",
     )
     compact_at_final: bool = setting(False, "cut adapters to their kept rank at the final allocation (compact.py)")
 
