@@ -6,6 +6,7 @@ exports, checkpoints and resume, a 4-bit base, MoE experts and the CLI flag."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -50,10 +51,10 @@ class Convs(nn.Module):
         return self.grouped(torch.relu(self.conv(x)))
 
 
-def _bnb_llama() -> nn.Module:
-    pytest.importorskip("bitsandbytes")
+def quantized_llama(method: str) -> nn.Module:
+    pytest.importorskip(method.split("-")[0].replace("bnb", "bitsandbytes"))
     model = tiny_llama(hidden=64)
-    quantize_model(model, "bnb-4bit")  # in place
+    quantize_model(model, method)  # in place
     keep_differentiable_layout(model)  # the base computes as inject makes the adapted layers compute (eval mode too)
     return model
 
@@ -65,7 +66,7 @@ KINDS = {
     "conv": (Convs, ("conv", "grouped"), lambda: torch.randn(2, 3, 6, 6)),
     "embedding": (tiny_llama, ("embed_tokens",), token_batch),
     "experts": (tiny_qwen3_moe, ("q_proj", "experts"), token_batch),
-    "bnb-4bit": (_bnb_llama, LLAMA, token_batch),
+    **{m: (functools.partial(quantized_llama, m), LLAMA, token_batch) for m in ("bnb-4bit", "bnb-8bit", "torchao-nf4")},
 }
 
 
