@@ -15,7 +15,6 @@ decays: unlike an SVD triplet it does not come back (the paper's point about the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 
 from .config import AdaLoRAConfig
 from .inject import inject
-from .layers import find_adapters
+from .layers import find_adapters, start_like_lora
 from .metrics import METRICS
 
 
@@ -71,10 +70,7 @@ def as_lora(model: nn.Module) -> nn.Module:
     if not adapters:
         raise ValueError("as_lora: the model has no adapters; call adalora.inject(model, config) first")
     for _, adapter in adapters:
-        adapter.P.zero_()
-        for q in adapter.Q.view(-1, *adapter.Q.shape[-2:]):  # each expert's A of a fused MoE weight on its own
-            nn.init.kaiming_uniform_(q, a=math.sqrt(5))  # loralib / PEFT init of A
-        adapter.E.fill_(1.0)
+        start_like_lora(*adapter.adapter_parameters())  # B = 0, A as loralib / PEFT (per expert of a fused weight)
         adapter.E.requires_grad_(False)
     return model
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .fields import COUNT, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, STEPS, ConfigError, Names, check_fields, setting
+from .layers.base import TripletInit, TripletStart
 from .metrics import METRICS
 
 RegularizerForm = Literal["reference", "paper"]
@@ -84,7 +85,14 @@ class AdaLoRAConfig:
     modules_to_save: tuple[str, ...] = setting(
         (), "modules trained fully and saved with the adapter", Names("module names", '["classifier"]'), metavar="NAME"
     )
-    init_std: float = setting(0.02, "std of the Gaussian init of P and Q (lambda starts at 0)", POSITIVE)
+    init_std: float = setting(0.02, "std of the Gaussian P and Q of triplet_init paper", POSITIVE)
+    triplet_init: TripletInit = setting(
+        "paper",
+        "how P, lambda, Q start; the update (eq. 3) is zero either way. paper: lambda = 0, P and Q ~ "
+        "N(0, init_std^2), so P and Q get no gradient until lambda moves (the paper, PEFT); lora (opt-in): P = 0, "
+        "lambda = 1, Q Kaiming-uniform as LoRA's A, so P learns from step 0 as LoRA's B does (the LoRA baselines "
+        "always start so)",
+    )
     compact_at_final: bool = setting(False, "cut adapters to their kept rank at the final allocation (compact.py)")
 
     def __post_init__(self) -> None:
@@ -141,6 +149,11 @@ class AdaLoRAConfig:
             )
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def triplet_start(self) -> TripletStart:
+        """How every adapter's P, lambda, Q start (``triplet_init`` and ``init_std``; gradients in its docstring)."""
+        return TripletStart(self.triplet_init, self.init_std)
+
     @property
     def scale(self) -> float:
         """The adapter scale ``alpha / init_r`` (reference; not updated when triplets are masked)."""

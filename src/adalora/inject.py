@@ -130,9 +130,9 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Replace every targeted layer of ``model`` by an SVD adapter, in place, and freeze the rest.
 
     After this call only the adapters' P, E, Q and the parameters of ``config.modules_to_save`` are
-    trainable. The adapted model computes exactly what the base model did (lambda starts at 0). Quantized layers
-    of the model, adapted or not, pass the dequantized layer's gradient to their input, in eval mode too (see
-    ``adalora.layers.keep_differentiable_layout``).
+    trainable. The adapted model computes exactly what the base model did (lambda starts at 0, or P at 0:
+    ``config.triplet_init``). Quantized layers of the model, adapted or not, pass the dequantized layer's gradient
+    to their input, in eval mode too (see ``adalora.layers.keep_differentiable_layout``).
 
     Args:
         model: any module; Hugging Face transformers models work as they are.
@@ -169,7 +169,7 @@ def inject(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     for name, module in matched:
         adapter_cls = adapter_class_for(module)
         assert adapter_cls is not None
-        adapter = adapter_cls.from_base(module, config.init_r, config.scale, config.dropout, config.init_std)
+        adapter = adapter_cls.from_base(module, config.init_r, config.scale, config.dropout, config.triplet_start)
         adapter.train(module.block.training if isinstance(module, FusedWeight) else module.training)
         _set_submodule(model, name, adapter)
     _unfreeze_modules_to_save(model, config.modules_to_save)

@@ -1,6 +1,7 @@
 """SVD-form adapter layers, W = W0 + scale * P diag(lambda) Q (paper eq. 3), one module per kind of base layer.
 
-- :mod:`.base`: :class:`SVDAdapter` (what every adapter shares), kept factors, finding adapters in a model;
+- :mod:`.base`: :class:`SVDAdapter` (what every adapter shares), how triplets start, kept factors, finding adapters
+  in a model;
 - :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`: one adapter class per kind of base layer;
 - :mod:`.experts`: adapters on the fused 3-D expert weights of mixture-of-experts blocks, triplets per expert;
 - :mod:`.quantized`: adapters for bitsandbytes and torchao quantized linear layers (QLoRA-style);
@@ -8,13 +9,17 @@
 """
 
 from .base import (
+    PAPER_START,
     TRIPLET_DIMS,
     KeptFactors,
     SVDAdapter,
+    TripletInit,
+    TripletStart,
     disable_adapters,
     find_adapters,
     kept_triplets,
     overrides,
+    start_like_lora,
     take_triplets,
     unwrap_model,
 )
@@ -57,6 +62,7 @@ from .registry import (
 
 __all__ = [
     "LAYER_TYPES",
+    "PAPER_START",
     "QUANTIZATIONS",
     "SUPPORTED_EXPERTS",
     "TRIPLET_DIMS",
@@ -74,6 +80,8 @@ __all__ = [
     "SVDLinear4bit",
     "SVDLinear8bitLt",
     "SVDTorchAOLinear",
+    "TripletInit",
+    "TripletStart",
     "adapter_class_for",
     "adapter_class_named",
     "disable_adapters",
@@ -92,6 +100,7 @@ __all__ = [
     "refusal",
     "release_blocks",
     "set_expert_matmul",
+    "start_like_lora",
     "supported_layers",
     "supported_quantized",
     "take_triplets",

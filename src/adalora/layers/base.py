@@ -12,7 +12,9 @@ themselves (the very same ``Parameter`` objects the replaced module held), a qua
 ``E``, ``Q``, ``rank_mask``) are simply added.
 
 Triplet i of an adapter is G_i = {P[:, i], E[i], Q[i, :]}. Masking a triplet zeroes E[i] only (the reference
-behaviour); P and Q keep training, so a masked triplet can win back its place at a later allocation.
+behaviour); P and Q keep training, so a masked triplet can win back its place at a later allocation. How the
+triplets start (:class:`TripletStart`: the paper's lambda = 0, or LoRA's P = 0) is decided here, once, for every
+layer type.
 ``rank_mask`` records the latest allocation so that ``model.state_dict()`` carries it.
 """
 
@@ -22,13 +24,15 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .mixing import svd_mix
+
+TripletInit = Literal["paper", "lora"]  # how the triplets start (TripletStart)
 
 # (attribute, dimension that indexes triplets): P is (..., d_out, r), E is (..., r), Q is (..., r, d_in), where "..."
 # is empty for one matrix and (experts,) for the fused expert weights of an MoE block (layers.experts).
@@ -70,6 +74,73 @@ class KeptFactors:
         return KeptFactors(self.P.to(device), self.E.to(device), self.Q.to(device), self.scale)
 
 
+@dataclass(frozen=True)
+class TripletStart:
+    """How an adapter's triplets start (``AdaLoRAConfig.triplet_init`` and ``init_std``); the update
+    ``Delta = scale * P diag(lambda) Q`` (paper eq. 3) is zero either way, so the adapted model computes what the
+    base model did and the base weights are never touched.
+
+    With ``G = dL/dy`` the gradient at the layer's output ``y`` ``(d_out,)`` and ``x`` its input ``(d_in,)`` (summed
+    over the tokens of a batch), the gradients of eq. 3 are
+
+        dL/dP = scale * G x^T Q^T diag(lambda)        (d_out, r)
+        dL/dQ = scale * diag(lambda) P^T G x^T        (r, d_in)
+        dL/dlambda_i = scale * P_i^T G x^T Q_i^T      (one number per triplet)
+
+    - ``"paper"`` (the paper, the authors' code and PEFT): lambda = 0, P and Q ~ N(0, ``std``^2). At lambda = 0,
+      dL/dP = dL/dQ = 0: until lambda moves, only its r numbers per matrix learn, and P and Q follow only as
+      lambda grows (the orthogonality regulariser aside).
+    - ``"lora"``: P = 0, lambda = 1, Q Kaiming-uniform with a = sqrt(5) (U(-1/sqrt(d_in), 1/sqrt(d_in)), LoRA's A;
+      one draw per matrix, so each expert of a fused MoE weight starts like a separate layer). Then
+      dL/dP = scale * G x^T Q^T is dense at step 0, so P learns as LoRA's B does, while the loss gives Q and
+      lambda no gradient until P has moved (P = 0): they follow from the second step on (Q also gets the
+      orthogonality regulariser's gradient from the first). The regulariser's gradient on P is zero at P = 0
+      (dR/dP is proportional to P (P^T P - I)): P leaves 0 by the loss alone. ``std`` is unused.
+
+    Masking a triplet zeroes its lambda whatever the start, so everything downstream (allocation, saving, merging,
+    exports) is the same.
+
+    Attributes:
+        init: ``"paper"`` or ``"lora"``.
+        std: the standard deviation of the paper's Gaussian P and Q.
+    """
+
+    init: TripletInit = "paper"
+    std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.init not in get_args(TripletInit):
+            raise ValueError(f"unknown triplet start {self.init!r}; choose one of {', '.join(get_args(TripletInit))}")
+
+    @torch.no_grad()
+    def apply(self, P: torch.Tensor, E: torch.Tensor, Q: torch.Tensor) -> None:
+        """Set P ``(..., d_out, r)``, lambda ``(..., r)`` and Q ``(..., r, d_in)`` in place, as the start says.
+
+        The paper's P and Q are drawn whatever the start; the LoRA start then resets them (as
+        :func:`adalora.baselines.as_lora` resets injected factors), which is how the runs of
+        benchmarks/decoder_screen.py drew them: a seed gives the factors measured there.
+        """
+        nn.init.normal_(P, std=self.std)
+        nn.init.normal_(Q, std=self.std)
+        E.zero_()
+        if self.init == "lora":
+            start_like_lora(P, E, Q)
+
+
+PAPER_START = TripletStart()
+
+
+@torch.no_grad()
+def start_like_lora(P: torch.Tensor, E: torch.Tensor, Q: torch.Tensor) -> None:
+    """LoRA's start, in place: P (B) ``(..., d_out, r)`` = 0, lambda ``(..., r)`` = 1, and Q (A) ``(..., r, d_in)``
+    Kaiming-uniform with a = sqrt(5) as in loralib and PEFT, drawn per matrix (``(r, d_in)`` fan-in ``d_in``, not
+    that of a stacked 3-D tensor)."""
+    P.zero_()
+    for q in Q.view(-1, *Q.shape[-2:]):
+        nn.init.kaiming_uniform_(q, a=math.sqrt(5))
+    E.fill_(1.0)
+
+
 def overrides(module: nn.Module, base: type[nn.Module], *methods: str) -> list[str]:
     """The methods of ``base`` that ``module``'s class redefines (e.g. a scaled embedding's ``forward``)."""
     return [m for m in methods if getattr(type(module), m) is not getattr(base, m)]
@@ -82,7 +153,8 @@ class SVDAdapter(nn.Module):
         weight: the frozen base weight, in the layout of the module it replaced.
         bias: the frozen base bias or ``None``.
         P: left singular vectors, shape ``(d_out, r)`` (``(E, d_out, r)`` with ``experts=E``).
-        E: singular values lambda, shape ``(r,)`` (``(E, r)``); starts at zero so the adapted model equals the base.
+        E: singular values lambda, shape ``(r,)`` (``(E, r)``); starts at 0, or at 1 with P = 0
+            (:class:`TripletStart`), so that the adapted model equals the base.
         Q: right singular vectors, shape ``(r, d_in)`` (``(E, r, d_in)``).
         rank_mask: bool buffer shaped like lambda, True for triplets kept by the latest allocation.
         scale: ``alpha / init_r``, fixed for the life of the adapter.
@@ -135,7 +207,7 @@ class SVDAdapter(nn.Module):
         r: int,
         scale: float,
         dropout: float = 0.0,
-        init_std: float = 0.02,
+        start: TripletStart = PAPER_START,
         *,
         experts: int | None = None,
     ) -> None:
@@ -149,7 +221,7 @@ class SVDAdapter(nn.Module):
             r: the initial rank (number of triplets).
             scale: alpha / init_r.
             dropout: dropout probability on the adapter input.
-            init_std: std of the Gaussian init of P and Q (lambda starts at 0).
+            start: how P, lambda and Q start (:class:`TripletStart`: the paper's by default).
             experts: for the fused expert weights of an MoE block, E: one matrix (and set of triplets) per expert.
         """
         super().__init__()
@@ -164,8 +236,7 @@ class SVDAdapter(nn.Module):
         self.register_buffer("rank_mask", torch.ones(*lead, r, dtype=torch.bool, device=like.device))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_enabled = True
-        nn.init.normal_(self.P, std=init_std)
-        nn.init.normal_(self.Q, std=init_std)
+        start.apply(self.P, self.E, self.Q)
 
     # ------------------------------------------------------------------ shapes
     @property

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KeptFactors, SVDAdapter, overrides
+from .base import PAPER_START, KeptFactors, SVDAdapter, TripletStart, overrides
 
 _CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_FNS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -46,10 +46,10 @@ class SVDConv(SVDAdapter):
         r: int,
         scale: float,
         dropout: float = 0.0,
-        init_std: float = 0.02,
+        start: TripletStart = PAPER_START,
     ) -> None:
         out_channels, d_in = self.dims(module)
-        super().__init__(module.weight, out_channels, d_in, r, scale, dropout, init_std)
+        super().__init__(module.weight, out_channels, d_in, r, scale, dropout, start)
         self.weight = module.weight
         self.bias = module.bias
         self.in_channels: int = module.in_channels
@@ -89,9 +89,9 @@ class SVDConv(SVDAdapter):
 
     @classmethod
     def from_base(
-        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
     ) -> SVDConv:
-        return cls(module, r, scale, dropout, init_std)
+        return cls(module, r, scale, dropout, start)
 
     def layer_options(self) -> dict[str, Any]:
         return {

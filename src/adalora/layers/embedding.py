@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KeptFactors, SVDAdapter, overrides
+from .base import PAPER_START, KeptFactors, SVDAdapter, TripletStart, overrides
 
 
 class SVDEmbedding(SVDAdapter):
@@ -33,9 +33,9 @@ class SVDEmbedding(SVDAdapter):
     layer_type = "embedding"
     max_norm = None  # refused at injection; read by code that inspects embedding layers
 
-    def __init__(self, module: nn.Embedding, r: int, scale: float, init_std: float = 0.02) -> None:
+    def __init__(self, module: nn.Embedding, r: int, scale: float, start: TripletStart = PAPER_START) -> None:
         d_out, d_in = self.dims(module)
-        super().__init__(module.weight, d_out, d_in, r, scale, 0.0, init_std)
+        super().__init__(module.weight, d_out, d_in, r, scale, 0.0, start)
         self.weight = module.weight
         self.bias = None
         self.num_embeddings: int = d_in
@@ -68,9 +68,9 @@ class SVDEmbedding(SVDAdapter):
 
     @classmethod
     def from_base(
-        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
     ) -> SVDEmbedding:
-        return cls(module, r, scale, init_std)  # type: ignore[arg-type]
+        return cls(module, r, scale, start)  # type: ignore[arg-type]
 
     def layer_options(self) -> dict[str, Any]:
         return {"padding_idx": self.padding_idx}

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import KeptFactors, SVDAdapter, find_adapters
+from .base import PAPER_START, KeptFactors, SVDAdapter, TripletStart, find_adapters
 
 # The fused-experts classes of transformers 5 that experts_forward reproduces (tests/test_experts.py), by class name
 # (transformers is imported lazily), with the model families they serve.
@@ -272,20 +272,22 @@ class SVDExperts(SVDAdapter):
             return "the block's experts are split over processes (expert parallelism), which adalora does not support"
         return None
 
-    def __init__(self, fused: FusedWeight, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+    def __init__(
+        self, fused: FusedWeight, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
         d_out, d_in = self.dims(fused)
         weight = fused.weight
-        super().__init__(weight, d_out, d_in, r, scale, dropout, init_std, experts=weight.shape[0])
+        super().__init__(weight, d_out, d_in, r, scale, dropout, start, experts=weight.shape[0])
         self.weight = weight
         self.bias = None  # a block's biases stay the block's: experts_forward adds them
         self.transposed, self.order = fused.transposed, fused.order
 
     @classmethod
     def from_base(
-        cls, module: FusedWeight, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02
+        cls, module: FusedWeight, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
     ) -> SVDExperts:
         """The adapter of one fused expert weight; its block computes with :func:`experts_forward` from now on."""
-        adapter = cls(module, r, scale, dropout, init_std)
+        adapter = cls(module, r, scale, dropout, start)
         _take_over(module.block)
         return adapter
 

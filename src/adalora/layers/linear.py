@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SVDAdapter
+from .base import PAPER_START, SVDAdapter, TripletStart
 from .mixing import linear_svd
 
 
@@ -32,15 +32,19 @@ class _LinearAdapter(SVDAdapter):
     base; otherwise the adapter computes as every other adapter does.
     """
 
-    def __init__(self, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+    def __init__(
+        self, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
         d_out, d_in = self.dims(module)
-        super().__init__(module.weight, d_out, d_in, r, scale, dropout, init_std)
+        super().__init__(module.weight, d_out, d_in, r, scale, dropout, start)
         self.weight = module.weight
         self.bias = module.bias
 
     @classmethod
-    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
-        return cls(module, r, scale, dropout, init_std)
+    def from_base(
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
+        return cls(module, r, scale, dropout, start)
 
     def base_matrix(self) -> torch.Tensor:
         """The base weight as ``(d_out, d_in)`` (a view)."""

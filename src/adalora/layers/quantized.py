@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SVDAdapter
+from .base import PAPER_START, SVDAdapter, TripletStart
 from .linear import plain_linear
 
 
@@ -192,9 +192,9 @@ class _LayerHoldingAdapter(QuantizedAdapter):
 
     base_layer: nn.Module
 
-    def __init__(self, layer: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
+    def __init__(self, layer: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START):
         # P and Q are float32 (the packed weight's integer dtype says nothing about precision); see SVDAdapter.
-        super().__init__(layer.weight, layer.out_features, layer.in_features, r, scale, dropout, init_std)
+        super().__init__(layer.weight, layer.out_features, layer.in_features, r, scale, dropout, start)
         self.base_layer = layer
         self._register_state_dict_hook(_flatten_base_layer_keys)
         self.register_load_state_dict_pre_hook(_nest_base_layer_keys)
@@ -204,8 +204,10 @@ class _LayerHoldingAdapter(QuantizedAdapter):
         return module.out_features, module.in_features
 
     @classmethod
-    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
-        return cls(module, r, scale, dropout, init_std)
+    def from_base(
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
+        return cls(module, r, scale, dropout, start)
 
     @property
     def weight(self) -> nn.Parameter:  # type: ignore[override]
@@ -369,14 +371,18 @@ class SVDTorchAOLinear(QuantizedAdapter):
     layer does. Only merging differs: the weight is dequantized.
     """
 
-    def __init__(self, module: nn.Linear, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
-        super().__init__(module.weight, module.out_features, module.in_features, r, scale, dropout, init_std)
+    def __init__(
+        self, module: nn.Linear, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
+        super().__init__(module.weight, module.out_features, module.in_features, r, scale, dropout, start)
         self.weight = module.weight
         self.bias = module.bias
 
     @classmethod
-    def from_base(cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, init_std: float = 0.02):
-        return cls(module, r, scale, dropout, init_std)  # type: ignore[arg-type]
+    def from_base(
+        cls, module: nn.Module, r: int, scale: float, dropout: float = 0.0, start: TripletStart = PAPER_START
+    ):
+        return cls(module, r, scale, dropout, start)  # type: ignore[arg-type]
 
     @staticmethod
     def quantize_nf4(linear: nn.Linear, compute_dtype: torch.dtype | None = None) -> nn.Module:

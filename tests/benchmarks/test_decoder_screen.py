@@ -1,0 +1,115 @@
+"""The screen and confirmation of AdaLoRA's lora start (benchmarks/decoder_screen.py): one lr-search cell per task at
+r = 8, then seeds 1-3 at the chosen lr; the start reaches RunSettings; the renderer compares it with the decoder
+table's own AdaLoRA and LoRA runs and shows the prototype's options as measured but not offered. No model is
+loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ds():
+    sys.path.insert(0, str(_BENCH))
+    for name in ("paper_table", "decoder_table", "decoder_screen", "render_decoder_screen"):
+        if name not in sys.modules or name in ("decoder_screen", "render_decoder_screen"):
+            spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up by name
+            spec.loader.exec_module(module)
+    return sys.modules["decoder_screen"]
+
+
+def record(spec, accuracy, perplexity=1.2):
+    return {"task": spec.cell.task, "variant": spec.cell.variant, "budget": spec.cell.budget, "phase": spec.phase,
+            "lr": spec.lr, "seed": spec.seed, "accuracy": accuracy, "eval_loss": perplexity - 1,
+            "perplexity": perplexity, "cpu_seconds": 480.0}  # fmt: skip
+
+
+def test_the_screen_searches_each_task_then_confirms_at_the_chosen_lr(ds):
+    pt = sys.modules["paper_table"]
+    grid = ds.ScreenGrid()
+    pending = pt.pending_runs(grid, {})
+    assert {(s.cell.task, s.cell.variant, s.cell.budget, s.phase, s.lr, s.seed) for s in pending} == {
+        (task, ds.LORA_START, 8, "search", lr, 0) for task in grid.tasks for lr in grid.adapter_lrs}  # fmt: skip
+    runs = {s.key: record(s, 0.94 if s.lr == 3e-3 else 0.9) for s in pending}
+    finals = pt.pending_runs(grid, runs)  # no extension (max_extensions 0): the finals at 3e-3, seeds 1-3
+    assert sorted(s.key for s in finals) == sorted(
+        f"{task}/adalora-init-lora/r8/final/lr0.003/s{seed}" for task in grid.tasks for seed in (1, 2, 3))  # fmt: skip
+    runs |= {s.key: record(s, 0.9) for s in finals}
+    assert pt.pending_runs(grid, runs) == []
+
+
+def test_the_start_reaches_the_run_settings_and_nothing_else_changes(ds, tmp_path):
+    pt = sys.modules["paper_table"]
+    files = {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
+
+    def settings(variant, phase="search"):
+        spec = pt.RunSpec(pt.Cell("trec", variant, 8), phase, 3e-3, 0)
+        return ds.decoder_settings(ds.ScreenGrid(), spec, files, threads=1, device="cpu")
+
+    lora, plain = settings(ds.LORA_START), settings("adalora")
+    assert (lora.adalora.triplet_init, plain.adalora.triplet_init) == ("lora", "paper")
+    assert lora.replace(triplet_init="paper") == plain  # the same run otherwise: init_r 12, r 8, lr, data
+    assert (plain.adalora.init_r, plain.adalora.target_r, plain.eval_file) == (12, 8, str(files["val"]))
+    assert settings(ds.LORA_START, "final").eval_file == str(files["test"])
+    for name, lr in ds.PRECHECK:
+        assert name in pt.VARIANTS and lr > 0
+
+
+def spec(pt, task, variant, phase, lr, seed=0):
+    return pt.RunSpec(pt.Cell(task, variant, 8), phase, lr, seed)
+
+
+def test_render_compares_the_start_with_the_decoder_tables_rows(ds):
+    pt, render = sys.modules["paper_table"], sys.modules["render_decoder_screen"]
+    baselines = {}
+    for task in ("trec", "sms-spam"):
+        for variant, lr, accuracy in (("lora", 1e-3, 0.92), ("lora", 3e-3, 0.93), ("adalora", 3e-3, 0.88),
+                                      ("adalora", 3e-2, 0.93)):  # fmt: skip
+            s = spec(pt, task, variant, "search", lr)
+            baselines[s.key] = record(s, accuracy)
+        for variant in ("lora", "adalora"):
+            for seed in (1, 2, 3):
+                s = spec(pt, task, variant, "final", 3e-3, seed)
+                baselines[s.key] = record(s, 0.90)
+    screen = {"runs": {}}
+    for lr, accuracy in ((1e-3, 0.9), (3e-3, 0.94), (1e-2, 0.91)):
+        s = spec(pt, "trec", ds.LORA_START, "search", lr)
+        screen["runs"][s.key] = record(s, accuracy, 1.1)
+    s = spec(pt, "trec", "adalora-init-orthonormal", "search", 3e-3)
+    screen["runs"][s.key] = record(s, 0.95)
+    confirm = {"grid": ds.ScreenGrid().describe(), "runs": {}}
+    for seed, accuracy in ((1, 0.90), (2, 0.92), (3, 0.94)):
+        s = spec(pt, "trec", ds.LORA_START, "final", 3e-3, seed)
+        confirm["runs"][s.key] = record(s, accuracy)
+    text = render.block(json.loads(json.dumps(screen)), confirm, baselines, None)
+    lora = "AdaLoRA, triplet_init lora (P = 0, lambda = 1, Q as LoRA's A)"
+    assert "| LoRA (r = 8) | 92.00 / 1.200 | 93.00 / 1.200 |  |  | 0.003 | 93.00 / 1.200 |" in text
+    # the lora start: best 94 % at 3e-3, +1 point over LoRA's best at the same lr (1x LoRA's); AdaLoRA: 0 at 10x.
+    assert f"| {lora} | 94.00 (+1.00) / 1.100 | 1x |  |  |  |" in text
+    assert "| AdaLoRA, triplet_init paper (the default) | 93.00 (+0.00) / 1.200 | 10x |" in text
+    assert "| prototype, not offered: random orthonormal P, Q, lambda = 1, scale P Q subtracted from W0 |  |" in text
+    # Confirmation: 92.00 ± 2.00 over three seeds; against LoRA's 90.00 ± 0: +2.00 ± sqrt(4 / 3) = 1.15.
+    assert f"| TREC-6 | {lora} | 0.003 | 92.00 ± 2.00 | 3 | 1.200 | +2.00 ± 1.15 |" in text
+    assert "| SMS spam | LoRA (r = 8) | 0.003 | 90.00 ± 0.00 | 3 | 1.200 |  |" in text
+    assert "Baseline check: not run." in text
+
+
+def test_the_recorded_first_screen_renders_with_the_prototypes_options_labelled(ds):
+    render = sys.modules["render_decoder_screen"]
+    read = lambda name: json.loads((_BENCH / "results" / name).read_text())  # noqa: E731
+    screen, precheck = read("decoder_screen.json"), read("decoder_screen_precheck.json")
+    assert {r["variant"] for r in screen["runs"].values()} - {ds.LORA_START} <= set(render.NOT_OFFERED)
+    text = render.block(screen, None, read("decoder_table.json")["runs"], precheck)
+    lora = "AdaLoRA, triplet_init lora (P = 0, lambda = 1, Q as LoRA's A)"
+    assert f"| {lora} |  | 92.67 / 1.134 | 94.00 / 1.134 | 86.33 / 1.244 |  | 0.003 | 94.00 / 1.134 |" in text
+    assert text.count("| prototype, not offered: ") == 6 + 1 + 1  # pre-check rows, screen row, summary row
+    assert "Confirmation: no final run yet." in text
