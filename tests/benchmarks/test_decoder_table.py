@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_causal_lm import word_tokenizer
 
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
