@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_qwen3_moe, token_batch
-from test_causal_lm import qa_train_args, write_tiny_lm
+from lm_helpers import qa_train_args, write_tiny_lm
 from test_experts import Routed, adapted, build_block, routing
 
 from adalora import (

@@ -102,6 +102,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_budgeting_then_resume_matches_an_uninterrupted_run(assets, uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     log = killed_then_resumed(assets, out, "step", 10, capsys)  # killed at step 10; the last checkpoint is step 8
@@ -109,6 +110,7 @@ def test_sigkill_mid_budgeting_then_resume_matches_an_uninterrupted_run(assets, 
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(assets, uninterrupted, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     log = killed_then_resumed(assets, out, "save", 4, capsys)  # dies writing the step-16 checkpoint
@@ -117,6 +119,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(assets, unint
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_over(assets, uninterrupted, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
