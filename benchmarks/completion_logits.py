@@ -2,7 +2,7 @@
 
 ``adalora.run.lm_loss.next_token_loss`` asks the model for the logits of the positions that predict a completion
 token only (rows are left-padded, so those are the last few); transformers' ``model(**batch).loss`` computes the
-logits of every position. The losses are equal (tests/test_lm_loss.py); this measures the time per step on the
+logits of every position. The losses are equal (tests/run/test_lm_loss.py); this measures the time per step on the
 decoder table's runs: the packaged SmolLM2-135M, every projection adapted (AdaLoRA 3 -> 2), batches of 16 of the
 table's TREC-6 and SMS spam prompts (``benchmarks/decoder_table.py``'s data files, written here if missing), cut
 to their longest row, under bf16 autocast as in the table.

@@ -18,9 +18,9 @@
 # 5. torch.profiler tables of our AdaLoRA and LoRA steps on both models (eager);
 # 6. the CUDA tests (no host sync outside allocation steps, sharded/compaction on CUDA), the adapter-autograd and
 #    compile tests; the allocator against PEFT and its profile;
-# 7. quantized bases: tests/test_quantized.py (its CUDA variants: bitsandbytes' CUDA kernels, bf16) and
+# 7. quantized bases: tests/layers/test_quantized.py (its CUDA variants: bitsandbytes' CUDA kernels, bf16) and
 #    benchmarks/quantized_memory.py on CUDA (peak memory and step time, SmolLM2-135M-shaped, fp32/bf16/4-bit);
-# 8. mixture-of-experts: the experts' grouped products against the loop on CUDA (tests/test_experts.py), and
+# 8. mixture-of-experts: the experts' grouped products against the loop on CUDA (tests/layers/test_experts.py), and
 #    benchmarks/moe_step.py (AdaLoRA and LoRA on a tiny-but-wide Qwen3-MoE, loop and grouped products).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,13 +80,13 @@ step 120 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" "${graphs[@]}"
 step 60 "$PY" "${ts[@]}" --model smollm2 "${layers[@]}" "${size[@]}" "${tag[@]}" --profile --no-peft
 step 60 "$PY" "${ts[@]}" --model minilm "${size[@]}" "${tag[@]}" --profile --no-peft
 if [ "$DEVICE" = cuda ]; then
-  step 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_adapter_autograd.py tests/test_compile.py \
-    tests/test_compact.py tests/test_io.py
+  step 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/layers/test_mixing.py tests/test_compile.py \
+    tests/test_compact.py tests/files/test_adapter.py
   step 60 "$PY" benchmarks/allocator.py --device cuda "${rounds[@]}"
   step 60 "$PY" benchmarks/allocator.py --device cuda --repeats 20 --profile
-  step 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_quantized.py
+  step 120 "$PY" -m pytest -q -p no:cacheprovider tests/layers/test_quantized.py
   step 150 "$PY" benchmarks/quantized_memory.py --device cuda --rounds 2 --steps 5 --batch 8 --length 256
-  step 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_experts.py -k cuda
+  step 60 "$PY" -m pytest -q -p no:cacheprovider tests/layers/test_experts.py -k cuda
 fi
 moe=(--rounds 10)
 [ -z "${SMALL:-}" ] || moe=(--rounds 1 --experts 8 --hidden 64)

@@ -1,7 +1,7 @@
 """Training steps with every row padded to ``--max-length`` against batches cut to their longest row.
 
 ``adalora.run.batches.trim_padding`` cuts the columns that are padding in every row of a batch (rounded up to a
-multiple of 8) before the forward. The loss is the same (tests/test_batches.py); this measures what it saves
+multiple of 8) before the forward. The loss is the same (tests/run/test_batches.py); this measures what it saves
 on the runs ``adalora train`` makes, built by :func:`adalora.run.train.prepare` exactly as the CLI builds them:
 
 - ``default``: the CLI's default run (packaged all-MiniLM-L6-v2, Rotten Tomatoes, AdaLoRA, its defaults);

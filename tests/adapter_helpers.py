@@ -1,11 +1,15 @@
-"""Helpers shared by the adapter-file tests: make injected adapters look trained and masked."""
+"""Helpers shared by the adapter tests: make injected adapters look trained and masked, and one trained adapter
+of every layer type with the merged layer it must compute as."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from adalora import find_adapters
+from adalora.layers import SVDAdapter, SVDConv, SVDConv1D, SVDEmbedding, SVDLinear
 
 
 @torch.no_grad()
@@ -41,3 +45,40 @@ def fake_training(model: nn.Module, ranks: list[int] | None = None, seed: int = 
 def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def trained(adapter: SVDAdapter) -> SVDAdapter:
+    """The adapter with lambda drawn from N(0, 1) and triplet 1 masked (lambda = 0), as after some training."""
+    with torch.no_grad():
+        adapter.E.normal_()
+        adapter.E[1] = 0.0  # a masked triplet
+    return adapter
+
+
+def _linear(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
+    adapter = trained(SVDLinear.from_base(nn.Linear(7, 5).to(dtype).requires_grad_(False), r=3, scale=2.0))
+    return adapter, torch.randn(2, 4, 7, dtype=dtype), lambda x, w: F.linear(x, w, adapter.bias)
+
+
+def _conv1d(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
+    base = Conv1D(5, 7).to(dtype).requires_grad_(False)  # GPT-2: weight (d_in, d_out)
+    nn.init.normal_(base.weight)
+    adapter = trained(SVDConv1D.from_base(base, r=3, scale=0.5))
+    return adapter, torch.randn(2, 4, 7, dtype=dtype), lambda x, w: x @ w + adapter.bias
+
+
+def _conv(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
+    base = nn.Conv2d(4, 6, 3, padding=1).to(dtype).requires_grad_(False)
+    adapter = trained(SVDConv.from_base(base, r=3, scale=1.5))
+    return adapter, torch.randn(2, 4, 5, 5, dtype=dtype), lambda x, w: F.conv2d(x, w, adapter.bias, padding=1)
+
+
+def _embedding(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
+    base = nn.Embedding(20, 6, padding_idx=3).to(dtype).requires_grad_(False)
+    adapter = trained(SVDEmbedding.from_base(base, r=3, scale=0.5))
+    ids = torch.tensor([[3, 1, 5, 3], [0, 19, 3, 2]])
+    return adapter, ids, lambda x, w: F.embedding(x, w, padding_idx=3)
+
+
+# Per layer type: (dtype) -> (adapter with lambda set and triplet 1 masked, an input, forward(x, merged weight)).
+LAYERS = {"linear": _linear, "gpt2_conv1d": _conv1d, "conv2d": _conv, "embedding": _embedding}

@@ -1,10 +1,13 @@
-"""Shared fixtures: tiny randomly initialised transformers models built from configs (nothing to download)."""
+"""Shared fixtures: tiny randomly initialised transformers models built from configs (nothing to download), and
+the small AdaLoRA schedule the training tests run them with."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from adalora import AdaLoRAConfig
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +24,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_config(**overrides) -> AdaLoRAConfig:
+    """AdaLoRA on tiny_bert's query and value projections (4 triplets each, 2 kept on average) with a schedule a
+    few steps long: t_i = 1, t_f = 2, reallocation at every step, T left to the training integration, and the
+    classifier trained in full. A test names only what it changes (``small_config(total_steps=6)``).
+
+    A plain function rather than a fixture: tests build their configuration at module level and in parameters."""
+    settings = dict(
+        target_modules=("query", "value"),
+        init_r=4,
+        target_r=2,
+        warmup_steps=1,
+        final_steps=2,
+        mask_interval=1,
+        total_steps=None,
+        modules_to_save=("classifier",),
+    )
+    return AdaLoRAConfig(**{**settings, **overrides})
 
 
 def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32):

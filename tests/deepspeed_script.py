@@ -1,9 +1,9 @@
-"""Run under ``torchrun --standalone --nproc_per_node 2`` by tests/test_deepspeed.py: every DeepSpeed scenario in one
-launch (starting DeepSpeed in a process costs seconds), each rank saving what it recorded to ``OUT/rank{r}.pt``.
+"""Run under ``torchrun --standalone --nproc_per_node 2`` by tests/parallel/test_zero.py: every DeepSpeed scenario in
+one launch (starting DeepSpeed in a process costs seconds), each rank saving what it recorded to ``OUT/rank{r}.pt``.
 
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/deepspeed_script.py OUT``
 
-The training run is tests/test_distributed.py's (same model, configuration, global batches and optimizer), with the
+The training run is tests/parallel_helpers.py's (same model, configuration, global batches and optimizer), with the
 loop DeepSpeed asks for: ``engine(ids)``, ``engine.backward(loss)``, ``engine.step()``, ``allocator.step()``; the
 regulariser is the allocator's business under DeepSpeed (added inside the engine's step).
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))  # conftest, test_distributed
+sys.path.insert(0, str(Path(__file__).parent))  # tests/: conftest, parallel_helpers
+import parallel_helpers as shared
 
 WORLD = 2
 
@@ -51,7 +52,7 @@ def ds_config(stage: int, **zero: object) -> dict:
 
 
 def build(config, ds: dict, seed: int = 0):
-    """(engine, allocator) for tests/test_distributed.py's model, built identically on every rank."""
+    """(engine, allocator) for tests/parallel_helpers.py's model, built identically on every rank."""
     import deepspeed
     from conftest import tiny_bert
 
@@ -80,7 +81,6 @@ def module_lambdas(engine) -> dict[str, torch.Tensor]:
 
 def train(engine, allocator, rows: slice, steps: range, out: Path | None = None) -> dict:
     """Train ``steps`` on ``rows`` of each global batch; what the tests compare (whole master copies and modules)."""
-    import test_distributed as td
 
     from adalora import find_adapters
     from adalora.files.peft import export_peft
@@ -88,7 +88,7 @@ def train(engine, allocator, rows: slice, steps: range, out: Path | None = None)
 
     fingerprints, reports = {}, []
     for step in steps:
-        ids, labels = (t[rows] for t in td._batch(step))
+        ids, labels = (t[rows] for t in shared.batch(step))
         loss = F.cross_entropy(engine(ids).logits, labels)
         engine.backward(loss)
         engine.step()
@@ -96,16 +96,16 @@ def train(engine, allocator, rows: slice, steps: range, out: Path | None = None)
         reports.append((report.step, report.phase, report.budget))
         if report.allocation is not None:
             fingerprints[step] = mask_fingerprint([a.rank_mask for a in allocator.adapters])
-    with gathered_adapters(engine, td.CONFIG) as model:
+    with gathered_adapters(engine, shared.CONFIG) as model:
         tensors = {}
         for name, adapter in find_adapters(model):
             for attr in ("P", "E", "Q", "rank_mask"):
                 tensors[f"{name}.{attr}"] = getattr(adapter, attr).detach().clone()
         tensors["classifier.weight"] = model.classifier.weight.detach().clone()
         if out is not None and is_main_process():
-            export_peft(model, out / "peft", td.CONFIG)
+            export_peft(model, out / "peft", shared.CONFIG)
     if out is not None:
-        save_adapter_collective(engine, out / "adapter", td.CONFIG)
+        save_adapter_collective(engine, out / "adapter", shared.CONFIG)
     return {
         "names": allocator.names,
         "layout": type(allocator.layout).__name__,
@@ -119,9 +119,7 @@ def train(engine, allocator, rows: slice, steps: range, out: Path | None = None)
 
 
 def rows_of(rank: int) -> slice:
-    import test_distributed as td
-
-    half = td.GLOBAL_BATCH // WORLD
+    half = shared.GLOBAL_BATCH // WORLD
     return slice(rank * half, (rank + 1) * half)
 
 
@@ -138,25 +136,21 @@ PLAIN = {  # mode: (what the configuration changes, ZeRO stage, DeepSpeed settin
 def plain_loop(out: Path, rank: int) -> dict:
     """The :data:`PLAIN` runs, compared with one process by the tests; and one in bf16, which has no one-process
     twin (DeepSpeed keeps fp32 masters of a bf16 module): its masks must hold in both copies all the same."""
-    import test_distributed as td
-
     results: dict = {"time": {}}
     for mode, (changes, stage, zero) in PLAIN.items():
         start = time.perf_counter()
-        engine, allocator = build(td.CONFIG.replace(**changes), ds_config(stage, **zero))
-        results[mode] = train(engine, allocator, rows_of(rank), range(td.STEPS), out / mode)
+        engine, allocator = build(shared.CONFIG.replace(**changes), ds_config(stage, **zero))
+        results[mode] = train(engine, allocator, rows_of(rank), range(shared.STEPS), out / mode)
         results["time"][mode] = time.perf_counter() - start
     bf16 = {**ds_config(2), "bf16": {"enabled": True}}
-    engine, allocator = build(td.CONFIG, bf16)
-    results["zero2-bf16"] = train(engine, allocator, rows_of(rank), range(td.STEPS))
+    engine, allocator = build(shared.CONFIG, bf16)
+    results["zero2-bf16"] = train(engine, allocator, rows_of(rank), range(shared.STEPS))
     return results
 
 
 def peft_masking(out: Path, rank: int) -> dict:
     """The control: ZeRO-2 with masks applied PEFT's way, ``masked_fill_`` on the module's lambda only."""
-    import test_distributed as td
-
-    engine, allocator = build(td.CONFIG, ds_config(2))
+    engine, allocator = build(shared.CONFIG, ds_config(2))
 
     @torch.no_grad()
     def module_only(*_args: object) -> None:
@@ -165,34 +159,31 @@ def peft_masking(out: Path, rank: int) -> dict:
 
     allocator.layout.mask = module_only  # type: ignore[method-assign]
     allocator.layout.reapply_masks = module_only  # type: ignore[method-assign]
-    return train(engine, allocator, rows_of(rank), range(td.STEPS))
+    return train(engine, allocator, rows_of(rank), range(shared.STEPS))
 
 
 def resumed(out: Path, rank: int) -> dict:
     """Stop at step ``at``, save a DeepSpeed checkpoint with the allocator's state as client state, rebuild
     everything from other initial weights, load, and finish: ZeRO-2 mid-schedule, ZeRO-3 in the final phase."""
-    import test_distributed as td
-
     results = {}
     for mode, ds, at in (
         ("zero2", ds_config(2), 14),
         ("zero3", ds_config(3, stage3_param_persistence_threshold=0), 26),
     ):
-        engine, allocator = build(td.CONFIG, ds)
+        engine, allocator = build(shared.CONFIG, ds)
         train(engine, allocator, rows_of(rank), range(at))
         engine.save_checkpoint(
             str(out / f"checkpoint-{mode}"), tag=f"step{at}", client_state={"adalora": allocator.state_dict()}
         )
-        engine, allocator = build(td.CONFIG, ds, seed=1)
+        engine, allocator = build(shared.CONFIG, ds, seed=1)
         _, client = engine.load_checkpoint(str(out / f"checkpoint-{mode}"), tag=f"step{at}")
         allocator.load_state_dict(client["adalora"])
-        results[mode] = train(engine, allocator, rows_of(rank), range(at, td.STEPS))
+        results[mode] = train(engine, allocator, rows_of(rank), range(at, shared.STEPS))
     return results
 
 
 def misuse(out: Path, rank: int) -> dict:
     """What is refused, each as the one line every rank raised (none may hang in a collective)."""
-    import test_distributed as td
 
     from adalora import save_adapter
 
@@ -207,12 +198,12 @@ def misuse(out: Path, rank: int) -> dict:
 
     offload = ds_config(2, offload_optimizer={"device": "cpu"})
     offload["zero_force_ds_cpu_optimizer"] = False  # DeepSpeed's CPU Adam would be compiled otherwise
-    record("offload", lambda: build(td.CONFIG, offload))
-    record("compact", lambda: build(td.CONFIG.replace(compact_at_final=True), ds_config(2)))
-    engine, allocator = build(td.CONFIG, ds_config(2))
+    record("offload", lambda: build(shared.CONFIG, offload))
+    record("compact", lambda: build(shared.CONFIG.replace(compact_at_final=True), ds_config(2)))
+    engine, allocator = build(shared.CONFIG, ds_config(2))
     record("loss_form", allocator.regularization)
-    zero3, _ = build(td.CONFIG, ds_config(3, stage3_param_persistence_threshold=0))
-    record("partitioned_save", lambda: save_adapter(zero3, out / "not-saved", td.CONFIG))
+    zero3, _ = build(shared.CONFIG, ds_config(3, stage3_param_persistence_threshold=0))
+    record("partitioned_save", lambda: save_adapter(zero3, out / "not-saved", shared.CONFIG))
     train(engine, allocator, rows_of(rank), range(2))
     allocator.misuse.on_misuse = "warn"  # past the pairing's own report: the allocator has no gradients to read
     with warnings.catch_warnings():
@@ -280,7 +271,6 @@ def accelerated(out: Path, rank: int) -> dict:
     """A plain accelerate loop with a DeepSpeed plugin (ZeRO-2), as ``accelerate launch --use_deepspeed`` runs it."""
     import os
 
-    import test_distributed as td
     from accelerate import Accelerator, DeepSpeedPlugin, PartialState
     from conftest import tiny_bert
 
@@ -290,20 +280,20 @@ def accelerated(out: Path, rank: int) -> dict:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what accelerate launch --use_deepspeed sets
     PartialState(cpu=True)  # on a CPU, the process group accelerate sees (without it: one process)
     plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=1)
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = td.GLOBAL_BATCH // WORLD
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = shared.GLOBAL_BATCH // WORLD
     accelerator = Accelerator(deepspeed_plugin=plugin)
     torch.manual_seed(0)
-    model = inject(tiny_bert(), td.CONFIG)
+    model = inject(tiny_bert(), shared.CONFIG)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    allocator = RankAllocator(model, td.CONFIG, optimizer, on_misuse="error", check_consistency=True)
-    for step in range(td.STEPS):
-        ids, labels = (t[rows_of(rank)] for t in td._batch(step))
+    allocator = RankAllocator(model, shared.CONFIG, optimizer, on_misuse="error", check_consistency=True)
+    for step in range(shared.STEPS):
+        ids, labels = (t[rows_of(rank)] for t in shared.batch(step))
         accelerator.backward(F.cross_entropy(model(ids).logits, labels))  # steps the engine
         optimizer.step()  # a no-op under DeepSpeed, as is zero_grad
         allocator.step()
         optimizer.zero_grad()
-    with gathered_adapters(model, td.CONFIG) as whole:
+    with gathered_adapters(model, shared.CONFIG) as whole:
         tensors = {
             f"{name}.{attr}": getattr(adapter, attr).detach().clone()
             for name, adapter in find_adapters(whole)

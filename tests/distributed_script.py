@@ -1,4 +1,5 @@
-"""Run under ``torchrun`` by tests/test_distributed.py (and in-process there, for the single-process reference).
+"""Run under ``torchrun`` by tests/parallel/test_distributed.py (and in-process there, for the single-process
+reference).
 
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_script.py OUT MODEL DATA``
 runs, in the same processes, ``adalora train`` (the CLI's ``main``) and an :class:`AdaLoRATrainer` run, with

@@ -13,21 +13,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, token_batch
+from conftest import small_config, tiny_bert, token_batch
 from safetensors.torch import load_file
 
 import adalora
 from adalora.files.checkpoint import trainable_state_dict
 
-CONFIG = adalora.AdaLoRAConfig(
-    target_modules=["query", "value", "intermediate.dense"],
+CONFIG = small_config(
+    target_modules=("query", "value", "intermediate.dense"),
     init_r=6,
     target_r=3,
     warmup_steps=2,
     final_steps=3,
     mask_interval=2,
     total_steps=12,
-    modules_to_save=["classifier"],
 )
 
 
@@ -146,7 +145,7 @@ def test_the_regulariser_compiles_and_matches_eager():
 @pytest.mark.parametrize("layer", ["linear", "gpt2_conv1d", "conv2d", "embedding"])
 def test_every_layer_type_compiles_as_one_graph_with_eager_gradients(layer):
     # The adapter path is a custom autograd function (layers.mixing): dynamo must trace it, forward and backward.
-    from test_adapter_autograd import LAYERS
+    from adapter_helpers import LAYERS
 
     adapter, x, _ = LAYERS[layer](torch.float32)
     params = [adapter.P, adapter.E, adapter.Q]

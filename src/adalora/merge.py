@@ -55,20 +55,7 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
     wrapped, model = model, unwrap_model(model)  # a compiled/DDP model is changed inside, and returned as given
     named = _adapters_or_raise(model, "merge")
     if safe:
-        trained = {f"{name}.{attr}": getattr(adapter, attr) for name, adapter in named for attr in ("P", "E", "Q")}
-        trained |= {name: param for name, param in model.named_parameters() if param.requires_grad}  # task head
-        require_finite(trained.items(), "merge: the model's adapter")
-        # A separate pass, so that nothing is replaced unless every layer merges cleanly, while holding only
-        # one merged weight in memory at a time.
-        for name, adapter in named:
-            weight = _merged_weight(adapter)
-            if not bool(torch.isfinite(weight).all()):
-                raise ValueError(
-                    f"merge: the merged weight of '{name}' contains NaN or inf (the adapter's P, E or Q diverged "
-                    "during training, or the base dtype overflowed); the model was left unchanged. Inspect the "
-                    "adapter, or call merge(model, safe=False) to merge anyway."
-                )
-            del weight
+        _check_finite(model, named)
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     untied = False
     for name, adapter in named:
@@ -85,6 +72,24 @@ def merge(model: nn.Module, safe: bool = True, requantize: bool = False) -> nn.M
     if untied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # type: ignore[union-attr]
     return wrapped
+
+
+def _check_finite(model: nn.Module, named: list[tuple[str, SVDAdapter]]) -> None:
+    """Raise before anything is replaced if a trained tensor or a merged weight holds NaN or inf."""
+    trained = {f"{name}.{attr}": getattr(adapter, attr) for name, adapter in named for attr in ("P", "E", "Q")}
+    trained |= {name: param for name, param in model.named_parameters() if param.requires_grad}  # task head
+    require_finite(trained.items(), "merge: the model's adapter")
+    # A separate pass, so that nothing is replaced unless every layer merges cleanly, while holding only
+    # one merged weight in memory at a time.
+    for name, adapter in named:
+        weight = _merged_weight(adapter)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(
+                f"merge: the merged weight of '{name}' contains NaN or inf (the adapter's P, E or Q diverged "
+                "during training, or the base dtype overflowed); the model was left unchanged. Inspect the "
+                "adapter, or call merge(model, safe=False) to merge anyway."
+            )
+        del weight
 
 
 def unload(model: nn.Module) -> nn.Module:

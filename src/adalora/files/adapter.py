@@ -97,20 +97,8 @@ def save_adapter(
         raise ValueError("save_adapter: the model has no AdaLoRA adapters. Call adalora.inject(model, config) first.")
     _check_targets(model, [n for n, _ in named], config, "save_adapter")
     check_whole([a for _, a in named], "save_adapter")
-    try:
-        metadata_json = json.loads(json.dumps(metadata or {}))
-    except (TypeError, ValueError) as error:
-        raise ValueError(
-            f"save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts): {error}"
-        ) from error
-
-    tensors: dict[str, torch.Tensor] = {}
-    modules: dict[str, dict[str, Any]] = {}
-    for (name, adapter), keep in zip(named, kept_triplets([a for _, a in named]), strict=True):
-        # Copies (kept_factors selects), so the saved tensors never share storage (safetensors refuses that).
-        factors = adapter.kept_factors(keep).to("cpu")
-        tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
-        modules[name] = _module_entry(adapter, factors.rank)
+    metadata_json = _json_copy(metadata or {})
+    tensors, modules = _kept_tensors(named)
     extra = _modules_to_save_state(model, config)
     tensors.update(extra)
     require_finite(tensors.items(), f"save_adapter: the model's adapter (for '{directory}')")
@@ -132,6 +120,29 @@ def save_adapter(
         info["weights_file"] = {"name": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": _sha256(weights)}
         (tmp / CONFIG_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _json_copy(metadata: dict) -> dict:
+    """``metadata`` as it reads back from JSON; a one-line error if JSON cannot hold it."""
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"save_adapter: metadata must be JSON-serialisable (str, numbers, lists, dicts): {error}"
+        ) from error
+
+
+def _kept_tensors(named: list[tuple[str, SVDAdapter]]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The kept triplets of every adapter as ``{name.P, name.E, name.Q: tensor}`` on the CPU, and what the config
+    file records about each module."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    for (name, adapter), keep in zip(named, kept_triplets([a for _, a in named]), strict=True):
+        # Copies (kept_factors selects), so the saved tensors never share storage (safetensors refuses that).
+        factors = adapter.kept_factors(keep).to("cpu")
+        tensors[f"{name}.P"], tensors[f"{name}.E"], tensors[f"{name}.Q"] = factors.P, factors.E, factors.Q
+        modules[name] = _module_entry(adapter, factors.rank)
+    return tensors, modules
 
 
 def _module_entry(adapter: SVDAdapter, rank: int) -> dict[str, Any]:

@@ -135,6 +135,23 @@ def fit(
     Returns:
         The number of optimizer steps done in all (``start_step`` included).
     """
+    _check_arguments(model, optimizer, epochs, accumulation_steps, start_step, regularizer)
+    in_loss = allocator is not None and regularizer == "loss"
+    loop = _Loop(
+        model, optimizer, allocator, loss_fn, accumulation_steps, max_grad_norm, scheduler, grad_scaler, in_loss
+    )
+    return loop.run(batches, epochs, start_step, on_step, on_epoch_end)
+
+
+def _check_arguments(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    accumulation_steps: int,
+    start_step: int,
+    regularizer: str,
+) -> None:
+    """Refuse, in one line, what :func:`fit` cannot run as asked."""
     if accumulation_steps < 1 or epochs < 0 or start_step < 0:
         raise ValueError("fit: accumulation_steps must be >= 1, epochs and start_step >= 0")
     if regularizer not in ("gradient", "loss"):
@@ -144,11 +161,6 @@ def fit(
             "fit: DeepSpeed trains with engine.backward(loss) and engine.step(), which fit does not call; write the "
             "loop with them (docs/scaling-out.md, DeepSpeed) or use the Trainer with AdaLoRACallback."
         )
-    in_loss = allocator is not None and regularizer == "loss"
-    loop = _Loop(
-        model, optimizer, allocator, loss_fn, accumulation_steps, max_grad_norm, scheduler, grad_scaler, in_loss
-    )
-    return loop.run(batches, epochs, start_step, on_step, on_epoch_end)
 
 
 @dataclass

@@ -23,7 +23,7 @@ sync; used where its shape, alignment and dtype rules allow, else the loop). See
 ``benchmarks/moe_step.py``.
 
 **Supported blocks** (:data:`SUPPORTED_EXPERTS`): the experts classes whose computation :func:`experts_forward`
-reproduces, each checked against the class's own forward in tests/test_experts.py; they are all declared with
+reproduces, each checked against the class's own forward in tests/layers/test_experts.py; they are all declared with
 transformers' ``use_experts_implementation``, whose flags (``has_gate``, ``has_bias``, ``is_transposed``,
 ``has_post_expert_norm``, the class's ``_apply_gate``) say how they compute. Others are refused by name.
 """
@@ -41,8 +41,8 @@ from torch import nn
 
 from .base import PAPER_START, KeptFactors, SVDAdapter, TripletStart, find_adapters
 
-# The fused-experts classes of transformers 5 that experts_forward reproduces (tests/test_experts.py), by class name
-# (transformers is imported lazily), with the model families they serve.
+# The fused-experts classes of transformers 5 that experts_forward reproduces (tests/layers/test_experts.py), by class
+# name (transformers is imported lazily), with the model families they serve.
 SUPPORTED_EXPERTS: dict[str, str] = {
     "Qwen3MoeExperts": "Qwen3-MoE",
     "Qwen2MoeExperts": "Qwen2-MoE",
@@ -96,7 +96,7 @@ class FusedWeight:
     @property
     def order(self) -> int:
         """Position of the weight among the block's expert weights, which is their order among its parameters
-        (PEFT nests its wrappers in that order; checked for every supported block in tests/test_experts.py)."""
+        (PEFT nests its wrappers in that order; checked for every supported block in tests/layers/test_experts.py)."""
         return expert_weight_names(self.block).index(self.name)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import small_config, tiny_bert
 from torch import nn
 
 from adalora import AdaLoRAConfig, inject
@@ -18,16 +18,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 from adalora.integrations.lightning import AdaLoRALightningCallback  # noqa: E402
 
-CONFIG = AdaLoRAConfig(
-    target_modules=("query", "value"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=1,
-    final_steps=2,
-    mask_interval=1,
-    total_steps=None,
-    modules_to_save=("classifier",),
-)
+CONFIG = small_config()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

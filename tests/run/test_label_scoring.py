@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from test_causal_lm import ids, word_tokenizer
+from lm_helpers import ids, word_tokenizer
 
 from adalora.run.label_scoring import completion_token_ids, label_accuracy, score_completions
 from adalora.run.lm_data import LMError

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 
 import adalora
 from adalora import AdaLoRAConfig
@@ -20,15 +21,7 @@ datasets = pytest.importorskip("datasets")
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "ran", "on", "mat", "a", "big"]
 SENTENCES = ["the cat sat", "a dog ran", "the big mat", "a cat on the mat"]
-CONFIG = AdaLoRAConfig(
-    target_modules=("query", "value"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=1,
-    final_steps=2,
-    mask_interval=1,
-    total_steps=None,
-)
+CONFIG = small_config(modules_to_save=())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

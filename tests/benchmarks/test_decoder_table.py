@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_causal_lm import word_tokenizer
+from lm_helpers import word_tokenizer
 
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import small_config, tiny_bert
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from adalora import AdaLoRAConfig, inject
@@ -16,16 +16,7 @@ from adalora.integrations.trainer import ALLOCATOR_FILE, AdaLoRACallback, AdaLoR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = AdaLoRAConfig(
-    target_modules=("query", "value"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=2,
-    final_steps=3,
-    mask_interval=1,
-    total_steps=None,
-    modules_to_save=("classifier",),
-)
+CONFIG = small_config(warmup_steps=2, final_steps=3)
 
 
 def dataset(n: int = 24) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import small_config, tiny_llama
 
 from adalora import AdaLoRAConfig, inject
 from adalora.integrations.trainer import ALLOCATOR_FILE, AdaLoRACallback
@@ -18,15 +18,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 WORDS = ["<unk>", "<pad>", "</s>", "Q:", "A:", "the", "cat", "dog", "sat", "ran", "on", "mat", "yes", "no"]
-CONFIG = AdaLoRAConfig(
-    target_modules=("q_proj", "v_proj", "down_proj"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=1,
-    final_steps=2,
-    mask_interval=1,
-    total_steps=None,
-)
+CONFIG = small_config(target_modules=("q_proj", "v_proj", "down_proj"), modules_to_save=())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -112,6 +104,7 @@ def dpo_trainer(output_dir: Path, config: AdaLoRAConfig = CONFIG, **overrides):
     return trainer, callback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [sft_trainer, dpo_trainer], ids=["sft", "dpo"])
 def test_callback_alone_allocates_and_regularises(tmp_path: Path, build) -> None:
     states = {}
@@ -129,6 +122,7 @@ def test_callback_alone_allocates_and_regularises(tmp_path: Path, build) -> None
     assert not torch.allclose(states[0.1][key], states[0.0][key])  # the regulariser acted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [sft_trainer, dpo_trainer], ids=["sft", "dpo"])
 def test_resume_from_checkpoint_is_exact(tmp_path: Path, build) -> None:
     from transformers import TrainerCallback

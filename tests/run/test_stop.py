@@ -7,12 +7,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 import pytest
 
-from adalora.run.stop import Stopped, StopRequests
+from adalora.run.stop import STOP_SIGNALS, Stopped, StopRequests
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs POSIX signals")
+
+
+@pytest.fixture(autouse=True)
+def _signals_handled() -> Iterator[None]:
+    """The signals at their default handlers: a suite started in the background (SIGINT ignored) or under nohup
+    (SIGHUP ignored) tests the handlers all the same (StopRequests leaves an ignored signal alone, by design)."""
+    default = {signum: signal.SIG_DFL for signum in STOP_SIGNALS} | {signal.SIGINT: signal.default_int_handler}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in default.items()}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 def test_a_signal_while_training_waits_for_the_step_boundary_and_checkpoints_once() -> None:

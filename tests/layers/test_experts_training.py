@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_qwen3_moe, token_batch
-from test_causal_lm import qa_train_args, write_tiny_lm
+from lm_helpers import qa_train_args, train_lm, write_tiny_lm
 from test_experts import Routed, adapted, build_block, routing
 
 from adalora import (
@@ -46,21 +46,6 @@ MOE_TARGETS = ("q_proj", "experts")
 def schedule(**changes) -> AdaLoRAConfig:
     fields = {"init_r": 4, "target_r": 2, "total_steps": 30, "warmup_steps": 4, "final_steps": 6, "mask_interval": 2}
     return AdaLoRAConfig(target_modules=MOE_TARGETS, **{**fields, **changes})
-
-
-def train_lm(model, config, steps, optimizer=None, allocator=None, seed=0):
-    """``steps`` next-token steps on random tokens with the allocator; returns (optimizer, allocator)."""
-    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    allocator = allocator or RankAllocator(model, config, optimizer)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ids = torch.randint(0, 100, (4, 9), generator=generator)
-        model(ids, labels=ids).loss.backward()
-        allocator.add_regularization_gradient()
-        optimizer.step()
-        allocator.step()
-        optimizer.zero_grad()
-    return optimizer, allocator
 
 
 def with_expert_ranks(model, seed: int = 3):

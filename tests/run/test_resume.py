@@ -3,7 +3,6 @@ a checkpoint) and resumed with ``--resume`` ends exactly as an uninterrupted run
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
-from safetensors.torch import load_file
+from resume_helpers import KILLER, SETTINGS, assert_same_run
 
 from adalora.cli import main
 from adalora.files.atomic import atomic_write
@@ -23,39 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-# 48 examples / batches of 4 = 12 steps per epoch, 24 in all: warm-up 5 steps, budgeting up to step 17, final 7.
-# Checkpoints every 4 steps (and after each epoch's evaluation, at step 12).
-SETTINGS = ("--batch-size", "4", "--save-every", "4", "--dropout", "0.1")
-
-# Runs the CLI in a child process that SIGKILLs itself: after allocator step N ("step N"), or while writing its
-# N-th checkpoint, half-way through the file ("save N").
-KILLER = """
-import os, signal, sys
-import torch
-mode, at = sys.argv[1], int(sys.argv[2])
-if mode == "step":
-    from adalora.allocator import RankAllocator
-    original_step = RankAllocator.step
-    def step(self):
-        report = original_step(self)
-        if self.step_count == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return report
-    RankAllocator.step = step
-else:
-    original_save, calls = torch.save, [0]
-    def save(obj, file, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] == at:
-            file.write(b"half a checkpoint")
-            file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_save(obj, file, *args, **kwargs)
-    torch.save = save
-from adalora.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +53,7 @@ def killed_then_resumed(assets, out: Path, mode: str, at: int, capsys) -> str:
     return capsys.readouterr().out
 
 
-def assert_same_run(out: Path, reference: Path) -> None:
-    read = lambda path: json.loads(path.read_text())  # noqa: E731
-    assert read(out / "rank_pattern.json") == read(reference / "rank_pattern.json")
-    assert read(out / "allocation_history.json") == read(reference / "allocation_history.json")
-    got = load_file(out / "adapter" / "adalora_adapter.safetensors")
-    expected = load_file(reference / "adapter" / "adalora_adapter.safetensors")
-    assert got.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value)
-    metrics, reference_metrics = read(out / "metrics.json"), read(reference / "metrics.json")
-    for mine, theirs in zip(metrics["epochs"], reference_metrics["epochs"], strict=True):
-        assert mine["eval_accuracy"] == theirs["eval_accuracy"]
-        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
-
-
+@pytest.mark.slow
 def test_sigkill_mid_budgeting_then_resume_matches_an_uninterrupted_run(assets, uninterrupted, tmp_path, capsys):
     out = tmp_path / "run"
     log = killed_then_resumed(assets, out, "step", 10, capsys)  # killed at step 10; the last checkpoint is step 8
@@ -109,6 +61,7 @@ def test_sigkill_mid_budgeting_then_resume_matches_an_uninterrupted_run(assets, 
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(assets, uninterrupted, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     log = killed_then_resumed(assets, out, "save", 4, capsys)  # dies writing the step-16 checkpoint
@@ -117,6 +70,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(assets, unint
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_over(assets, uninterrupted, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

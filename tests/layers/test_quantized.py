@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import torch
 from adapter_helpers import fake_training
-from conftest import tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from conftest import small_config, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, compact, export_peft, find_adapters, inject, merge, unload
@@ -33,9 +33,7 @@ from adalora.layers import QUANTIZATIONS  # noqa: E402
 from adalora.run.quantize import QuantizationUnavailable, quantize_model  # noqa: E402
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIG = AdaLoRAConfig(
-    target_modules=LLAMA_TARGETS, init_r=4, target_r=2, warmup_steps=1, final_steps=1, mask_interval=1, total_steps=6
-)
+CONFIG = small_config(target_modules=LLAMA_TARGETS, final_steps=1, total_steps=6, modules_to_save=())
 # Every kind of quantized base: bitsandbytes 4-bit in its four flavours, 8-bit, and torchao's two.
 KINDS = ("bnb-nf4-dq", "bnb-nf4", "bnb-fp4-dq", "bnb-fp4", "bnb-8bit", "torchao-nf4", "torchao-int8")
 ADAPTER_CLASS = {"bnb-8bit": SVDLinear8bitLt, "torchao-nf4": SVDTorchAOLinear, "torchao-int8": SVDTorchAOLinear}
@@ -290,7 +288,7 @@ def test_a_4bit_causal_lm_run_evaluates_and_still_trains_with_the_dequantized_gr
     passes ``g @ W`` to its input, W its dequantized weight read before the first evaluation. (Layer 0's first
     projections read the frozen embeddings, whose inputs need no gradient.)"""
     import bitsandbytes.functional as bnbf
-    from test_causal_lm import qa_train_args, write_tiny_lm
+    from lm_helpers import qa_train_args, write_tiny_lm
 
     import adalora.run.train
     from adalora.cli import main

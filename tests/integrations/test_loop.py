@@ -7,24 +7,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import small_config, tiny_bert
 from torch import nn
 
-from adalora import AdaLoRAConfig, RankAllocator, inject
+from adalora import RankAllocator, inject
 from adalora.integrations.loop import FitStepReport, count_optimizer_steps, fit, steps_per_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONFIG = AdaLoRAConfig(
-    target_modules=("query", "value"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=1,
-    final_steps=1,
-    mask_interval=1,
-    total_steps=None,
-    modules_to_save=("classifier",),
-)
+CONFIG = small_config(final_steps=1)
 
 
 def micro_batches(n: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")

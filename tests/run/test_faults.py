@@ -14,7 +14,7 @@ the :class:`Outcome`) and one of the checks above or another ``(case, outcome) -
 
 Runs: the tiny BERT and files of cli_helpers, batches of 4 (24 optimizer steps), a checkpoint every 4 steps
 (and at each epoch's end, step 12): step 10 is between two checkpoints. Signals and SIGKILL hit a child
-process (tests/test_resume.py's way: the child signals itself at a chosen point); a second command racing a
+process (tests/run/test_resume.py's way: the child signals itself at a chosen point); a second command racing a
 run runs while that run is paused, holding its directory; full disks are a real tmpfs, filled at a chosen
 point (it needs root to mount: skipped with the reason otherwise).
 """
@@ -411,7 +411,16 @@ def assets(tmp_path_factory) -> tuple[Path, Path, Path]:
     return model, data, reference
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=[fault.name for fault in FAULTS])
+# Tens of seconds each: a child process trained to a signal and resumed, two trainings at once, the first holder.
+SLOW = {fault.name for fault in FAULTS if fault.name.startswith("SIG")} | {
+    "train-train-together",
+    "train-while-training",
+}
+
+
+@pytest.mark.parametrize(
+    "fault", [pytest.param(f, id=f.name, marks=[pytest.mark.slow] if f.name in SLOW else []) for f in FAULTS]
+)
 def test_fault(fault: Fault, assets, tmp_path, request) -> None:
     case = Case(*assets, tmp_path, request)
     outcome = fault.provoke(case)
@@ -428,6 +437,7 @@ def test_fault(fault: Fault, assets, tmp_path, request) -> None:
     fault.then(case, outcome)
 
 
+@pytest.mark.slow
 def test_inspect_says_a_run_is_in_progress(holder, capsys) -> None:
     assert main(["inspect", str(holder)]) == 0
     assert re.search(r"^status: in progress \(adalora train \(pid \d+\)\)$", capsys.readouterr().out, re.MULTILINE)

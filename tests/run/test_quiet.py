@@ -18,7 +18,7 @@ import sys
 
 import pytest
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
-from test_causal_lm import qa_train_args, write_tiny_lm
+from lm_helpers import qa_train_args, write_tiny_lm
 
 # ``python -c`` with this as the program: the CLI, with network connections reported on stderr.
 CLI = (
@@ -50,6 +50,7 @@ def test_the_bar_check_tells_our_lines_from_others() -> None:
     assert foreign_lines("W1207 01:05:30 torch/utils/_pytree.py:630] <enum 'KernelPreference'>\n") != []
 
 
+@pytest.mark.slow
 def test_a_default_run_and_its_merge_print_only_our_own_lines(tmp_path) -> None:
     """``adalora train`` with its defaults (progress bar on) on a tiny BERT, then ``adalora merge``."""
     model, data, out = write_tiny_model(tmp_path / "model"), write_tiny_data(tmp_path / "data"), tmp_path / "run"
@@ -66,6 +67,7 @@ def test_a_default_run_and_its_merge_print_only_our_own_lines(tmp_path) -> None:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["bnb-4bit", "bnb-8bit"])
 def test_a_quantized_causal_lm_run_prints_only_our_own_lines(tmp_path, quantize: str) -> None:
     """bitsandbytes 4-bit (which on this CPU used to try to fetch a kernel from the Hugging Face Hub at import, and

@@ -1,6 +1,6 @@
 """The lock of a run directory (run/lock.py): exclusive against everything, shared with shared holders, released
 by the kernel when its holder dies, its file removed by the last holder, nothing left by a refused command.
-The faults it prevents, end to end: tests/test_faults.py."""
+The faults it prevents, end to end: tests/run/test_faults.py."""
 
 from __future__ import annotations
 
@@ -67,6 +67,7 @@ def test_a_refused_new_run_leaves_no_directory_behind(tmp_path) -> None:
     assert sorted(p.name for p in target.iterdir()) == ["run.json"]
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True)

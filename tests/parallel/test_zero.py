@@ -27,8 +27,8 @@ import time
 from types import SimpleNamespace
 
 import deepspeed_script
+import parallel_helpers as shared
 import pytest
-import test_distributed as td
 import torch
 from conftest import tiny_bert
 from safetensors.torch import load_file
@@ -45,7 +45,7 @@ from adalora.parallel.zero import StepHooks, unsupported
 pytest.importorskip("deepspeed")
 
 WORLD = deepspeed_script.WORLD
-ATOL, RTOL = td.ATOL, td.RTOL
+ATOL, RTOL = shared.ATOL, shared.RTOL
 PLAIN_MODES = tuple(deepspeed_script.PLAIN)
 
 
@@ -65,12 +65,12 @@ def launched(tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = {"": td._train("single", slice(None), check=False, save_to=tmp / "single" / "adapter")}
+        single = {"": shared.train("single", slice(None), check=False, save_to=tmp / "single" / "adapter")}
         write_peft(ExportSource.from_adapter_dir(tmp / "single" / "adapter"), tmp / "single" / "peft")
         for changes, _, _ in deepspeed_script.PLAIN.values():
             key = json.dumps(changes)
             if changes and key not in single:
-                single[key] = td._train("single", slice(None), check=False, config=td.CONFIG.replace(**changes))
+                single[key] = shared.train("single", slice(None), check=False, config=shared.CONFIG.replace(**changes))
         trainer = deepspeed_script.run_trainer(tmp / "single-trainer", 1, None)
     finally:
         torch.set_num_threads(threads)
@@ -91,10 +91,11 @@ def assert_tensors_close(actual: dict, expected: dict, what: str) -> None:
 
 
 # ---------------------------------------------------------------------- the plain loop
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", PLAIN_MODES)
 def test_allocations_match_one_process(launched, mode):
     single = reference(launched, mode)
-    assert len(single["fingerprints"]) == 10 and max(single["fingerprints"]) == td.STEPS - td.CONFIG.final_steps
+    assert len(single["fingerprints"]) == 10 and max(single["fingerprints"]) == shared.STEPS - shared.CONFIG.final_steps
     for rank in launched["ranks"]:
         run = rank["plain"][mode]
         assert run["layout"] == "ZeroLayout" and run["names"] == single["names"]
@@ -102,6 +103,7 @@ def test_allocations_match_one_process(launched, mode):
         assert run["fingerprints"] == single["fingerprints"]  # every allocation, the final one included
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", PLAIN_MODES)
 def test_master_and_module_copies_match_one_process(launched, mode):
     single = reference(launched, mode)["tensors"]
@@ -121,9 +123,10 @@ def assert_masked_in_both_copies(run: dict) -> None:
         mask = run["tensors"][key.removesuffix(".E") + ".rank_mask"]
         assert bool((value[~mask] == 0).all()) and bool((run["tensors"][key][~mask] == 0).all()), key
         masked += int((~mask).sum())
-    assert masked == sum(td.CONFIG.init_r - r for r in run["history"][-1][2]) > 0
+    assert masked == sum(shared.CONFIG.init_r - r for r in run["history"][-1][2]) > 0
 
 
+@pytest.mark.slow
 def test_bf16_keeps_masks_in_both_copies(launched):
     for rank in launched["ranks"]:
         run = rank["plain"]["zero2-bf16"]
@@ -132,6 +135,7 @@ def test_bf16_keeps_masks_in_both_copies(launched):
         assert_masked_in_both_copies(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_saved_adapter_and_export_match_one_process(launched, mode):
     single, saved = launched["dir"] / "single", launched["dir"] / mode
@@ -144,6 +148,7 @@ def test_saved_adapter_and_export_match_one_process(launched, mode):
     assert peft == json.loads((single / "peft" / "adapter_config.json").read_text())
 
 
+@pytest.mark.slow
 def test_peft_style_masking_is_undone_and_caught(launched):
     """The control: masking the module's lambda alone is undone by ZeRO's next step; the test above fails on it."""
     single = reference(launched)["tensors"]
@@ -159,6 +164,7 @@ def test_peft_style_masking_is_undone_and_caught(launched):
             assert_tensors_close(control["tensors"], single, "control")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero2", "zero3"])
 def test_resume_through_deepspeed_checkpoints(launched, mode):
     for rank in launched["ranks"]:
@@ -170,6 +176,7 @@ def test_resume_through_deepspeed_checkpoints(launched, mode):
 
 
 # ---------------------------------------------------------------------- the Trainer and accelerate
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["zero2", "zero3", "zero2-resumed"])
 def test_trainer_with_deepspeed_matches_one_process(launched, mode):
     single = launched["trainer"]
@@ -183,6 +190,7 @@ def test_trainer_with_deepspeed_matches_one_process(launched, mode):
         assert files == ["adalora_allocator.pt"]
 
 
+@pytest.mark.slow
 def test_accelerate_with_a_deepspeed_plugin_matches_one_process(launched):
     single = reference(launched)
     for rank in launched["ranks"]:
@@ -192,6 +200,7 @@ def test_accelerate_with_a_deepspeed_plugin_matches_one_process(launched):
 
 
 # ---------------------------------------------------------------------- refusals, on every rank
+@pytest.mark.slow
 def test_what_is_not_supported_is_refused_in_one_line_on_every_rank(launched):
     errors = [rank["misuse"] for rank in launched["ranks"]]
     assert errors[0] == errors[1]
@@ -205,6 +214,7 @@ def test_what_is_not_supported_is_refused_in_one_line_on_every_rank(launched):
     assert all("\n" not in message for message in refused.values())
 
 
+@pytest.mark.slow
 def test_the_shared_memory_op_is_not_built(launched):
     assert "deepspeed_shm_comm" not in launched["log"] and "Building extension" not in launched["log"]
 
@@ -233,7 +243,7 @@ class DeepSpeedEngine(torch.nn.Module):
         self.module, self.optimizer = module, optimizer
 
 
-CONFIG = td.CONFIG.replace(modules_to_save=())
+CONFIG = shared.CONFIG.replace(modules_to_save=())
 
 
 @pytest.mark.parametrize(
@@ -295,7 +305,9 @@ def test_lightning_refuses_deepspeed():
     from adalora.integrations.lightning import AdaLoRALightningCallback
 
     model = inject(tiny_bert(), CONFIG)
-    trainer = SimpleNamespace(estimated_stepping_batches=td.STEPS, optimizers=[DeepSpeedZeroOptimizer()], global_step=0)
+    trainer = SimpleNamespace(
+        estimated_stepping_batches=shared.STEPS, optimizers=[DeepSpeedZeroOptimizer()], global_step=0
+    )
     with pytest.raises(ValueError, match="Lightning's DeepSpeed strategy is not supported"):
         AdaLoRALightningCallback(CONFIG.replace(total_steps=None)).on_train_start(trainer, model)
 

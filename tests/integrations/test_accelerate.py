@@ -8,23 +8,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import small_config, tiny_bert
 
-from adalora import AdaLoRAConfig, RankAllocator, inject
+from adalora import RankAllocator, inject
 from adalora.misuse import unwrap_optimizer
 
 accelerate = pytest.importorskip("accelerate")
 
-CONFIG = AdaLoRAConfig(
-    target_modules=("query", "value"),
-    init_r=4,
-    target_r=2,
-    warmup_steps=1,
-    final_steps=2,
-    mask_interval=1,
-    total_steps=6,
-    modules_to_save=("classifier",),
-)
+CONFIG = small_config(total_steps=6)
 
 
 @pytest.fixture(autouse=True)

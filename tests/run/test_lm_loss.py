@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from test_causal_lm import word_tokenizer
+from lm_helpers import word_tokenizer
 
 from adalora.run.lm_data import LMExamples, encode_lm
 from adalora.run.lm_loss import (

@@ -19,8 +19,8 @@ import pytest
 import torch
 from cli_helpers import tiny_train_args, write_tiny_data, write_tiny_model
 from conftest import tiny_gpt2, tiny_llama, tiny_qwen3_moe, token_batch
-from test_experts_training import train_lm
-from test_resume import KILLER, SETTINGS, assert_same_run
+from lm_helpers import train_lm
+from resume_helpers import KILLER, SETTINGS, assert_same_run
 from torch import nn
 
 from adalora import AdaLoRAConfig, RankAllocator, export_peft, find_adapters, inject, load_adapter, merge, save_adapter

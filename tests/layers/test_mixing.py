@@ -9,47 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_helpers import LAYERS, trained
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers.pytorch_utils import Conv1D
 
-from adalora.layers import SVDAdapter, SVDConv, SVDConv1D, SVDEmbedding, SVDLinear
+from adalora.layers import SVDLinear
 from adalora.layers.mixing import column_dots, svd_mix
-
-
-def _trained(adapter: SVDAdapter) -> SVDAdapter:
-    with torch.no_grad():
-        adapter.E.normal_()
-        adapter.E[1] = 0.0  # a masked triplet
-    return adapter
-
-
-def _linear(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
-    adapter = _trained(SVDLinear.from_base(nn.Linear(7, 5).to(dtype).requires_grad_(False), r=3, scale=2.0))
-    return adapter, torch.randn(2, 4, 7, dtype=dtype), lambda x, w: F.linear(x, w, adapter.bias)
-
-
-def _conv1d(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
-    base = Conv1D(5, 7).to(dtype).requires_grad_(False)  # GPT-2: weight (d_in, d_out)
-    nn.init.normal_(base.weight)
-    adapter = _trained(SVDConv1D.from_base(base, r=3, scale=0.5))
-    return adapter, torch.randn(2, 4, 7, dtype=dtype), lambda x, w: x @ w + adapter.bias
-
-
-def _conv(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
-    base = nn.Conv2d(4, 6, 3, padding=1).to(dtype).requires_grad_(False)
-    adapter = _trained(SVDConv.from_base(base, r=3, scale=1.5))
-    return adapter, torch.randn(2, 4, 5, 5, dtype=dtype), lambda x, w: F.conv2d(x, w, adapter.bias, padding=1)
-
-
-def _embedding(dtype: torch.dtype) -> tuple[SVDAdapter, torch.Tensor, object]:
-    base = nn.Embedding(20, 6, padding_idx=3).to(dtype).requires_grad_(False)
-    adapter = _trained(SVDEmbedding.from_base(base, r=3, scale=0.5))
-    ids = torch.tensor([[3, 1, 5, 3], [0, 19, 3, 2]])
-    return adapter, ids, lambda x, w: F.embedding(x, w, padding_idx=3)
-
-
-LAYERS = {"linear": _linear, "gpt2_conv1d": _conv1d, "conv2d": _conv, "embedding": _embedding}
 
 
 def _grads(output: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
@@ -118,7 +83,7 @@ def test_linear_paths_match_the_composition(dropout, frozen):
     # weight or dropout the generic path. The bias trains in every case.
     base = nn.Linear(7, 5)
     base.weight.requires_grad_(frozen == "nothing")
-    adapter = _trained(SVDLinear.from_base(base, r=3, scale=2.0, dropout=dropout)).train()
+    adapter = trained(SVDLinear.from_base(base, r=3, scale=2.0, dropout=dropout)).train()
     x = torch.randn(3, 7, requires_grad=frozen != "weight and x")
     params = [adapter.P, adapter.E, adapter.Q, adapter.bias]
     params += [x] if x.requires_grad else []
@@ -134,7 +99,7 @@ def test_linear_paths_match_the_composition(dropout, frozen):
 
 
 def test_half_precision_base_adds_the_float32_update_cast_to_its_dtype():
-    adapter = _trained(SVDLinear.from_base(nn.Linear(8, 4).to(torch.bfloat16), r=2, scale=1.0))
+    adapter = trained(SVDLinear.from_base(nn.Linear(8, 4).to(torch.bfloat16), r=2, scale=1.0))
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     out = adapter(x)
     update = F.linear(F.linear(x.float(), adapter.Q) * adapter.E, adapter.P)
@@ -145,7 +110,7 @@ def test_half_precision_base_adds_the_float32_update_cast_to_its_dtype():
 
 
 def test_autocast_runs_the_backward_in_the_forward_precision():
-    adapter = _trained(SVDLinear.from_base(nn.Linear(8, 4), r=2, scale=1.0))
+    adapter = trained(SVDLinear.from_base(nn.Linear(8, 4), r=2, scale=1.0))
     x = torch.randn(3, 8, requires_grad=True)
     params = [x, adapter.P, adapter.E, adapter.Q]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -176,7 +141,7 @@ class _RedefinedBase(SVDLinear):
 
 
 def _adapter_ops(cls: type[SVDLinear], frozen_lambda: bool) -> int:
-    adapter = _trained(cls.from_base(nn.Linear(7, 5).requires_grad_(False), r=3, scale=2.0))
+    adapter = trained(cls.from_base(nn.Linear(7, 5).requires_grad_(False), r=3, scale=2.0))
     adapter.E.requires_grad_(not frozen_lambda)
     x = torch.randn(4, 7, requires_grad=True)
     upstream = torch.randn(4, 5)

@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tiny_bert
+from parallel_helpers import ATOL, CONFIG, GLOBAL_BATCH, RTOL, WORLD, batch, train
 
-from adalora import AdaLoRAConfig, RankAllocator, find_adapters, inject
+from adalora import RankAllocator, inject
 from adalora.files.adapter import read_adapter_config
 from adalora.layers import unwrap_model
 from adalora.parallel import (
@@ -42,109 +43,11 @@ from adalora.parallel import (
     check_allocation_consistency,
     is_main_process,
     mask_fingerprint,
-    save_adapter_collective,
 )
-
-WORLD = 2
-STEPS = 30
-GLOBAL_BATCH = 8  # each of the 2 ranks trains on 4 rows; DDP averages the two means = the mean over 8
-# Uneven shards on purpose: init_r = 5 splits 3/2 over two processes, as does the classifier's 2 rows.
-CONFIG = AdaLoRAConfig(
-    target_modules=["query", "value", "intermediate.dense"],
-    init_r=5,
-    target_r=3,
-    warmup_steps=4,
-    final_steps=6,
-    mask_interval=2,
-    total_steps=STEPS,
-    modules_to_save=["classifier"],
-)
-# Summation order differs (two half-batch means averaged vs one mean; sharded score sums): float noise only
-# (measured: at most 1e-7 on entries of size 1e-2 to 1e-1).
-ATOL, RTOL = 1e-6, 1e-4
-CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
-
-
-# ---------------------------------------------------------------------- the training run, shared by all modes
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, 100, (GLOBAL_BATCH, 8), generator=generator)
-    labels = torch.randint(0, 2, (GLOBAL_BATCH,), generator=generator)
-    return ids, labels
-
-
-def _build(
-    mode: str, config: AdaLoRAConfig, device: torch.device, mesh=None
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(model to train, model that holds the adapters); dropout off (eval mode) so that runs are comparable."""
-    torch.manual_seed(0)
-    model = inject(tiny_bert(), config).to(device)  # eval(): no dropout, gradients still flow
-    if mode == "ddp":
-        device_ids = None if device.type == "cpu" else [device]
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
-    if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        if mesh is None:  # explicit: without a mesh FSDP2 picks CUDA whenever the machine has a GPU
-            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for layer in model.bert.encoder.layer:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model, model
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
-    return full.detach().cpu()
-
-
-def _train(
-    mode: str,
-    rows: slice,
-    check: bool = True,
-    config: AdaLoRAConfig = CONFIG,
-    save_to: Path | None = None,
-    device: torch.device = CPU,
-    mesh=None,
-) -> dict:
-    """Train for STEPS optimizer steps on ``rows`` of each global batch; return what the test compares.
-
-    With ``save_to``, every process then calls the rank-aware ``adalora.parallel.save_adapter_collective``.
-    """
-    model, inner = _build(mode, config, device, mesh)
-    # Adam moves every adapter entry by about lr per step: the adapters train visibly in 30 steps.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    allocator = RankAllocator(model, config, optimizer, on_misuse="error", check_consistency=check)
-    fingerprints = {}
-    for step in range(STEPS):
-        ids, labels = (t[rows].to(device) for t in _batch(step))
-        loss = F.cross_entropy(model(ids).logits, labels) + allocator.regularization()
-        loss.backward()
-        optimizer.step()
-        report = allocator.step()
-        optimizer.zero_grad()
-        if report.allocation is not None:
-            fingerprints[step] = mask_fingerprint([a.rank_mask for a in allocator.adapters])
-    tensors = {}
-    for name, adapter in find_adapters(inner):
-        for attr in ("P", "E", "Q", "rank_mask"):
-            tensors[f"{name}.{attr}"] = _full(getattr(adapter, attr))
-    tensors["classifier.weight"] = _full(inner.classifier.weight)
-    if save_to is not None:
-        returned = save_adapter_collective(model, save_to, config)
-        assert (returned is not None) == is_main_process()
-    return {
-        "names": allocator.names,
-        "layout": type(allocator.layout).__name__,
-        "fingerprints": fingerprints,
-        "history": [(a.step, a.budget, a.ranks) for a in allocator.history],
-        "tensors": tensors,
-    }
 
 
 # ---------------------------------------------------------------------- the worker processes
@@ -157,7 +60,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     for mode in ("ddp", "fsdp", "fsdp-magnitude"):
         start = time.perf_counter()
         config = CONFIG.replace(importance="magnitude") if mode.endswith("magnitude") else CONFIG
-        results[mode] = _train(mode.split("-")[0], rows, config=config, save_to=Path(out) / f"{mode}-adapter")
+        results[mode] = train(mode.split("-")[0], rows, config=config, save_to=Path(out) / f"{mode}-adapter")
         results["time"][mode] = time.perf_counter() - start
 
     # An allocator built before fully_shard tracks the parameters FSDP replaces: a clear error, not silence.
@@ -167,7 +70,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-    ids, labels = _batch(0)
+    ids, labels = batch(0)
     F.cross_entropy(model(ids[rows]).logits, labels[rows]).backward()
     try:
         allocator.step()
@@ -191,7 +94,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 
     # Two processes training without DDP on different rows: the replicas diverge and the check must catch it.
     try:
-        _train("plain", rows)
+        train("plain", rows)
         results["undetected"] = None
     except ConsistencyError as error:
         results["undetected"] = str(error)
@@ -224,12 +127,13 @@ def runs(tmp_path_factory) -> dict:
     ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the single-process reference must run cleanly
-        single = _train("single", slice(None), check=False, save_to=tmp / "single-adapter")
-        magnitude = _train("single", slice(None), check=False, config=CONFIG.replace(importance="magnitude"))
+        single = train("single", slice(None), check=False, save_to=tmp / "single-adapter")
+        magnitude = train("single", slice(None), check=False, config=CONFIG.replace(importance="magnitude"))
     return {"ranks": ranks, "single": single, "single-magnitude": magnitude, "spawned": spawned, "dir": tmp}
 
 
 # ---------------------------------------------------------------------- the tests
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-magnitude"])
 def test_masks_agree_across_ranks_and_with_one_process(runs, mode):
     rank0, rank1 = (r[mode] for r in runs["ranks"])
@@ -240,6 +144,7 @@ def test_masks_agree_across_ranks_and_with_one_process(runs, mode):
     assert rank0["fingerprints"] == rank1["fingerprints"] == single["fingerprints"]
 
 
+@pytest.mark.slow
 def test_each_way_of_training_gets_its_layout(runs):
     assert runs["single"]["layout"] == "Layout"
     for rank in runs["ranks"]:
@@ -247,6 +152,7 @@ def test_each_way_of_training_gets_its_layout(runs):
         assert rank["fsdp"]["layout"] == rank["fsdp-magnitude"]["layout"] == "ShardedLayout"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-magnitude"])
 def test_trained_adapters_match_one_process(runs, mode):
     single = runs["single-magnitude" if mode.endswith("magnitude") else "single"]["tensors"]
@@ -259,6 +165,7 @@ def test_trained_adapters_match_one_process(runs, mode):
             torch.testing.assert_close(tensors[key], expected, atol=ATOL, rtol=RTOL, msg=f"{mode} {key}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_saved_adapter_matches_one_process(runs, mode):
     from safetensors.torch import load_file
@@ -274,6 +181,7 @@ def test_saved_adapter_matches_one_process(runs, mode):
         torch.testing.assert_close(actual[key], value, atol=ATOL, rtol=RTOL, msg=f"{mode} {key}")
 
 
+@pytest.mark.slow
 def test_consistency_check_raises_on_every_rank(runs):
     for rank in runs["ranks"]:
         same_step, skewed = rank["crafted"]
@@ -282,25 +190,38 @@ def test_consistency_check_raises_on_every_rank(runs):
         assert "different steps" in skewed
 
 
+@pytest.mark.slow
 def test_training_without_ddp_is_caught(runs):
     messages = [rank["undetected"] for rank in runs["ranks"]]
     assert all(messages) and messages[0] == messages[1]
     assert "not wrapped in DistributedDataParallel" in messages[0]
 
 
+@pytest.mark.slow
 def test_allocator_built_before_fully_shard_is_an_error(runs):
     for rank in runs["ranks"]:
         assert "sharded with fully_shard after this allocator was built" in rank["late_shard"]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_is_main(runs):
     assert [rank["main"] for rank in runs["ranks"]] == [True, False]
 
 
 # ---------------------------------------------------------------------- single-process behaviour
-def test_check_is_a_no_op_in_one_process():
-    keep = torch.tensor([True, False])
-    check_allocation_consistency(3, 1, keep, torch.tensor([1.0, 0.0]), ["a"], [2])  # no process group: returns
+def test_check_is_a_no_op_in_one_process(monkeypatch, tmp_path):
+    """Without a process group, and in a group of one, there is nothing to compare: no collective, no error."""
+    collectives = []
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: collectives.append(args))
+    keep, scores = torch.tensor([True, False]), torch.tensor([1.0, 0.0])
+    assert check_allocation_consistency(3, 1, keep, scores, ["a"], [2]) is None
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        assert check_allocation_consistency(3, 1, keep, scores, ["a"], [2]) is None
+    finally:
+        dist.destroy_process_group()
+    assert collectives == []
 
 
 def test_mask_fingerprint_sees_values_and_split():
@@ -357,15 +278,15 @@ def _cuda_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=WORLD, timeout=timedelta(60))
     half = GLOBAL_BATCH // WORLD
     rows = slice(rank * half, (rank + 1) * half)
-    results: dict = {"backend": backend, "ddp": _train("ddp", rows, device=device)}
+    results: dict = {"backend": backend, "ddp": train("ddp", rows, device=device)}
     if gpus >= WORLD:
-        results["fsdp"] = _train("fsdp", rows, device=device)
+        results["fsdp"] = train("fsdp", rows, device=device)
     else:
         from torch.distributed.device_mesh import DeviceMesh
 
         singles = [dist.new_group([r], backend="nccl") for r in range(WORLD)]  # every rank creates every group
         mesh = DeviceMesh.from_group(singles[rank], "cuda")
-        results["fsdp-1"] = _train("fsdp", slice(None), device=device, mesh=mesh)
+        results["fsdp-1"] = train("fsdp", slice(None), device=device, mesh=mesh)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -374,7 +295,7 @@ def _cuda_worker(rank: int, store: str, out: str) -> None:
 def test_cuda_ddp_and_fsdp_match_one_process(tmp_path):
     _spawn(_cuda_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    single = _train("single", slice(None), check=False, device=torch.device("cuda", 0))
+    single = train("single", slice(None), check=False, device=torch.device("cuda", 0))
     for rank in ranks:
         for mode in ("ddp", "fsdp", "fsdp-1"):
             if mode not in rank:
@@ -430,6 +351,7 @@ def launched(tmp_path_factory) -> Path:
     return tmp
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_matches_one_process(launched):
     from safetensors.torch import load_file
 
@@ -447,6 +369,7 @@ def test_cli_under_torchrun_matches_one_process(launched):
         assert ours["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)  # the global batch's loss
 
 
+@pytest.mark.slow
 def test_under_torchrun_rank_zero_alone_locks_and_a_held_directory_is_refused_everywhere(launched):
     """The script asserts exit status 2 on both ranks for the held directory (no rank waits for the other);
     the run's own lock is gone after it, and the refused run wrote nothing."""
@@ -455,6 +378,7 @@ def test_under_torchrun_rank_zero_alone_locks_and_a_held_directory_is_refused_ev
     assert "is in use by adalora train" in (launched / "ddp.err").read_text()
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_reports_once(launched):
     log = (launched / "ddp.log").read_text()
     assert log.count("epoch 1/2:") == 1 and log.count("outputs in") == 1  # rank 0 alone reports
@@ -481,6 +405,7 @@ def test_cli_says_when_dropout_makes_processes_differ_from_one(monkeypatch, worl
     assert any("each process draws its own dropout masks" in line for line in lines) == said
 
 
+@pytest.mark.slow
 def test_trainer_under_torchrun_matches_one_process(launched):
     single = torch.load(launched / "single" / "trainer.pt", weights_only=False)
     ddp = torch.load(launched / "ddp" / "trainer.pt", weights_only=False)

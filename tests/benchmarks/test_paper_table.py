@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_table.py"
 
 
 @pytest.fixture(scope="module")
