@@ -38,7 +38,6 @@ from adalora.files.adapter import WEIGHTS_NAME, read_adapter_config
 from adalora.files.export_source import ExportSource
 from adalora.files.peft import write_peft
 from adalora.integrations.loop import fit
-from adalora.integrations.trainer import AdaLoRACallback
 from adalora.parallel import ZeroLayout, layout_for
 from adalora.parallel.zero import StepHooks, unsupported
 
@@ -294,11 +293,6 @@ def test_step_hooks_wrap_the_step_once_in_order():
     pre.remove()
     optimizer.step()
     assert optimizer.calls == ["pre", "step", "post", "step", "post"]
-
-
-def test_the_trainer_callback_no_longer_refuses_deepspeed_arguments():
-    callback = AdaLoRACallback(CONFIG)
-    callback.on_init_end(SimpleNamespace(deepspeed="ds_config.json"), None, None, model=torch.nn.Linear(2, 2))
 
 
 def test_lightning_refuses_deepspeed():
