@@ -36,6 +36,7 @@ Usage (from the repository root, PYTHONPATH=src; one worker and one thread on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -165,10 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process")
     parser.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--budget", type=int, choices=(2, 8), default=8, help="target_r (the decoder table's r)")
+    parser.add_argument("--tasks", nargs="+", choices=("trec", "sms-spam"), default=None, help="default: both")
     args = parser.parse_args(argv)
 
-    grid = ScreenGrid.smoke() if args.smoke else ScreenGrid()
-    name = "decoder_confirm_smoke" if args.smoke else "decoder_confirm"
+    grid = ScreenGrid.smoke() if args.smoke else ScreenGrid(budgets=(args.budget,))
+    if args.tasks:
+        grid = dataclasses.replace(grid, tasks=tuple(args.tasks))
+    # r = 8 is the screen's own budget; other budgets and task subsets get files of their own (grids never mix).
+    name = (
+        "decoder_confirm_smoke" if args.smoke else "decoder_confirm" + ("" if args.budget == 8 else f"_r{args.budget}")
+    )
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:
         payload = load_results(results_path, grid)

@@ -25,7 +25,7 @@ from paper_table import RESULTS, VARIANTS, Cell, choose_lr, search_scores
 from render_paper_table import difference, final_runs, markdown, replace_between_markers, summary
 
 BEGIN, END = "<!-- DECODER-SCREEN -->", "<!-- /DECODER-SCREEN -->"
-HEADING = "### Starting the triplets as LoRA does (r = 8): screen and confirmation"
+HEADING = "### Starting the triplets as LoRA does: screen and confirmation"
 BASELINES = ("lora", "adalora")  # the decoder table's rows, from its own results file
 TASKS = ("trec", "sms-spam")
 # Options a prototype measured in the first screen (decoder_screen.json, decoder_screen_precheck.json) that the
@@ -43,7 +43,7 @@ NOT_OFFERED = {
 def label(variant: str) -> str:
     if variant in NOT_OFFERED:
         return f"prototype, not offered: {NOT_OFFERED[variant]}"
-    return {"lora": "LoRA (r = 8)", "adalora": "AdaLoRA, triplet_init paper (the default)"}.get(
+    return {"lora": "LoRA", "adalora": "AdaLoRA, triplet_init paper (the default)"}.get(
         variant, VARIANTS[variant].label
     )
 
@@ -54,15 +54,15 @@ def variants_in(runs: dict[str, Any]) -> list[str]:
     return [v for v in (*BASELINES, LORA_START, *NOT_OFFERED) if v in present]
 
 
-def cell_runs(runs: dict[str, Any], task: str, variant: str) -> dict[float, dict[str, Any]]:
-    """The seed-0 validation runs of ``variant`` at r = 8 on ``task``, by lr."""
-    prefix = f"{task}/{variant}/r8/search/"
+def cell_runs(runs: dict[str, Any], task: str, variant: str, budget: int = 8) -> dict[float, dict[str, Any]]:
+    """The seed-0 validation runs of ``variant`` at r = ``budget`` on ``task``, by lr."""
+    prefix = f"{task}/{variant}/r{budget}/search/"
     return {r["lr"]: r for key, r in runs.items() if key.startswith(prefix)}
 
 
-def best_lr(runs: dict[str, Any], task: str, variant: str) -> float | None:
+def best_lr(runs: dict[str, Any], task: str, variant: str, budget: int = 8) -> float | None:
     """The lr the table's rule picks among those tried (best accuracy, then lower completion loss)."""
-    scores = search_scores(runs, Cell(task, variant, 8))
+    scores = search_scores(runs, Cell(task, variant, budget))
     return choose_lr(scores, scores, 0)[0] if scores else None
 
 
@@ -70,20 +70,21 @@ def entry(run: dict[str, Any] | None) -> str:
     return "" if run is None else f"{100 * run['accuracy']:.2f} / {run['perplexity']:.3f}"
 
 
-def screen_tables(runs: dict[str, Any]) -> str:
-    """Per task: accuracy (%) / completion perplexity at every lr tried, for the baselines and every start."""
+def screen_tables(runs: dict[str, Any], budget: int = 8) -> str:
+    """Per task: accuracy (%) / completion perplexity at every lr tried at r = ``budget``, for the baselines and
+    every start."""
     parts = []
     for task in TASKS:
-        variants = [v for v in variants_in(runs) if cell_runs(runs, task, v)]
+        variants = [v for v in variants_in(runs) if cell_runs(runs, task, v, budget)]
         if variants == [v for v in BASELINES if v in variants]:
             continue  # no start screened on this task yet
-        lrs = sorted({lr for v in variants for lr in cell_runs(runs, task, v)})
+        lrs = sorted({lr for v in variants for lr in cell_runs(runs, task, v, budget)})
         rows = []
         for variant in variants:
-            tried, best = cell_runs(runs, task, variant), best_lr(runs, task, variant)
+            tried, best = cell_runs(runs, task, variant, budget), best_lr(runs, task, variant, budget)
             rows.append([label(variant), *(entry(tried.get(lr)) for lr in lrs), f"{best:g}", entry(tried[best])])
         header = ["Start", *(f"lr {lr:g}" for lr in lrs), "best lr", "at best lr"]
-        title = f"{PROMPT_TASKS[task].label} (validation accuracy % / completion perplexity)"
+        title = f"{PROMPT_TASKS[task].label}, r = {budget} (validation accuracy % / completion perplexity)"
         parts.append(f"{title}:\n\n{markdown(header, rows)}")
     return "\n\n".join(parts)
 
@@ -113,23 +114,25 @@ def summary_table(runs: dict[str, Any]) -> str:
 
 
 def confirmation_table(confirm: dict[str, Any], baselines: dict[str, Any]) -> str:
-    """Per task: test accuracy (mean ± std over seeds) and completion perplexity of the lora start at its chosen lr,
-    with the decoder table's final AdaLoRA and LoRA rows at r = 8 and the differences (± standard error)."""
+    """Per budget and task with final runs of the lora start: test accuracy (mean ± std over seeds) and completion
+    perplexity at its chosen lr, with the decoder table's final AdaLoRA and LoRA rows and the differences
+    (± standard error)."""
     finals = {**baselines, **confirm["runs"]}
+    done = {(r["budget"], r["task"]) for r in confirm["runs"].values() if r["phase"] == "final"}
     rows = []
-    for task in TASKS:
-        lora = final_runs(finals, task, "lora", 8)
+    for budget, task in sorted(done, key=lambda cell: (-cell[0], TASKS.index(cell[1]))):
+        lora = final_runs(finals, task, "lora", budget)
         for variant in (*BASELINES, LORA_START):
-            mine = final_runs(finals, task, variant, 8)
+            mine = final_runs(finals, task, variant, budget)
             stats = summary(mine)
             if stats is None:
                 continue
             lrs = ", ".join(f"{lr:g}" for lr in sorted({r["lr"] for r in mine}))
             perplexity = statistics.fmean(r["perplexity"] for r in mine)
             vs_lora = "" if variant == "lora" else difference(mine, lora)
-            rows.append([PROMPT_TASKS[task].label, label(variant), lrs, f"{stats[0]:.2f} ± {stats[1]:.2f}",
-                         str(len(mine)), f"{perplexity:.3f}", vs_lora])  # fmt: skip
-    header = ["Task", "Start", "lr", "test acc. % (mean ± std)", "seeds", "ppl", "vs LoRA (± s.e.)"]
+            rows.append([f"r = {budget}", PROMPT_TASKS[task].label, label(variant), lrs,
+                         f"{stats[0]:.2f} ± {stats[1]:.2f}", str(len(mine)), f"{perplexity:.3f}", vs_lora])  # fmt: skip
+    header = ["r", "Task", "Start", "lr", "test acc. % (mean ± std)", "seeds", "ppl", "vs LoRA (± s.e.)"]
     return markdown(header, rows)
 
 
@@ -180,8 +183,9 @@ def block(
     searches = {**baselines, **{k: r for k, r in options.items() if r["phase"] == "search"}}
     parts = [
         "Produced by `benchmarks/decoder_screen.py` and rendered by `benchmarks/render_decoder_screen.py`: the decoder "
-        "table's grid at r = 8 (init_r 12, scale 16 / 12). Screen: seed 0 on the 300-example validation slice (a "
-        "single example is 0.33 points), each start at a short lr ladder; the AdaLoRA and LoRA rows are the decoder "
+        "table's grid at r = 8 (init_r 12, scale 16 / 12) and, where a table says so, r = 2 (init_r 3). Screen: "
+        "seed 0 on the 300-example validation slice (a single example is 0.33 points), each start at a short lr "
+        "ladder; the AdaLoRA and LoRA rows are the decoder "
         'table\'s own seed-0 lr-search runs. The lora start is `AdaLoRAConfig.triplet_init="lora"` '
         "(`--triplet-init lora`): P = 0, lambda = 1, Q as LoRA's A, the base weights untouched. Rows marked "
         "*prototype, not offered* were measured with a prototype whose options the library does not have.",
@@ -190,10 +194,12 @@ def block(
     if precheck:
         parts.append(f"Pre-check, TREC-6, first {precheck['steps']} of 150 steps:\n\n{precheck_table(precheck)}")
     parts += [screen_tables(searches), f"Summary (best lr by the table's rule):\n\n{summary_table(searches)}"]
+    other_budgets = sorted({r["budget"] for r in options.values()} - {8})
+    parts += [screen_tables(searches, budget) for budget in other_budgets]
     if confirm and any(r["phase"] == "final" for r in confirm["runs"].values()):
         parts.append(
             "Confirmation: seeds 1-3 on the test split at the lr the screen chose, beside the decoder table's final "
-            f"rows at r = 8:\n\n{confirmation_table(confirm, baselines)}"
+            f"rows (the cells confirmed so far):\n\n{confirmation_table(confirm, baselines)}"
         )
     else:
         parts.append("Confirmation: no final run yet.")
@@ -208,13 +214,16 @@ def read(path: Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--screen", type=Path, default=RESULTS / "decoder_screen.json")
-    parser.add_argument("--confirm", type=Path, default=RESULTS / "decoder_confirm.json")
+    confirms = [RESULTS / "decoder_confirm.json", RESULTS / "decoder_confirm_r2.json"]
+    parser.add_argument("--confirm", type=Path, nargs="+", default=confirms, help="results files, one per grid")
     parser.add_argument("--precheck", type=Path, default=RESULTS / "decoder_screen_precheck.json")
     parser.add_argument("--baselines", type=Path, default=RESULTS / "decoder_table.json")
     parser.add_argument("--doc", type=Path, default=None, help="also write the section into this markdown file")
     args = parser.parse_args(argv)
     screen = read(args.screen) or {"runs": {}}
-    text = block(screen, read(args.confirm), json.loads(args.baselines.read_text())["runs"], read(args.precheck))
+    confirms = [c for c in map(read, args.confirm) if c is not None]
+    confirm = {"runs": {k: r for c in confirms for k, r in c["runs"].items()}} if confirms else None
+    text = block(screen, confirm, json.loads(args.baselines.read_text())["runs"], read(args.precheck))
     print(text)
     if args.doc is not None:
         doc = args.doc.read_text() if args.doc.is_file() else ""

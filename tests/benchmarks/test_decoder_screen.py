@@ -64,8 +64,8 @@ def test_the_start_reaches_the_run_settings_and_nothing_else_changes(ds, tmp_pat
         assert name in pt.VARIANTS and lr > 0
 
 
-def spec(pt, task, variant, phase, lr, seed=0):
-    return pt.RunSpec(pt.Cell(task, variant, 8), phase, lr, seed)
+def spec(pt, task, variant, phase, lr, seed=0, budget=8):
+    return pt.RunSpec(pt.Cell(task, variant, budget), phase, lr, seed)
 
 
 def test_render_compares_the_start_with_the_decoder_tables_rows(ds):
@@ -92,15 +92,37 @@ def test_render_compares_the_start_with_the_decoder_tables_rows(ds):
         confirm["runs"][s.key] = record(s, accuracy)
     text = render.block(json.loads(json.dumps(screen)), confirm, baselines, None)
     lora = "AdaLoRA, triplet_init lora (P = 0, lambda = 1, Q as LoRA's A)"
-    assert "| LoRA (r = 8) | 92.00 / 1.200 | 93.00 / 1.200 |  |  | 0.003 | 93.00 / 1.200 |" in text
+    assert "| LoRA | 92.00 / 1.200 | 93.00 / 1.200 |  |  | 0.003 | 93.00 / 1.200 |" in text
     # the lora start: best 94 % at 3e-3, +1 point over LoRA's best at the same lr (1x LoRA's); AdaLoRA: 0 at 10x.
     assert f"| {lora} | 94.00 (+1.00) / 1.100 | 1x |  |  |  |" in text
     assert "| AdaLoRA, triplet_init paper (the default) | 93.00 (+0.00) / 1.200 | 10x |" in text
     assert "| prototype, not offered: random orthonormal P, Q, lambda = 1, scale P Q subtracted from W0 |  |" in text
     # Confirmation: 92.00 ± 2.00 over three seeds; against LoRA's 90.00 ± 0: +2.00 ± sqrt(4 / 3) = 1.15.
-    assert f"| TREC-6 | {lora} | 0.003 | 92.00 ± 2.00 | 3 | 1.200 | +2.00 ± 1.15 |" in text
-    assert "| SMS spam | LoRA (r = 8) | 0.003 | 90.00 ± 0.00 | 3 | 1.200 |  |" in text
+    assert f"| r = 8 | TREC-6 | {lora} | 0.003 | 92.00 ± 2.00 | 3 | 1.200 | +2.00 ± 1.15 |" in text
+    assert "| r = 8 | TREC-6 | LoRA | 0.003 | 90.00 ± 0.00 | 3 | 1.200 |  |" in text
+    assert "| SMS spam |" not in text  # a cell without final runs of the start is not listed
     assert "Baseline check: not run." in text
+
+
+def test_render_lists_a_second_budget_in_tables_of_its_own(ds):
+    pt, render = sys.modules["paper_table"], sys.modules["render_decoder_screen"]
+    runs = {}
+    for variant, lr, seed, phase, accuracy in (("lora", 3e-3, 0, "search", 0.94), ("lora", 3e-3, 1, "final", 0.91),
+                                               (ds.LORA_START, 1e-3, 0, "search", 0.93),
+                                               (ds.LORA_START, 1e-3, 1, "final", 0.92)):  # fmt: skip
+        s = spec(pt, "trec", variant, phase, lr, seed, budget=2)
+        runs[s.key] = record(s, accuracy)
+    baselines = {k: r for k, r in runs.items() if r["variant"] == "lora"}
+    for task in ("trec", "sms-spam"):  # the r = 8 summary reads LoRA's search there
+        s = spec(pt, task, "lora", "search", 3e-3)
+        baselines[s.key] = record(s, 0.93)
+    confirm = {"runs": {k: r for k, r in runs.items() if r["variant"] == ds.LORA_START}}
+    text = render.block({"runs": {}}, confirm, baselines, None)
+    lora = "AdaLoRA, triplet_init lora (P = 0, lambda = 1, Q as LoRA's A)"
+    assert "TREC-6, r = 2 (validation accuracy % / completion perplexity)" in text
+    assert f"| {lora} | 93.00 / 1.200 |  | 0.001 | 93.00 / 1.200 |" in text
+    assert f"| r = 2 | TREC-6 | {lora} | 0.001 | 92.00 ± 0.00 | 1 |" in text
+    assert "| r = 8 |" not in text
 
 
 def test_the_recorded_first_screen_renders_with_the_prototypes_options_labelled(ds):
