@@ -135,3 +135,27 @@ def test_the_recorded_first_screen_renders_with_the_prototypes_options_labelled(
     assert f"| {lora} |  | 92.67 / 1.134 | 94.00 / 1.134 | 86.33 / 1.244 |  | 0.003 | 94.00 / 1.134 |" in text
     assert text.count("| prototype, not offered: ") == 6 + 1 + 1  # pre-check rows, screen row, summary row
     assert "Confirmation: no final run yet." in text
+
+
+def test_the_encoder_check_plans_the_lora_start_alone_and_compares_with_the_tables_rows(ds):
+    pt = sys.modules["paper_table"]
+    spec_ = importlib.util.spec_from_file_location("encoder_start_check", _BENCH / "encoder_start_check.py")
+    check = importlib.util.module_from_spec(spec_)
+    sys.modules["encoder_start_check"] = check
+    spec_.loader.exec_module(check)
+    grid = check.StartGrid(tasks=("trec",))
+    pending = pt.pending_runs(grid, {})  # the lora start's search at r = 2; no full fine-tuning, no baseline rows
+    assert {(s.cell.variant, s.cell.budget, s.phase, s.lr) for s in pending} == {
+        (ds.LORA_START, 2, "search", lr) for lr in grid.adapter_lrs}  # fmt: skip
+    table, runs = {}, {}
+    for variant, accuracies in (("lora", (0.90, 0.92, 0.94)), ("adalora", (0.88, 0.88, 0.88))):
+        for seed, accuracy in zip((1, 2, 3), accuracies, strict=True):
+            s = spec(pt, "trec", variant, "final", 3e-3, seed, budget=2)
+            table[s.key] = record(s, accuracy)
+    for seed in (1, 2, 3):
+        s = spec(pt, "trec", ds.LORA_START, "final", 1e-3, seed, budget=2)
+        runs[s.key] = record(s, 0.93)
+    text = check.comparison(runs, table)
+    # 93 - 92 = +1.00, s.e. sqrt(2^2 / 3 + 0) = 1.15; AdaLoRA 88 - 92 = -4.00 ± 1.15
+    assert "| TREC-6 | adalora-init-lora | 0.001 | 93.00 ± 0.00 | 3 | +1.00 ± 1.15 |" in text
+    assert "| TREC-6 | adalora | 0.003 | 88.00 ± 0.00 | 3 | -4.00 ± 1.15 |" in text
