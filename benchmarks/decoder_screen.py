@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -48,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decoder_table import DECODER_RUNS, DecoderGrid, DecoderRunner, cpu_projection, cpu_seconds, decoder_settings
-from paper_table import RESULTS, VARIANTS, Cell, RunSpec, Variant, load_results, plan_report, run_table, save_results
+from decoder_table import DECODER_RUNS, DecoderGrid, DecoderRunner, cpu_seconds, decoder_settings, progress
+from paper_table import RESULTS, VARIANTS, Cell, RunSpec, Variant, line_log, run_table, save_results
 
 LORA_START = "adalora-init-lora"  # the key of its runs in every results file (screen, pre-check, confirmation)
 SCREEN_VARIANTS = (
@@ -180,16 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:
-        payload = load_results(results_path, grid)
-        print(plan_report(grid, payload, args.workers))
-        print(cpu_projection(grid, payload))
+        print(progress(grid, results_path, args.workers))
         return
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = line_log()
     # The decoder table's prompt files (same grid sizes, so the same data), run directories of our own.
     runner = DecoderRunner(grid, DECODER_RUNS.with_name("decoder_screen_smoke" if args.smoke else "decoder_screen"),
                            args.threads)  # fmt: skip
@@ -198,9 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         precheck(DecoderGrid(), runner, path, args.precheck_steps, log)
         return
     run_table(grid, results_path, runner, log, max_runs=args.max_runs, workers=args.workers)
-    payload = load_results(results_path, grid)
-    log(plan_report(grid, payload, args.workers))
-    log(cpu_projection(grid, payload))
+    log(progress(grid, results_path, args.workers))
 
 
 if __name__ == "__main__":

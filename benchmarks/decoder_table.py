@@ -64,6 +64,7 @@ from paper_table import (
     Variant,
     available_cores,
     execute,
+    line_log,
     load_results,
     plan_report,
     record_of,
@@ -381,6 +382,12 @@ def cpu_projection(grid: DecoderGrid, payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def progress(grid: DecoderGrid, results_path: Path, workers: int) -> str:
+    """What is done and left of ``grid`` in ``results_path``, with the projected wall-clock and CPU time."""
+    payload = load_results(results_path, grid)
+    return f"{plan_report(grid, payload, workers)}\n{cpu_projection(grid, payload)}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny grid on TREC (minutes), separate files")
@@ -395,22 +402,13 @@ def main(argv: list[str] | None = None) -> None:
     name = "decoder_table_smoke" if args.smoke else "decoder_table"
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:
-        payload = load_results(results_path, grid)
-        print(plan_report(grid, payload, args.workers))
-        print(cpu_projection(grid, payload))
+        print(progress(grid, results_path, args.workers))
         return
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = line_log()
     threads = args.threads or max(1, available_cores() // max(1, args.workers))
     runner = DecoderRunner(grid, DECODER_RUNS.with_name(name), threads)
     run_table(grid, results_path, runner, log, max_runs=args.max_runs, workers=args.workers)
-    payload = load_results(results_path, grid)
-    log(plan_report(grid, payload, args.workers))
-    log(cpu_projection(grid, payload))
+    log(progress(grid, results_path, args.workers))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decoder_screen import LORA_START  # registers the lora start's row in paper_table.VARIANTS
-from paper_table import RESULTS, RUNS, TASKS, Grid, Runner, load_results, plan_report, run_table
+from paper_table import RESULTS, RUNS, TASKS, Grid, Runner, line_log, load_results, plan_report, run_table
 from render_paper_table import difference, final_runs, markdown, summary
 
 RESULTS_FILE = RESULTS / "encoder_start_check.json"
@@ -73,10 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     table = json.loads((RESULTS / "paper_table.json").read_text())["runs"]
     if not args.table:
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         runner = Runner(grid, RUNS.with_name("encoder_start_check"), args.threads)
-        run_table(grid, path, runner, lambda line: print(line, flush=True))
+        run_table(grid, path, runner, line_log())
     payload = load_results(path, grid)
     print(plan_report(grid, payload, 1))
     print(comparison(payload["runs"], table))

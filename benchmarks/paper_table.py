@@ -669,6 +669,14 @@ def plan_report(grid: Grid, payload: dict[str, Any], workers: int = 1) -> str:
     return "\n".join(lines)
 
 
+def line_log() -> Callable[[str], None]:
+    """A table's log for a ``nohup``-ed run: stdout line-buffered (the harness prints epoch lines through tqdm
+    without flushing, and a log file should stay current) and tokenizers single-threaded in the worker processes."""
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return lambda line: print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny grid on one task (minutes), separate files")
@@ -690,12 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         print(plan_report(grid, load_results(results_path, grid), args.workers))
         return
 
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    # The harness prints epoch lines through tqdm without flushing: line buffering keeps the nohup log current.
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    log = line_log()
     runs_dir = RUNS.with_name(name)
     threads = args.threads or (max(1, available_cores() // args.workers) if args.workers > 1 else None)
     runner = Runner(grid, runs_dir, threads)
