@@ -324,7 +324,8 @@ class DecoderRunner:
             self._base = load_causal_lm(causal_lm_path(None))
         return self._base
 
-    def __call__(self, spec: RunSpec) -> dict[str, Any]:
+    def __call__(self, spec: RunSpec, **changes: Any) -> dict[str, Any]:
+        """Train and score ``spec``'s run; ``changes`` are RunSettings fields set on top of the grid's."""
         import torch
 
         from adalora.files.adapter import load_adapter
@@ -334,7 +335,7 @@ class DecoderRunner:
         torch.set_num_threads(self.threads)
         device = resolve_device("auto")
         files = self.files[spec.cell.task]
-        settings = decoder_settings(self.grid, spec, files, self.threads, device)
+        settings = decoder_settings(self.grid, spec, files, self.threads, device).replace(**changes)
         run_dir = self.runs_dir / spec.key
         metrics, train_cpu = execute(settings, run_dir, lambda line: print(f"  [{spec.key}] {line}", flush=True))
 

@@ -95,3 +95,51 @@ def test_recipe_leaves_out_rank_zero_modules_and_mirrors_the_yaml_keys(tmp_path)
     }
     lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
     assert {n: m.r["default"] for n, m in _lora_layers(lora).items()} == nonzero  # rank-0 modules get no LoRA
+
+
+def test_cli_trains_lora_at_the_ranks_of_a_probe(tmp_path, capsys):
+    """Probe (AdaLoRA) -> export rank-pattern -> ``adalora train --method lora --rank-pattern``: each module
+    trains at the probe's rank, at uniform LoRA's scale alpha / --lora-r."""
+    from lm_helpers import qa_train_args, write_tiny_lm
+
+    from adalora import find_adapters, load_adapter
+
+    model = write_tiny_lm(tmp_path / "model")
+    probe = tmp_path / "run"
+    assert main(qa_train_args(model, tmp_path, "--mask-interval", "1", "--no-progress")) == 0
+    assert main(["export", str(probe), "--format", "rank-pattern"]) == 0
+    recipe = probe / "export-rank-pattern.json"
+    ranks = json.loads(recipe.read_text())["ranks"]
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) > 2  # a pattern unlike uniform rank 2
+
+    lora = tmp_path / "lora"
+    args = qa_train_args(model, tmp_path, "--method", "lora", "--lora-r", "2", "--alpha", "8", "--no-progress")
+    assert main([*args, "--output-dir", str(lora), "--rank-pattern", str(recipe)]) == 0
+    assert json.loads((lora / "rank_pattern.json").read_text()) == ranks
+    from transformers import AutoModelForCausalLM
+
+    trained = load_adapter(AutoModelForCausalLM.from_pretrained(model), lora / "adapter")
+    adapters = dict(find_adapters(trained))
+    assert {n: a.kept_rank() for n, a in adapters.items()} == ranks
+    assert {a.scale for a in adapters.values()} == {8 / 2}  # alpha / lora_r in every module, whatever its rank
+    assert any(a.P.abs().sum() > 0 for a in adapters.values() if a.r)  # B moved from 0: it trained
+    assert all(not a.E.requires_grad for a in adapters.values())  # lambda stays LoRA's frozen ones
+
+
+def test_rank_pattern_is_refused_in_one_line_where_it_does_not_fit(tmp_path, capsys):
+    from lm_helpers import qa_train_args, write_tiny_lm
+
+    model = write_tiny_lm(tmp_path / "model")
+    recipe = tmp_path / "pattern.json"
+    recipe.write_text(json.dumps({"format": "adalora-rank-pattern", "version": 1, "ranks": {"lm_head": 3}}))
+    args = qa_train_args(model, tmp_path, "--no-progress", "--rank-pattern", str(recipe))
+    capsys.readouterr()
+    assert main(args) == 2  # AdaLoRA allocates ranks itself
+    assert "--rank-pattern: gives LoRA per-module ranks, but the --method is adalora" in capsys.readouterr().err
+    assert main([*args, "--method", "lora"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit this model's adapters" in err and len(err.splitlines()) == 1
+    recipe.write_text("{}")
+    assert main([*args, "--method", "lora"]) == 2
+    assert "not a rank-pattern recipe" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "adapter").exists()

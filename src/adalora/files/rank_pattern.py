@@ -20,6 +20,7 @@ learning-rate behaviour of the probe carries over. Both patterns list every expo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,33 @@ def rank_recipe(source: ExportSource) -> dict[str, Any]:
 def write_rank_pattern(source: ExportSource, path: str | os.PathLike[str]) -> Path:
     """Write :func:`rank_recipe` of ``source`` to ``path`` (JSON), atomically."""
     return write_json(path, rank_recipe(source))
+
+
+def read_rank_pattern(path: str | os.PathLike[str]) -> dict[str, int]:
+    """``{module: rank}`` from a recipe written by :func:`write_rank_pattern` (its ``ranks``, pruned modules at 0).
+
+    Raises:
+        ValueError: in one line, if the file is missing, is not JSON, is not such a recipe or lists no rank > 0.
+    """
+    path = Path(path)
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"rank pattern {path}: cannot read it ({error.strerror or error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"rank pattern {path}: not JSON ({error})") from None
+    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
+        raise ValueError(f"rank pattern {path}: not a rank-pattern recipe; write one with "
+                         "`adalora export RUN --format rank-pattern`")  # fmt: skip
+    if recipe.get("version") != RECIPE_VERSION:
+        raise ValueError(f"rank pattern {path}: recipe version {recipe.get('version')!r}, this adalora reads "
+                         f"version {RECIPE_VERSION}; export it again with this version")  # fmt: skip
+    ranks = recipe.get("ranks")
+    if not isinstance(ranks, dict) or not all(type(r) is int and r >= 0 for r in ranks.values()):
+        raise ValueError(f"rank pattern {path}: 'ranks' must map module names to integers >= 0")
+    if not any(ranks.values()):
+        raise ValueError(f"rank pattern {path}: every rank is 0, so LoRA would train nothing")
+    return ranks
 
 
 def _number(value: float) -> int | float:

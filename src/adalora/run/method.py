@@ -13,9 +13,12 @@ import torch
 
 from ..allocator import RankAllocator
 from ..baselines import inject_lora, lora_config, pruned_lora_config
+from ..compact import resize_adapters
 from ..config import AdaLoRAConfig
+from ..files.rank_pattern import read_rank_pattern
 from ..inject import inject
 from ..integrations.loop import count_optimizer_steps
+from ..layers import find_adapters
 from .defaults import default_lr, training_rank
 from .model import Model
 from .settings import RunError, RunSettings
@@ -85,15 +88,19 @@ def adapt(settings: RunSettings, model: Model, steps: int, batches: int) -> AdaL
         rank = settings.lora_r or given.target_r
         if rank is None:
             raise RunError("--method lora needs a rank: give --lora-r (or --target-r)")
+        ranks = read_pattern(settings.rank_pattern) if settings.rank_pattern else {}
+        widest = max(ranks.values(), default=rank)
         config = lora_config(
-            rank,
+            widest,
             target_modules=model.targets,
             target_parameters=given.target_parameters,
-            alpha=given.alpha,
+            alpha=given.alpha * widest / rank,  # every module at uniform LoRA's scale alpha / rank
             dropout=given.dropout,
             modules_to_save=model.heads,
         )
         inject_lora(model.module, config)
+        if ranks:
+            give_ranks(model.module, ranks, settings.rank_pattern)
         return config
     warmup, final = schedule(settings, steps, batches)
     config = given.replace(
@@ -109,6 +116,31 @@ def adapt(settings: RunSettings, model: Model, steps: int, batches: int) -> AdaL
     else:
         inject(model.module, config)
     return config
+
+
+def read_pattern(path: str) -> dict[str, int]:
+    try:
+        return read_rank_pattern(path)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
+def give_ranks(module: torch.nn.Module, ranks: dict[str, int], path: str) -> None:
+    """Cut each LoRA adapter of ``module`` to its rank in the pattern (its first doublets: B = 0 and A is
+    Kaiming-uniform either way, so this is LoRA started at that rank).
+
+    Raises:
+        RunError: if the pattern and the adapted modules differ (another model or other --target-modules).
+    """
+    adapted = {name for name, _ in find_adapters(module)}
+    missing, foreign = sorted(adapted - set(ranks)), sorted(set(ranks) - adapted)
+    if missing or foreign:
+        raise RunError(
+            f"--rank-pattern {path} does not fit this model's adapters: {len(foreign)} of its modules are not "
+            f"adapted here (e.g. {foreign[:2]}) and {len(missing)} adapted modules have no rank in it (e.g. "
+            f"{missing[:2]}); use the same model and --target-modules as the run that exported it"
+        )
+    resize_adapters(module, ranks)
 
 
 def schedule(settings: RunSettings, steps: int, batches: int) -> tuple[int, int]:

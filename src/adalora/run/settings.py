@@ -118,6 +118,12 @@ class RunSettings:
     model: str | None = setting(None, _MODEL_HELP, metavar="PATH", group="model")
     method: Method = setting("adalora", "AdaLoRA or a baseline", group="model")
     lora_r: int | None = setting(None, "rank of --method lora (default: --target-r)", COUNT, metavar="R", group="model")
+    rank_pattern: str | None = setting(
+        None, "--method lora: a rank pattern (the rank-pattern.json of adalora export --format rank-pattern, e.g. "
+        "from a short AdaLoRA probe) giving each adapted module its own rank; every module keeps uniform LoRA's "
+        "scale alpha / --lora-r, so uniform LoRA's learning rate carries over", flag="--rank-pattern",
+        metavar="FILE", group="model",
+    )  # fmt: skip
     adalora: AdaLoRAConfig = AdaLoRAConfig(total_steps=None)  # the method's settings; T is the run's
     derived: tuple[str, ...] = tuple(DERIVED)  # fields of ``adalora`` the run fills in (see DERIVED)
     warmup_fraction: float = setting(
@@ -175,6 +181,13 @@ class RunSettings:
         unknown = sorted(set(self.derived) - set(DERIVED))
         if unknown:
             raise ConfigError("RunSettings", "derived", f"names {unknown}", f"Name only {', '.join(DERIVED)}.")
+        if self.rank_pattern is not None and self.method != "lora":
+            raise ConfigError(
+                "RunSettings",
+                "rank_pattern",
+                f"gives LoRA per-module ranks, but the method is {self.method}",
+                "Use it with method lora, or drop it.",
+            )
         if self.quantize != "none" and self.method == "full":
             raise ConfigError(
                 "RunSettings",
