@@ -29,6 +29,8 @@ Usage (from the repository root, PYTHONPATH=src; one worker and one thread on th
     setsid nohup python benchmarks/decoder_screen.py --workers 1 --threads 1 > screen.log 2>&1 &
     python benchmarks/decoder_screen.py --plan                   # what is done and left; trains nothing
     python benchmarks/decoder_screen.py --budget 2 --tasks trec  # another cell (decoder_confirm_r2.json)
+    python benchmarks/decoder_screen.py --budget 2 --tasks sms-spam \
+        --results benchmarks/results/decoder_confirm_r2_sms.json     # the other task's cell, a file of its own
     python benchmarks/decoder_screen.py --precheck --threads 1   # the pre-check entries not yet recorded
     python benchmarks/decoder_screen.py --smoke                  # the whole pipeline on a tiny grid
     python benchmarks/render_decoder_screen.py                   # the markdown section

@@ -214,7 +214,7 @@ def read(path: Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--screen", type=Path, default=RESULTS / "decoder_screen.json")
-    confirms = [RESULTS / "decoder_confirm.json", RESULTS / "decoder_confirm_r2.json"]
+    confirms = [RESULTS / f"decoder_confirm{part}.json" for part in ("", "_r2", "_r2_sms")]
     parser.add_argument("--confirm", type=Path, nargs="+", default=confirms, help="results files, one per grid")
     parser.add_argument("--precheck", type=Path, default=RESULTS / "decoder_screen_precheck.json")
     parser.add_argument("--baselines", type=Path, default=RESULTS / "decoder_table.json")
