@@ -16,7 +16,8 @@ SmolLM2-135M, TREC-6 and SMS spam prompts, every q/k/v/o/gate/up/down projection
 Each seed gets its own probe (same seed), so the spread includes the pattern's. The probe's CPU time is recorded
 beside the LoRA run's: the cost of the workflow is probe + LoRA.
 
-Results: benchmarks/results/probe_then_lora_<task>.json (one file per task, so two tasks can run at once);
+Results: benchmarks/results/probe_then_lora_<task><part>.json (one file per task, so two tasks can run at once;
+``--part`` names another file for a process that runs other seeds of the same task);
 ``--render`` writes the section of docs/paper-table.md between the PROBE-THEN-LORA markers and prints it.
 
 Usage (from the repository root, PYTHONPATH=src; one thread per process on the shared 2-core machine):
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", choices=tuple(PROMPT_TASKS), default=None, help="default: both")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the table's (1 2 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--part", default="", help="suffix of the results file, for another process on other seeds")
     parser.add_argument("--render", action="store_true", help="write the docs section from the results; train nothing")
     parser.add_argument("--smoke", action="store_true", help="tiny grid on TREC (minutes), separate files")
     args = parser.parse_args(argv)
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         one = DecoderGrid.smoke() if args.smoke else DecoderGrid(tasks=(task,))
         runner = DecoderRunner(one, DECODER_RUNS.with_name(stem), args.threads)
-        run_all(one, runner, RESULTS / f"{stem}_{task}.json", tuple(args.seeds or one.seeds), table)
-    print(render(table, [RESULTS / f"{stem}_{t}.json" for t in tasks]))
+        run_all(one, runner, RESULTS / f"{stem}_{task}{args.part}.json", tuple(args.seeds or one.seeds), table)
+    print(render(table, [RESULTS / f"{stem}_{t}{args.part}.json" for t in tasks]))
 
 
 if __name__ == "__main__":
