@@ -96,7 +96,7 @@ def plot_rank_heatmap(
     Args:
         rank_pattern: ``{module name: kept rank}`` (e.g. ``RankAllocator.rank_pattern()``).
         path: PNG file to write.
-        init_r: upper end of the colour scale (the initial rank); default the largest rank.
+        init_r: upper end of the colour scale (the initial rank), raised to the largest rank if that is higher.
         title: figure title.
     """
     import numpy as np
@@ -104,7 +104,8 @@ def plot_rank_heatmap(
     plt = _pyplot()
     types, layers, grid = rank_grid(rank_pattern)
     values = np.array([[np.nan if v is None else v for v in row] for row in grid], dtype=float)
-    vmax = init_r if init_r is not None else max(1.0, float(np.nanmax(values)))
+    # A LoRA trained at a probe's pattern (--rank-pattern) has ranks above its --lora-r: the scale covers them.
+    vmax = max(init_r or 1.0, float(np.nanmax(values)))
     # At least 6 inches wide so that a title naming the method and the task fits above 6 layers; MoE models have a
     # row per expert, so beyond a screenful of rows they get thinner and the numbers leave the cells.
     many = len(types) > 32

@@ -119,7 +119,7 @@ class RunSettings:
     method: Method = setting("adalora", "AdaLoRA or a baseline", group="model")
     lora_r: int | None = setting(None, "rank of --method lora (default: --target-r)", COUNT, metavar="R", group="model")
     rank_pattern: str | None = setting(
-        None, "--method lora: a rank pattern (the rank-pattern.json of adalora export --format rank-pattern, e.g. "
+        None, "--method lora: a rank pattern (the JSON file adalora export --format rank-pattern writes, e.g. "
         "from a short AdaLoRA probe) giving each adapted module its own rank; every module keeps uniform LoRA's "
         "scale alpha / --lora-r, so uniform LoRA's learning rate carries over", flag="--rank-pattern",
         metavar="FILE", group="model",
