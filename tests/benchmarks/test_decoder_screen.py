@@ -5,9 +5,8 @@ loaded."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,7 @@ _BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 @pytest.fixture(scope="module")
 def ds():
-    sys.path.insert(0, str(_BENCH))
-    for name in ("paper_table", "decoder_table", "decoder_screen", "render_decoder_screen"):
-        if name not in sys.modules or name in ("decoder_screen", "render_decoder_screen"):
-            spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up by name
-            spec.loader.exec_module(module)
-    return sys.modules["decoder_screen"]
+    return importlib.import_module("decoder_screen")
 
 
 def record(spec, accuracy, perplexity=1.2):
@@ -34,7 +26,7 @@ def record(spec, accuracy, perplexity=1.2):
 
 
 def test_the_screen_searches_each_task_then_confirms_at_the_chosen_lr(ds):
-    pt = sys.modules["paper_table"]
+    pt = importlib.import_module("paper_table")
     grid = ds.ScreenGrid()
     pending = pt.pending_runs(grid, {})
     assert {(s.cell.task, s.cell.variant, s.cell.budget, s.phase, s.lr, s.seed) for s in pending} == {
@@ -48,7 +40,7 @@ def test_the_screen_searches_each_task_then_confirms_at_the_chosen_lr(ds):
 
 
 def test_the_start_reaches_the_run_settings_and_nothing_else_changes(ds, tmp_path):
-    pt = sys.modules["paper_table"]
+    pt = importlib.import_module("paper_table")
     files = {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
 
     def settings(variant, phase="search"):
@@ -69,7 +61,7 @@ def spec(pt, task, variant, phase, lr, seed=0, budget=8):
 
 
 def test_render_compares_the_start_with_the_decoder_tables_rows(ds):
-    pt, render = sys.modules["paper_table"], sys.modules["render_decoder_screen"]
+    pt, render = importlib.import_module("paper_table"), importlib.import_module("render_decoder_screen")
     baselines = {}
     for task in ("trec", "sms-spam"):
         for variant, lr, accuracy in (("lora", 1e-3, 0.92), ("lora", 3e-3, 0.93), ("adalora", 3e-3, 0.88),
@@ -105,7 +97,7 @@ def test_render_compares_the_start_with_the_decoder_tables_rows(ds):
 
 
 def test_render_lists_a_second_budget_in_tables_of_its_own(ds):
-    pt, render = sys.modules["paper_table"], sys.modules["render_decoder_screen"]
+    pt, render = importlib.import_module("paper_table"), importlib.import_module("render_decoder_screen")
     runs = {}
     for variant, lr, seed, phase, accuracy in (("lora", 3e-3, 0, "search", 0.94), ("lora", 3e-3, 1, "final", 0.91),
                                                (ds.LORA_START, 1e-3, 0, "search", 0.93),
@@ -126,7 +118,7 @@ def test_render_lists_a_second_budget_in_tables_of_its_own(ds):
 
 
 def test_the_recorded_first_screen_renders_with_the_prototypes_options_labelled(ds):
-    render = sys.modules["render_decoder_screen"]
+    render = importlib.import_module("render_decoder_screen")
     read = lambda name: json.loads((_BENCH / "results" / name).read_text())  # noqa: E731
     screen, precheck = read("decoder_screen.json"), read("decoder_screen_precheck.json")
     assert {r["variant"] for r in screen["runs"].values()} - {ds.LORA_START} <= set(render.NOT_OFFERED)
@@ -138,11 +130,8 @@ def test_the_recorded_first_screen_renders_with_the_prototypes_options_labelled(
 
 
 def test_the_encoder_check_plans_the_lora_start_alone_and_compares_with_the_tables_rows(ds):
-    pt = sys.modules["paper_table"]
-    spec_ = importlib.util.spec_from_file_location("encoder_start_check", _BENCH / "encoder_start_check.py")
-    check = importlib.util.module_from_spec(spec_)
-    sys.modules["encoder_start_check"] = check
-    spec_.loader.exec_module(check)
+    pt = importlib.import_module("paper_table")
+    check = importlib.import_module("encoder_start_check")
     grid = check.StartGrid(tasks=("trec",))
     pending = pt.pending_runs(grid, {})  # the lora start's search at r = 2; no full fine-tuning, no baseline rows
     assert {(s.cell.variant, s.cell.budget, s.phase, s.lr) for s in pending} == {

@@ -3,30 +3,16 @@ and use it; PEFT's alpha / init_r is reproduced at our budget; prompts are cut t
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from lm_helpers import word_tokenizer
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def dt():
-    sys.path.insert(0, str(_BENCH))  # decoder_table imports paper_table and common
-    # paper_table as loaded (test_paper_table loads its own copy), decoder_table always afresh: it registers its
-    # variants in the paper_table that is loaded now; the renderer is imported again against both.
-    sys.modules.pop("render_decoder_table", None)
-    for name in ("paper_table", "decoder_table"):
-        if name not in sys.modules or name == "decoder_table":
-            spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up by name
-            spec.loader.exec_module(module)
-    return sys.modules["decoder_table"]
+    return importlib.import_module("decoder_table")
 
 
 def record(pt, spec, accuracy):
@@ -35,7 +21,7 @@ def record(pt, spec, accuracy):
 
 
 def test_scale_rows_wait_for_loras_search_and_take_its_lr(dt):
-    pt = sys.modules["paper_table"]
+    pt = importlib.import_module("paper_table")
     grid = dt.DecoderGrid(tasks=("trec",))
     assert pt.planned_total(grid) == (6 * 3, 8 * 3)  # 6 searched cells x 3 lrs; 8 cells x 3 seeds
     runs: dict = {}
@@ -51,7 +37,7 @@ def test_scale_rows_wait_for_loras_search_and_take_its_lr(dt):
 
 
 def test_settings_reproduce_pefts_scale_and_our_defaults(dt, tmp_path):
-    pt = sys.modules["paper_table"]
+    pt = importlib.import_module("paper_table")
     grid, files = dt.DecoderGrid(), {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
 
     def settings(variant, budget, phase="final"):
@@ -94,7 +80,7 @@ def fake_record(spec, accuracy):
 
 
 def test_render_partial_and_finished_tables(dt, tmp_path):
-    pt = sys.modules["paper_table"]
+    pt = importlib.import_module("paper_table")
     import render_decoder_table as rd
 
     grid = dt.DecoderGrid(tasks=("trec",))

@@ -3,25 +3,16 @@ lr, resume after an interruption, failures. A fake run function stands in for tr
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_table.py"
 
 
 @pytest.fixture(scope="module")
 def pt():
-    sys.path.insert(0, str(_PATH.parent))  # paper_table imports benchmarks/common.py
-    spec = importlib.util.spec_from_file_location("paper_table", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paper_table"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("paper_table")
 
 
 def small_grid(pt):

@@ -4,26 +4,15 @@ table pairs each seed with the decoder table's uniform LoRA run. No model is loa
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def ptl():
-    sys.path.insert(0, str(_BENCH))
-    for name in ("paper_table", "decoder_table", "probe_then_lora"):
-        if name not in sys.modules or name == "probe_then_lora":
-            spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # dataclasses look their module up by name
-            spec.loader.exec_module(module)
-    return sys.modules["probe_then_lora"]
+    return importlib.import_module("probe_then_lora")
 
 
 def final(task, variant, budget, seed, lr, accuracy):
@@ -41,13 +30,13 @@ TABLE = {
 
 
 def test_each_seed_runs_both_budgets_before_the_next(ptl):
-    grid = sys.modules["decoder_table"].DecoderGrid(tasks=("trec",))
+    grid = importlib.import_module("decoder_table").DecoderGrid(tasks=("trec",))
     assert ptl.plan(grid, (1, 2)) == [("trec", 8, 1), ("trec", 2, 1), ("trec", 8, 2), ("trec", 2, 2)]
     assert ptl.chosen_lrs(TABLE) == {("trec", "lora", 8): 3e-3, ("trec", "adalora", 8): 3e-2}
 
 
 def test_the_probe_and_the_lora_run_are_set_as_documented(ptl, tmp_path):
-    pt, dt = sys.modules["paper_table"], sys.modules["decoder_table"]
+    pt, dt = importlib.import_module("paper_table"), importlib.import_module("decoder_table")
     grid = dt.DecoderGrid()
     files = {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
     spec = pt.RunSpec(pt.Cell("trec", ptl.PATTERN, 8), "final", 3e-3, 2)

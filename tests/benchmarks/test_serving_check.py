@@ -6,24 +6,15 @@ here would turn a wrong reading into a pass.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import numpy as np
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def sc():
-    sys.path.insert(0, str(_BENCH))  # serving_check imports common
-    spec = importlib.util.spec_from_file_location("serving_check", _BENCH / "serving_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serving_check"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("serving_check")
 
 
 def test_compare_takes_the_max_and_mean_over_every_prompt_and_counts_top1(sc):
