@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .export_source import ExportSource
+from .gguf_lora import write_gguf
+from .peft import write_peft
+from .rank_pattern import write_rank_pattern
 
 
 @dataclass(frozen=True)
@@ -28,22 +31,16 @@ class ExportOptions:
 
 
 def _write_peft(source: ExportSource, out: Path, options: ExportOptions) -> Path:
-    from .peft import write_peft
-
     return write_peft(source, out, layout=options.layout, rank=options.rank)
 
 
 def _write_gguf(source: ExportSource, out: Path, options: ExportOptions) -> Path:
     _only_peft_options("gguf", options)
-    from .gguf_lora import write_gguf
-
     return write_gguf(source, out)
 
 
 def _write_rank_pattern(source: ExportSource, out: Path, options: ExportOptions) -> Path:
     _only_peft_options("rank-pattern", options)
-    from .rank_pattern import write_rank_pattern
-
     return write_rank_pattern(source, out)
 
 
