@@ -31,6 +31,7 @@ Usage (from the repository root, PYTHONPATH=src; one worker and one thread on th
     python benchmarks/decoder_screen.py --budget 2 --tasks trec  # another cell (decoder_confirm_r2.json)
     python benchmarks/decoder_screen.py --budget 2 --tasks sms-spam \
         --results benchmarks/results/decoder_confirm_r2_sms.json     # the other task's cell, a file of its own
+    python benchmarks/decoder_screen.py --start lora-no-orth --tasks trec --lrs 3e-3   # a variation of the start
     python benchmarks/decoder_screen.py --precheck --threads 1   # the pre-check entries not yet recorded
     python benchmarks/decoder_screen.py --smoke                  # the whole pipeline on a tiny grid
     python benchmarks/render_decoder_screen.py                   # the markdown section
@@ -53,11 +54,22 @@ from decoder_table import DECODER_RUNS, DecoderGrid, DecoderRunner, cpu_seconds,
 from paper_table import RESULTS, VARIANTS, Cell, RunSpec, Variant, line_log, run_table, save_results
 
 LORA_START = "adalora-init-lora"  # the key of its runs in every results file (screen, pre-check, confirmation)
+# Two variations of the lora start, each testing one reason it might still trail LoRA: with P = 0, Q gets no
+# gradient from the loss at first, so Adam moves it by the orthogonal regulariser's gradient alone (gamma = 0 removes
+# that); and its scale alpha / init_r = 16 / (1.5 r) is 2/3 of LoRA's 16 / r (alpha 24 makes it LoRA's).
+LORA_START_NO_ORTH, LORA_START_LORA_SCALE = "adalora-init-lora-no-orth", "adalora-init-lora-lora-scale"
 SCREEN_VARIANTS = (
     Variant(LORA_START, "adalora", "AdaLoRA, triplet_init lora (P = 0, lambda = 1, Q as LoRA's A)",
             overrides=(("triplet_init", "lora"),)),
+    Variant(LORA_START_NO_ORTH, "adalora", "AdaLoRA, triplet_init lora, no orthogonal regulariser (gamma = 0)",
+            overrides=(("triplet_init", "lora"), ("orth_reg_weight", 0.0))),
+    Variant(LORA_START_LORA_SCALE, "adalora", "AdaLoRA, triplet_init lora, alpha 24 (LoRA's scale 16 / r)",
+            overrides=(("triplet_init", "lora"), ("alpha", 24.0))),
 )  # fmt: skip
 VARIANTS.update({v.name: v for v in SCREEN_VARIANTS})
+# --start NAME: the variant it screens and the suffix of its results files (the lora start's have none)
+STARTS = {"lora": (LORA_START, ""), "lora-no-orth": (LORA_START_NO_ORTH, "_no_orth"),
+          "lora-scale": (LORA_START_LORA_SCALE, "_lora_scale")}  # fmt: skip
 
 # The pre-check: (variant, lr) on TREC-6; adalora at 3e-2 is its searched best at r = 8, 3e-3 LoRA's.
 PRECHECK: tuple[tuple[str, float], ...] = (("lora", 3e-3), ("adalora", 3e-3), ("adalora", 3e-2), (LORA_START, 3e-3))
@@ -170,14 +182,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=None, help="results file (default benchmarks/results/...)")
     parser.add_argument("--budget", type=int, choices=(2, 8), default=8, help="target_r (the decoder table's r)")
     parser.add_argument("--tasks", nargs="+", choices=("trec", "sms-spam"), default=None, help="default: both")
+    parser.add_argument("--start", choices=tuple(STARTS), default="lora", help="the start to screen (default lora)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None, help="the screen's lr ladder (default 1e-3 3e-3)")
     args = parser.parse_args(argv)
 
+    variant, suffix = STARTS[args.start]
     grid = ScreenGrid.smoke() if args.smoke else ScreenGrid(budgets=(args.budget,))
+    grid = dataclasses.replace(grid, main=(variant,))
     if args.tasks:
         grid = dataclasses.replace(grid, tasks=tuple(args.tasks))
-    # r = 8 is the screen's own budget; other budgets and task subsets get files of their own (grids never mix).
+    if args.lrs:
+        grid = dataclasses.replace(grid, adapter_lrs=tuple(args.lrs))
+    # r = 8 is the screen's own budget; other budgets, starts and task subsets get files of their own (grids never
+    # mix).
     name = (
-        "decoder_confirm_smoke" if args.smoke else "decoder_confirm" + ("" if args.budget == 8 else f"_r{args.budget}")
+        "decoder_confirm_smoke"
+        if args.smoke
+        else "decoder_confirm" + ("" if args.budget == 8 else f"_r{args.budget}") + suffix
     )
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from decoder_screen import LORA_START
+from decoder_screen import SCREEN_VARIANTS
 from decoder_table import PROMPT_TASKS
 from paper_table import RESULTS, VARIANTS, Cell, choose_lr, search_scores
 from render_paper_table import difference, final_runs, markdown, replace_between_markers, summary
@@ -27,6 +27,7 @@ from render_paper_table import difference, final_runs, markdown, replace_between
 BEGIN, END = "<!-- DECODER-SCREEN -->", "<!-- /DECODER-SCREEN -->"
 HEADING = "### Starting the triplets as LoRA does: screen and confirmation"
 BASELINES = ("lora", "adalora")  # the decoder table's rows, from its own results file
+STARTS = tuple(v.name for v in SCREEN_VARIANTS)  # the lora start and its variations, in that order
 TASKS = ("trec", "sms-spam")
 # Options a prototype measured in the first screen (decoder_screen.json, decoder_screen_precheck.json) that the
 # library does not offer: their product changes the base weights (which adapter files, exports and quantized bases
@@ -49,9 +50,10 @@ def label(variant: str) -> str:
 
 
 def variants_in(runs: dict[str, Any]) -> list[str]:
-    """The baselines, the lora start, then the prototype's options that have runs, in that order."""
+    """The baselines, the lora start and its variations, then the prototype's options that have runs, in that
+    order."""
     present = {r["variant"] for r in runs.values()}
-    return [v for v in (*BASELINES, LORA_START, *NOT_OFFERED) if v in present]
+    return [v for v in (*BASELINES, *STARTS, *NOT_OFFERED) if v in present]
 
 
 def cell_runs(runs: dict[str, Any], task: str, variant: str, budget: int = 8) -> dict[float, dict[str, Any]]:
@@ -122,7 +124,7 @@ def confirmation_table(confirm: dict[str, Any], baselines: dict[str, Any]) -> st
     rows = []
     for budget, task in sorted(done, key=lambda cell: (-cell[0], TASKS.index(cell[1]))):
         lora = final_runs(finals, task, "lora", budget)
-        for variant in (*BASELINES, LORA_START):
+        for variant in (*BASELINES, *STARTS):
             mine = final_runs(finals, task, variant, budget)
             stats = summary(mine)
             if stats is None:
@@ -214,7 +216,7 @@ def read(path: Path) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--screen", type=Path, default=RESULTS / "decoder_screen.json")
-    confirms = [RESULTS / f"decoder_confirm{part}.json" for part in ("", "_r2", "_r2_sms")]
+    confirms = sorted(p for p in RESULTS.glob("decoder_confirm*.json") if "smoke" not in p.name)
     parser.add_argument("--confirm", type=Path, nargs="+", default=confirms, help="results files, one per grid")
     parser.add_argument("--precheck", type=Path, default=RESULTS / "decoder_screen_precheck.json")
     parser.add_argument("--baselines", type=Path, default=RESULTS / "decoder_table.json")

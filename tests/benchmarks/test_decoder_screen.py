@@ -56,6 +56,27 @@ def test_the_start_reaches_the_run_settings_and_nothing_else_changes(ds, tmp_pat
         assert name in pt.VARIANTS and lr > 0
 
 
+@pytest.mark.parametrize("budget", [2, 8])
+def test_the_variations_of_the_lora_start_change_one_setting_each(ds, tmp_path, budget):
+    pt = importlib.import_module("paper_table")
+    files = {s: tmp_path / f"{s}.jsonl" for s in ("train", "val", "test")}
+
+    def settings(variant):
+        spec = pt.RunSpec(pt.Cell("trec", variant, budget), "search", 3e-3, 0)
+        return ds.decoder_settings(ds.ScreenGrid(), spec, files, threads=1, device="cpu")
+
+    lora_start, lora = settings(ds.LORA_START), settings("lora")
+    assert settings(ds.LORA_START_NO_ORTH) == lora_start.replace(orth_reg_weight=0.0)
+    scaled = settings(ds.LORA_START_LORA_SCALE)
+    assert scaled == lora_start.replace(alpha=24.0)
+    # alpha / init_r is LoRA's alpha / r at both budgets (24 / 12 = 16 / 8, 24 / 3 = 16 / 2)
+    assert scaled.adalora.alpha / scaled.adalora.init_r == lora.adalora.alpha / lora.lora_r
+    assert lora_start.adalora.alpha / lora_start.adalora.init_r == pytest.approx(
+        2 / 3 * lora.adalora.alpha / lora.lora_r
+    )
+    assert {variant for variant, _ in ds.STARTS.values()} == {v.name for v in ds.SCREEN_VARIANTS}
+
+
 def spec(pt, task, variant, phase, lr, seed=0, budget=8):
     return pt.RunSpec(pt.Cell(task, variant, budget), phase, lr, seed)
 
