@@ -73,7 +73,7 @@ class Variant:
     """A row of the table: a method and the settings that make it differ from plain AdaLoRA."""
 
     name: str
-    method: str  # adalora | lora | pruned-lora | full (adalora.run.settings.Method)
+    method: str  # adalora | lora | pruned-lora | full (adalora.run.settings.MethodName)
     label: str  # as printed in the table
     lr_from: str | None = None  # reuse this variant's chosen lr (ablations) instead of searching
     overrides: tuple[tuple[str, Any], ...] = ()  # fields of RunSettings or of its AdaLoRAConfig (RunSettings.replace)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.exports import EXPORT_FORMATS
-from ..files.lora_layout import LAYOUTS
+from ..files.lora_layout import LORA_LAYOUTS
 from ..run.convert import default_export_dir, export_output_dir, find_adapter_dir, merge_output_dir
 from ..run.directory import check_writable
 from ..run.lock import locked_runs
@@ -128,7 +128,7 @@ def register_export(subparsers: SubParsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (or the default)")
     p.add_argument(
         "--layout",
-        choices=LAYOUTS,
+        choices=LORA_LAYOUTS,
         help="peft: compact (default; per-module ranks in rank_pattern: exact in PEFT, vLLM 0.32, llama.cpp) or "
         "uniform (one padded rank, r = lora_alpha: also readers that ignore rank_pattern, e.g. SGLang, older vLLM)",
     )

@@ -33,7 +33,7 @@ import torch
 from ..layers import KeptFactors
 from .updates import ModuleUpdate
 
-LAYOUTS = ("compact", "uniform")
+LORA_LAYOUTS = ("compact", "uniform")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def lay_out(updates: list[ModuleUpdate], layout: str = "compact", rank: int | No
         ValueError: unknown layout, every rank 0, ``rank`` given with compact, or ``rank`` below the largest
             kept rank.
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of: {', '.join(LAYOUTS)}.")
+    if layout not in LORA_LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; choose one of: {', '.join(LORA_LAYOUTS)}.")
     kept = [u for u in updates if u.rank > 0]
     if not kept:
         raise ValueError("every adapter has rank 0, so there is nothing to export as LoRA.")

@@ -33,7 +33,7 @@ from .chat_data import AssistantLoss
 from .data import BUILTIN_TASKS
 from .defaults import BY_TASK, CAUSAL_LM, CLASSIFICATION, describe_defaults, kind_name
 
-Method = Literal["adalora", "lora", "pruned-lora", "full"]
+MethodName = Literal["adalora", "lora", "pruned-lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]  # autocast of the forward pass (hardware.py)
 DEVICE = Pattern(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")  # resolved by hardware.py
 
@@ -116,7 +116,7 @@ class RunSettings:
         metavar="TOKENS", group="data",
     )  # fmt: skip
     model: str | None = setting(None, _MODEL_HELP, metavar="PATH", group="model")
-    method: Method = setting("adalora", "AdaLoRA or a baseline", group="model")
+    method: MethodName = setting("adalora", "AdaLoRA or a baseline", group="model")
     lora_r: int | None = setting(None, "rank of --method lora (default: --target-r)", COUNT, metavar="R", group="model")
     rank_pattern: str | None = setting(
         None, "--method lora: a rank pattern (the JSON file adalora export --format rank-pattern writes, e.g. "
