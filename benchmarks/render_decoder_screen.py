@@ -189,7 +189,9 @@ def block(
         "seed 0 on the 300-example validation slice (a single example is 0.33 points), each start at a short lr "
         "ladder; the AdaLoRA and LoRA rows are the decoder "
         'table\'s own seed-0 lr-search runs. The lora start is `AdaLoRAConfig.triplet_init="lora"` '
-        "(`--triplet-init lora`): P = 0, lambda = 1, Q as LoRA's A, the base weights untouched. Rows marked "
+        "(`--triplet-init lora`): P = 0, lambda = 1, Q as LoRA's A, the base weights untouched. Its two variations "
+        "are flags the CLI already has: `--orth-reg-weight 0` (no orthogonal regulariser) and `--alpha 24` (alpha / "
+        "init_r = 24 / 1.5 r, LoRA's scale 16 / r, where the table's alpha 16 gives 2/3 of it). Rows marked "
         "*prototype, not offered* were measured with a prototype whose options the library does not have.",
         check_line(screen),
     ]
