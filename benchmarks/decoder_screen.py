@@ -67,9 +67,8 @@ SCREEN_VARIANTS = (
             overrides=(("triplet_init", "lora"), ("alpha", 24.0))),
 )  # fmt: skip
 VARIANTS.update({v.name: v for v in SCREEN_VARIANTS})
-# --start NAME: the variant it screens and the suffix of its results files (the lora start's have none)
-STARTS = {"lora": (LORA_START, ""), "lora-no-orth": (LORA_START_NO_ORTH, "_no_orth"),
-          "lora-scale": (LORA_START_LORA_SCALE, "_lora_scale")}  # fmt: skip
+# --start NAME -> the variant it screens; its results files end in _NAME (the lora start's in nothing)
+STARTS = {"lora": LORA_START, "lora-no-orth": LORA_START_NO_ORTH, "lora-scale": LORA_START_LORA_SCALE}
 
 # The pre-check: (variant, lr) on TREC-6; adalora at 3e-2 is its searched best at r = 8, 3e-3 LoRA's.
 PRECHECK: tuple[tuple[str, float], ...] = (("lora", 3e-3), ("adalora", 3e-3), ("adalora", 3e-2), (LORA_START, 3e-3))
@@ -186,9 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="the screen's lr ladder (default 1e-3 3e-3)")
     args = parser.parse_args(argv)
 
-    variant, suffix = STARTS[args.start]
     grid = ScreenGrid.smoke() if args.smoke else ScreenGrid(budgets=(args.budget,))
-    grid = dataclasses.replace(grid, main=(variant,))
+    grid = dataclasses.replace(grid, main=(STARTS[args.start],))
     if args.tasks:
         grid = dataclasses.replace(grid, tasks=tuple(args.tasks))
     if args.lrs:
@@ -198,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     name = (
         "decoder_confirm_smoke"
         if args.smoke
-        else "decoder_confirm" + ("" if args.budget == 8 else f"_r{args.budget}") + suffix
+        else "decoder_confirm"
+        + ("" if args.budget == 8 else f"_r{args.budget}")
+        + ("" if args.start == "lora" else "_" + args.start.replace("-", "_"))
     )
     results_path = args.results or RESULTS / f"{name}.json"
     if args.plan:

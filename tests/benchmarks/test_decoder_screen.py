@@ -74,7 +74,7 @@ def test_the_variations_of_the_lora_start_change_one_setting_each(ds, tmp_path, 
     assert lora_start.adalora.alpha / lora_start.adalora.init_r == pytest.approx(
         2 / 3 * lora.adalora.alpha / lora.lora_r
     )
-    assert {variant for variant, _ in ds.STARTS.values()} == {v.name for v in ds.SCREEN_VARIANTS}
+    assert set(ds.STARTS.values()) == {v.name for v in ds.SCREEN_VARIANTS}
 
 
 def spec(pt, task, variant, phase, lr, seed=0, budget=8):
